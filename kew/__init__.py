@@ -1,0 +1,67 @@
+"""kew: typed, asynchronous messaging over pluggable brokers.
+
+    import kew
+    q = kew.Queue(kew.connect(), "thumbnails", Thumbnail)   # SQLite by default
+    q.send(Thumbnail(image_id=1))
+    with q.sink(render, concurrency=4):
+        ...
+"""
+
+from kew.connect import DEFAULT_URL, connect, known_schemes
+from kew.core.msg import (
+    ChannelMessage,
+    ChannelSink,
+    ChannelSource,
+    CountedSchedule,
+    FutureTimepoint,
+    MessageRepeater,
+    Reschedulable,
+    ReschedulingSink,
+    RepeatAction,
+    Schedule,
+    SchedulingSource,
+)
+from kew.qchan import DeadLetters, Queue, QueueBrowser, Subscription
+from kew.qchan.codec import DecodeError
+from kew.qchan.spi import (
+    BrokerUnavailable,
+    ConfigError,
+    KewError,
+    MessageTooLarge,
+    ProviderNotFound,
+    QueueFull,
+    QueueStats,
+    SendError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_URL",
+    "BrokerUnavailable",
+    "ChannelMessage",
+    "ChannelSink",
+    "ChannelSource",
+    "ConfigError",
+    "CountedSchedule",
+    "DeadLetters",
+    "DecodeError",
+    "FutureTimepoint",
+    "KewError",
+    "MessageRepeater",
+    "MessageTooLarge",
+    "ProviderNotFound",
+    "Queue",
+    "QueueBrowser",
+    "QueueFull",
+    "QueueStats",
+    "RepeatAction",
+    "Reschedulable",
+    "ReschedulingSink",
+    "Schedule",
+    "SchedulingSource",
+    "SendError",
+    "Subscription",
+    "connect",
+    "known_schemes",
+]

@@ -1,0 +1,284 @@
+"""``memory://[name]``: queues in this process's memory.
+
+For tests and quick starts.  Connectors to the same name share queues;
+nothing survives the process, and no other process can see them.
+The smallest complete provider, and so the one to read first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections import deque
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+from kew.qchan.spi import (
+    Capability,
+    ConfigError,
+    DeadLetter,
+    Delivery,
+    Message,
+    MessageTooLarge,
+    ProviderURL,
+    QueueStats,
+    now_ms,
+)
+
+SCHEMES = ("memory",)
+
+
+# -- options ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    name: str
+    max_message_size: int
+
+    @classmethod
+    def from_url(cls, url: str) -> Options:
+        parsed = ProviderURL.parse(url, SCHEMES)
+        name = ",".join(h for h, _ in parsed.hosts) + parsed.path
+        size = parsed.get_int("max_message_size", 16 * 1024 * 1024, minimum=1)
+        parsed.finish()
+        return cls(name or "default", size)
+
+
+# -- the broker (what a server would be) -----------------------------------
+
+
+@dataclass
+class _Queue:
+    ready: deque[tuple[Message, int]] = field(default_factory=deque)
+    delayed: list[tuple[int, int, Message, int]] = field(default_factory=list)
+    in_flight: dict[int, tuple[Message, int]] = field(default_factory=dict)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+class _Broker:
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.queues: dict[str, _Queue] = {}
+        self.tags = itertools.count(1)
+        self.seq = itertools.count()
+
+    def queue(self, name: str) -> _Queue:
+        try:
+            return self.queues[name]
+        except KeyError:
+            raise ConfigError(f"queue {name!r} is not declared") from None
+
+    def put(self, name: str, message: Message, count: int = 0) -> None:
+        q = self.queue(name)
+        if message.deliver_at is not None and message.deliver_at > now_ms():
+            heapq.heappush(q.delayed, (message.deliver_at, next(self.seq), message, count))
+        else:
+            q.ready.append((message, count))
+        self.lock.notify_all()
+
+    def promote(self, q: _Queue) -> float | None:
+        """Move due delayed messages to ready; seconds until the next is due."""
+        now = now_ms()
+        while q.delayed and q.delayed[0][0] <= now:
+            _, _, message, count = heapq.heappop(q.delayed)
+            q.ready.append((message, count))
+        return (q.delayed[0][0] - now) / 1000 if q.delayed else None
+
+
+_brokers: dict[str, _Broker] = {}
+_brokers_lock = threading.Lock()
+
+
+def _broker(name: str) -> _Broker:
+    with _brokers_lock:
+        return _brokers.setdefault(name, _Broker())
+
+
+# -- connector -------------------------------------------------------------
+
+
+class MemoryConnector:
+    lacks = {
+        Capability.DURABLE: "memory:// keeps messages in this process's memory only",
+        Capability.MULTIPROCESS: "memory:// queues are not visible to other processes",
+    }
+
+    def __init__(self, url: str) -> None:
+        self.options = Options.from_url(url)
+        self.url = url
+        self.max_message_size = self.options.max_message_size
+        self._broker = _broker(self.options.name)
+
+    def __repr__(self) -> str:
+        return f"MemoryConnector({self.url!r})"
+
+    def declare(self, queue: str) -> None:
+        with self._broker.lock:
+            self._broker.queues.setdefault(queue, _Queue())
+
+    def producer(self, queue: str) -> MemoryProducer:
+        self.declare(queue)
+        return MemoryProducer(self, queue)
+
+    def consumer(self, queue: str, prefetch: int) -> MemoryConsumer:
+        self.declare(queue)
+        return MemoryConsumer(self._broker, queue, prefetch)
+
+    def browser(self, queue: str) -> MemoryBrowser:
+        self.declare(queue)
+        return MemoryBrowser(self._broker, queue)
+
+    def delete(self, queue: str) -> None:
+        with self._broker.lock:
+            self._broker.queues.pop(queue, None)
+
+    def close(self) -> None:
+        pass
+
+
+# -- producer --------------------------------------------------------------
+
+
+class MemoryProducer:
+    def __init__(self, connector: MemoryConnector, queue: str) -> None:
+        self._broker = connector._broker
+        self._limit = connector.max_message_size
+        self._queue = queue
+
+    def send(self, message: Message) -> None:
+        self.send_many((message,))
+
+    def send_many(self, messages: Sequence[Message]) -> None:
+        for m in messages:
+            if len(m.body) > self._limit:
+                raise MessageTooLarge(len(m.body), self._limit, self._queue)
+        with self._broker.lock:
+            for m in messages:
+                self._broker.put(self._queue, m)
+
+    def close(self) -> None:
+        pass
+
+
+# -- consumer --------------------------------------------------------------
+
+
+class MemoryConsumer:
+    def __init__(self, broker: _Broker, queue: str, prefetch: int) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._prefetch = prefetch
+        self._mine: set[int] = set()
+
+    def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+        b = self._broker
+        deadline = now_ms() + timeout * 1000
+        with b.lock:
+            while True:
+                q = b.queue(self._queue)
+                next_due = b.promote(q)
+                room = min(max_count, self._prefetch - len(self._mine))
+                if q.ready and room > 0:
+                    out = []
+                    while q.ready and len(out) < room:
+                        message, count = q.ready.popleft()
+                        tag = next(b.tags)
+                        q.in_flight[tag] = (message, count + 1)
+                        self._mine.add(tag)
+                        out.append(Delivery(message, count + 1, tag))
+                    return out
+                left = (deadline - now_ms()) / 1000
+                if left <= 0:
+                    return []
+                b.lock.wait(min(left, next_due) if next_due is not None else left)
+
+    def _settle(self, delivery: Delivery) -> tuple[_Queue, Message, int]:
+        tag = delivery.tag
+        assert isinstance(tag, int)
+        q = self._broker.queue(self._queue)
+        message, count = q.in_flight.pop(tag)
+        self._mine.discard(tag)
+        self._broker.lock.notify_all()
+        return q, message, count
+
+    def ack(self, delivery: Delivery) -> None:
+        with self._broker.lock:
+            self._settle(delivery)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        with self._broker.lock:
+            q, message, count = self._settle(delivery)
+            q.dead.append(DeadLetter(message, count, reason, now_ms()))
+
+    def release(self, delivery: Delivery) -> None:
+        with self._broker.lock:
+            q, message, count = self._settle(delivery)
+            q.ready.appendleft((message, count))
+
+    def close(self) -> None:
+        with self._broker.lock:
+            q = self._broker.queues.get(self._queue)
+            for tag in sorted(self._mine, reverse=True):
+                if q is not None and tag in q.in_flight:
+                    q.ready.appendleft(q.in_flight.pop(tag))
+            self._mine.clear()
+            self._broker.lock.notify_all()
+
+
+# -- browser ---------------------------------------------------------------
+
+
+class MemoryBrowser:
+    def __init__(self, broker: _Broker, queue: str) -> None:
+        self._broker = broker
+        self._queue = queue
+
+    def peek(self, limit: int) -> Sequence[Message]:
+        with self._broker.lock:
+            q = self._broker.queue(self._queue)
+            self._broker.promote(q)
+            return [m for m, _ in itertools.islice(q.ready, limit)]
+
+    def stats(self) -> QueueStats:
+        with self._broker.lock:
+            q = self._broker.queue(self._queue)
+            self._broker.promote(q)
+            return QueueStats(len(q.ready), len(q.in_flight), len(q.delayed), len(q.dead))
+
+    def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
+        with self._broker.lock:
+            return list(self._broker.queue(self._queue).dead[:limit])
+
+    def requeue_dead(self, ids: Collection[str] | None = None) -> int:
+        with self._broker.lock:
+            q = self._broker.queue(self._queue)
+            chosen = [d for d in q.dead if ids is None or d.message.id in ids]
+            q.dead = [d for d in q.dead if not (ids is None or d.message.id in ids)]
+            for d in chosen:
+                q.ready.append((d.message, 0))
+            self._broker.lock.notify_all()
+            return len(chosen)
+
+    def purge_dead(self, ids: Collection[str] | None = None) -> int:
+        with self._broker.lock:
+            q = self._broker.queue(self._queue)
+            before = len(q.dead)
+            q.dead = [d for d in q.dead if not (ids is None or d.message.id in ids)]
+            return before - len(q.dead)
+
+    def purge(self) -> int:
+        with self._broker.lock:
+            q = self._broker.queue(self._queue)
+            n = len(q.ready) + len(q.delayed)
+            q.ready.clear()
+            q.delayed.clear()
+            return n
+
+    def close(self) -> None:
+        pass
+
+
+def connect(url: str) -> MemoryConnector:
+    return MemoryConnector(url)

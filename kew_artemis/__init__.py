@@ -1,0 +1,1 @@
+"""kew_artemis: placeholder until its provider lands."""

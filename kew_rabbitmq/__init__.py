@@ -1,0 +1,1 @@
+"""kew_rabbitmq: placeholder until its provider lands."""

@@ -1,0 +1,1 @@
+"""kew_redis: placeholder until its provider lands."""
