@@ -1,0 +1,453 @@
+"""``sqlite:///path``: durable queues in one SQLite file. The default.
+
+Any number of processes on one machine may use the same file.  Messages are
+rows; a consumer *claims* rows by setting a lease (``avail_at`` in the
+future, and its own token as ``owner``), extends the lease while the rows
+are unsettled, and deletes them on ack.  A consumer that dies stops
+extending, so its rows become available again when the lease runs out:
+crash redelivery.  Delayed messages are rows whose ``avail_at`` is later.
+
+``sqlite:///kew.sqlite3`` is relative to the working directory,
+``sqlite:////var/lib/kew/q.db`` absolute.  Options: ``lease`` (seconds a
+claim lasts without extension, default 30), ``poll`` (seconds between looks
+for cross-process work when idle, default 0.05), ``sync`` (``full``, the
+default: every commit is fsync'd before ``send`` returns; ``normal``: survives
+a process crash but maybe not a power loss), ``busy_timeout`` (seconds to
+wait for a lock, default 30), ``max_message_size`` (bytes, default 64 MiB).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from kew.qchan.spi import (
+    Capability,
+    ConfigError,
+    DeadLetter,
+    Delivery,
+    Message,
+    MessageTooLarge,
+    ProviderURL,
+    QueueStats,
+    now_ms,
+)
+
+SCHEMES = ("sqlite",)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kew_queue (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kew_message (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue    TEXT    NOT NULL,
+    id       TEXT    NOT NULL,
+    body     BLOB    NOT NULL,
+    headers  BLOB    NOT NULL,
+    avail_at INTEGER NOT NULL,  -- epoch ms: due time, or lease end while claimed
+    owner    TEXT,              -- consumer token while claimed
+    count    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS kew_message_next ON kew_message (queue, avail_at, seq);
+CREATE INDEX IF NOT EXISTS kew_message_owner ON kew_message (owner) WHERE owner IS NOT NULL;
+CREATE TABLE IF NOT EXISTS kew_dead (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue    TEXT    NOT NULL,
+    id       TEXT    NOT NULL,
+    body     BLOB    NOT NULL,
+    headers  BLOB    NOT NULL,
+    count    INTEGER NOT NULL,
+    reason   TEXT    NOT NULL,
+    dead_at  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS kew_dead_queue ON kew_dead (queue, seq);
+"""
+
+_encode_headers = msgspec.json.Encoder().encode
+_decode_headers = msgspec.json.Decoder(dict[str, str | int]).decode
+
+
+# -- options ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    path: str
+    lease_ms: int
+    poll: float
+    sync: str
+    busy_timeout: float
+    max_message_size: int
+
+    @classmethod
+    def from_url(cls, url: str) -> Options:
+        parsed = ProviderURL.parse(url, SCHEMES)
+        if parsed.hosts:
+            raise ConfigError(
+                f"sqlite URLs name a file, not a host: use sqlite:///relative/path or "
+                f"sqlite:////absolute/path, not {parsed.redacted!r}"
+            )
+        if not parsed.path:
+            raise ConfigError(f"no database file in {parsed.redacted!r}: sqlite:///kew.sqlite3")
+        options = cls(
+            path=parsed.path,
+            lease_ms=round(parsed.get_float("lease", 30.0, minimum=0.1) * 1000),
+            poll=parsed.get_float("poll", 0.05, minimum=0.001),
+            sync=parsed.get_choice("sync", "full", ("full", "normal")),
+            busy_timeout=parsed.get_float("busy_timeout", 30.0),
+            max_message_size=parsed.get_int("max_message_size", 64 * 1024 * 1024, minimum=1),
+        )
+        parsed.finish()
+        return options
+
+
+class _Db:
+    """One SQLite connection, shared by threads under a lock."""
+
+    def __init__(self, options: Options) -> None:
+        directory = os.path.dirname(os.path.abspath(options.path))
+        if not os.path.isdir(directory):
+            raise ConfigError(f"the directory of the sqlite database does not exist: {directory}")
+        self.conn = sqlite3.connect(
+            options.path,
+            timeout=options.busy_timeout,
+            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+            check_same_thread=False,
+        )
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={options.sync.upper()}")
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the database lock at once."""
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        with self.lock:
+            return self.conn.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+# In-process wake-ups: a send wakes this process's waiting consumers at once;
+# other processes' consumers notice within `poll`.
+_signals: dict[str, threading.Condition] = {}
+_signals_lock = threading.Lock()
+
+
+def _signal(path: str) -> threading.Condition:
+    key = os.path.realpath(path)
+    with _signals_lock:
+        return _signals.setdefault(key, threading.Condition())
+
+
+# -- connector -------------------------------------------------------------
+
+
+class SqliteConnector:
+    lacks: dict[Capability, str] = {}
+
+    def __init__(self, url: str) -> None:
+        self.options = Options.from_url(url)
+        self.url = url
+        self.max_message_size = self.options.max_message_size
+        self._db = _Db(self.options)
+        with self._db.lock:
+            self._db.conn.executescript(_SCHEMA)
+        self._signal = _signal(self.options.path)
+
+    def __repr__(self) -> str:
+        return f"SqliteConnector({self.url!r})"
+
+    def declare(self, queue: str) -> None:
+        with self._db.write() as c:
+            c.execute("INSERT OR IGNORE INTO kew_queue (name) VALUES (?)", (queue,))
+
+    def producer(self, queue: str) -> SqliteProducer:
+        return SqliteProducer(self, queue)
+
+    def consumer(self, queue: str, prefetch: int) -> SqliteConsumer:
+        return SqliteConsumer(self, queue, prefetch)
+
+    def browser(self, queue: str) -> SqliteBrowser:
+        return SqliteBrowser(self, queue)
+
+    def delete(self, queue: str) -> None:
+        with self._db.write() as c:
+            c.execute("DELETE FROM kew_message WHERE queue = ?", (queue,))
+            c.execute("DELETE FROM kew_dead WHERE queue = ?", (queue,))
+            c.execute("DELETE FROM kew_queue WHERE name = ?", (queue,))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# -- producer --------------------------------------------------------------
+
+
+class SqliteProducer:
+    def __init__(self, connector: SqliteConnector, queue: str) -> None:
+        self._db = _Db(connector.options)
+        self._limit = connector.max_message_size
+        self._queue = queue
+        self._signal = connector._signal
+
+    def _rows(self, messages: Sequence[Message]) -> list[tuple[Any, ...]]:
+        now = now_ms()
+        rows = []
+        for m in messages:
+            if len(m.body) > self._limit:
+                raise MessageTooLarge(len(m.body), self._limit, self._queue)
+            due = now if m.deliver_at is None else max(now, m.deliver_at)
+            rows.append((self._queue, m.id, m.body, _encode_headers(m.headers), due))
+        return rows
+
+    def send(self, message: Message) -> None:
+        self.send_many((message,))
+
+    def send_many(self, messages: Sequence[Message]) -> None:
+        rows = self._rows(messages)
+        with self._db.write() as c:  # one transaction, one fsync, for the batch
+            c.executemany(
+                "INSERT INTO kew_message (queue, id, body, headers, avail_at) VALUES (?,?,?,?,?)",
+                rows,
+            )
+        with self._signal:
+            self._signal.notify_all()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# -- consumer --------------------------------------------------------------
+
+
+class SqliteConsumer:
+    def __init__(self, connector: SqliteConnector, queue: str, prefetch: int) -> None:
+        self._db = _Db(connector.options)
+        self._queue = queue
+        self._prefetch = prefetch
+        self._lease = connector.options.lease_ms
+        self._poll = connector.options.poll
+        self._signal = connector._signal
+        self._owner = os.urandom(12).hex()
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._keeper = threading.Thread(target=self._keep_leases, name="kew-sqlite-lease", daemon=True)
+        self._keeper.start()
+
+    def _claim(self, count: int) -> list[Delivery]:
+        now = now_ms()
+        with self._db.write() as c:
+            rows = c.execute(
+                "UPDATE kew_message SET avail_at = ?, owner = ?, count = count + 1 "
+                "WHERE seq IN (SELECT seq FROM kew_message WHERE queue = ? AND avail_at <= ? "
+                "ORDER BY avail_at, seq LIMIT ?) "
+                "RETURNING seq, id, body, headers, count",
+                (now + self._lease, self._owner, self._queue, now, count),
+            ).fetchall()
+        rows.sort()
+        with self._held_lock:
+            self._held.update(r[0] for r in rows)
+        return [
+            Delivery(Message(mid, body, _decode_headers(headers)), n, seq)
+            for seq, mid, body, headers, n in rows
+        ]
+
+    def _next_due(self) -> float | None:
+        rows = self._db.read(
+            "SELECT MIN(avail_at) FROM kew_message WHERE queue = ?", (self._queue,)
+        )
+        return None if rows[0][0] is None else (rows[0][0] - now_ms()) / 1000
+
+    def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+        deadline = time.monotonic() + timeout
+        while not self._closed.is_set():
+            with self._held_lock:
+                room = min(max_count, self._prefetch - len(self._held))
+            if room > 0:
+                got = self._claim(room)
+                if got:
+                    return got
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            wait = min(left, self._poll)
+            if room > 0:
+                due = self._next_due()
+                if due is not None and due < wait:
+                    wait = max(due, 0.001)
+            with self._signal:
+                self._signal.wait(wait)
+        return []
+
+    def _settle(self, delivery: Delivery, *statements: tuple[str, tuple[Any, ...]]) -> None:
+        """Run ``statements`` (each ending with ``seq = ? AND owner = ?``)
+        for a delivery this consumer still holds; else do nothing."""
+        seq = delivery.tag
+        with self._held_lock:
+            if seq not in self._held:
+                return  # settled already, or handed back at close
+            self._held.discard(seq)
+        with self._db.write() as c:
+            for sql, args in statements:
+                c.execute(sql, (*args, seq, self._owner))
+
+    def ack(self, delivery: Delivery) -> None:
+        self._settle(delivery, ("DELETE FROM kew_message WHERE seq = ? AND owner = ?", ()))
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self._settle(
+            delivery,
+            (
+                "INSERT INTO kew_dead (queue, id, body, headers, count, reason, dead_at) "
+                "SELECT queue, id, body, headers, count, ?, ? FROM kew_message "
+                "WHERE seq = ? AND owner = ?",
+                (reason, now_ms()),
+            ),
+            ("DELETE FROM kew_message WHERE seq = ? AND owner = ?", ()),
+        )
+
+    def release(self, delivery: Delivery) -> None:
+        # Back at the head of the queue, and the hand-back is not counted.
+        self._settle(
+            delivery,
+            (
+                "UPDATE kew_message SET avail_at = 0, owner = NULL, count = count - 1 "
+                "WHERE seq = ? AND owner = ?",
+                (),
+            ),
+        )
+        with self._signal:
+            self._signal.notify_all()
+
+    def _keep_leases(self) -> None:
+        interval = self._lease / 3000
+        while not self._closed.wait(interval):
+            with self._held_lock:
+                if not self._held:
+                    continue
+            try:
+                with self._db.write() as c:
+                    c.execute(
+                        "UPDATE kew_message SET avail_at = ? WHERE owner = ?",
+                        (now_ms() + self._lease, self._owner),
+                    )
+            except sqlite3.Error:
+                continue  # a busy moment; the lease has two more tries before it runs out
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._keeper.join()
+        with self._held_lock:
+            self._held.clear()
+        with self._db.write() as c:
+            c.execute(
+                "UPDATE kew_message SET avail_at = 0, owner = NULL, count = count - 1 "
+                "WHERE owner = ?",
+                (self._owner,),
+            )
+        self._db.close()
+        with self._signal:
+            self._signal.notify_all()
+
+
+# -- browser ---------------------------------------------------------------
+
+
+class SqliteBrowser:
+    def __init__(self, connector: SqliteConnector, queue: str) -> None:
+        self._db = connector._db
+        self._queue = queue
+        self._signal = connector._signal
+
+    def peek(self, limit: int) -> Sequence[Message]:
+        rows = self._db.read(
+            "SELECT id, body, headers FROM kew_message WHERE queue = ? AND avail_at <= ? "
+            "ORDER BY avail_at, seq LIMIT ?",
+            (self._queue, now_ms(), limit),
+        )
+        return [Message(i, b, _decode_headers(h)) for i, b, h in rows]
+
+    def stats(self) -> QueueStats:
+        now = now_ms()
+        ((ready, in_flight, delayed),) = self._db.read(
+            "SELECT COALESCE(SUM(avail_at <= ?1), 0), "
+            "COALESCE(SUM(avail_at > ?1 AND owner IS NOT NULL), 0), "
+            "COALESCE(SUM(avail_at > ?1 AND owner IS NULL), 0) "
+            "FROM kew_message WHERE queue = ?2",
+            (now, self._queue),
+        )
+        ((dead,),) = self._db.read("SELECT COUNT(*) FROM kew_dead WHERE queue = ?", (self._queue,))
+        return QueueStats(ready, in_flight, delayed, dead)
+
+    def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
+        rows = self._db.read(
+            "SELECT id, body, headers, count, reason, dead_at FROM kew_dead WHERE queue = ? "
+            "ORDER BY seq LIMIT ?",
+            (self._queue, limit),
+        )
+        return [
+            DeadLetter(Message(i, b, _decode_headers(h)), n, r, t) for i, b, h, n, r, t in rows
+        ]
+
+    def _where(self, ids: Collection[str] | None) -> tuple[str, list[Any]]:
+        if ids is None:
+            return "queue = ?", [self._queue]
+        ids = list(ids)
+        return f"queue = ? AND id IN ({','.join('?' * len(ids))})", [self._queue, *ids]
+
+    def requeue_dead(self, ids: Collection[str] | None = None) -> int:
+        where, args = self._where(ids)
+        with self._db.write() as c:
+            c.execute(
+                "INSERT INTO kew_message (queue, id, body, headers, avail_at) "
+                f"SELECT queue, id, body, headers, ? FROM kew_dead WHERE {where} ORDER BY seq",
+                (now_ms(), *args),
+            )
+            n = c.execute(f"DELETE FROM kew_dead WHERE {where}", args).rowcount
+        with self._signal:
+            self._signal.notify_all()
+        return int(n)
+
+    def purge_dead(self, ids: Collection[str] | None = None) -> int:
+        where, args = self._where(ids)
+        with self._db.write() as c:
+            return int(c.execute(f"DELETE FROM kew_dead WHERE {where}", args).rowcount)
+
+    def purge(self) -> int:
+        with self._db.write() as c:
+            return int(
+                c.execute(
+                    "DELETE FROM kew_message WHERE queue = ? AND (owner IS NULL OR avail_at <= ?)",
+                    (self._queue, now_ms()),
+                ).rowcount
+            )
+
+    def close(self) -> None:
+        pass
+
+
+def connect(url: str) -> SqliteConnector:
+    return SqliteConnector(url)
+
