@@ -1,10 +1,10 @@
 """kew: typed, asynchronous messaging over pluggable brokers.
 
-    import kew
-    q = kew.Queue(kew.connect(), "thumbnails", Thumbnail)   # SQLite by default
-    q.send(Thumbnail(image_id=1))
-    with q.sink(render, concurrency=4):
-        ...
+import kew
+q = kew.Queue(kew.connect(), "thumbnails", Thumbnail)   # SQLite by default
+q.send(Thumbnail(image_id=1))
+with q.sink(render, concurrency=4):
+    ...
 """
 
 from kew.connect import DEFAULT_URL, connect, known_schemes
@@ -15,9 +15,9 @@ from kew.core.msg import (
     CountedSchedule,
     FutureTimepoint,
     MessageRepeater,
+    RepeatAction,
     Reschedulable,
     ReschedulingSink,
-    RepeatAction,
     Schedule,
     SchedulingSource,
 )

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Generic, Protocol, TypeAlias, TypeVar
 
-
 T = TypeVar("T")
 D = TypeVar("D")
 M = TypeVar("M")
@@ -79,7 +78,7 @@ def as_sink(consumer: ChannelSink[T] | Callable[[T], object]) -> ChannelSink[T]:
     """A sink from a sink or a function of the data."""
     if callable(consumer) and not hasattr(consumer, "consume"):
         return FunctionSink(consumer)
-    return consumer  # type: ignore[return-value]
+    return consumer
 
 
 class DataSource(Generic[M, D]):

@@ -181,7 +181,7 @@ class MemoryConsumer:
                 next_due = b.promote(q)
                 room = min(max_count, self._prefetch - len(self._mine))
                 if q.ready and room > 0:
-                    out = []
+                    out: list[Delivery] = []
                     while q.ready and len(out) < room:
                         message, count = q.ready.popleft()
                         tag = next(b.tags)

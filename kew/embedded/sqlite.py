@@ -251,7 +251,9 @@ class SqliteConsumer:
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
         self._closed = threading.Event()
-        self._keeper = threading.Thread(target=self._keep_leases, name="kew-sqlite-lease", daemon=True)
+        self._keeper = threading.Thread(
+            target=self._keep_leases, name="kew-sqlite-lease", daemon=True
+        )
         self._keeper.start()
 
     def _claim(self, count: int) -> list[Delivery]:
@@ -407,9 +409,7 @@ class SqliteBrowser:
             "ORDER BY seq LIMIT ?",
             (self._queue, limit),
         )
-        return [
-            DeadLetter(Message(i, b, _decode_headers(h)), n, r, t) for i, b, h, n, r, t in rows
-        ]
+        return [DeadLetter(Message(i, b, _decode_headers(h)), n, r, t) for i, b, h, n, r, t in rows]
 
     def _where(self, ids: Collection[str] | None) -> tuple[str, list[Any]]:
         if ids is None:
@@ -450,4 +450,3 @@ class SqliteBrowser:
 
 def connect(url: str) -> SqliteConnector:
     return SqliteConnector(url)
-

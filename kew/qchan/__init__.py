@@ -24,9 +24,9 @@ from kew.core.msg import (
     Delay,
     FutureTimepoint,
     MessageRepeater,
+    RepeatAction,
     Reschedulable,
     ReschedulingSink,
-    RepeatAction,
     SchedulingSource,
     as_sink,
 )
@@ -88,7 +88,7 @@ class Queue(Generic[T]):
         self,
         connector: Connector,
         name: str,
-        tp: type[T] | Any,
+        tp: type[T],
         *,
         codec: str | Codec[T] = "json",
         durable: bool = True,
@@ -228,7 +228,7 @@ class Queue(Generic[T]):
 
     def _subscribe(
         self,
-        process: Callable[[Delivery, T], None],
+        process: Callable[[Delivery, T], object],
         concurrency: int,
         prefetch: int | None,
     ) -> Subscription:

@@ -55,7 +55,9 @@ class Subscription:
         self._closed = threading.Event()
         self.last_fetch = time.monotonic()
         self.handled = 0
-        self._threads = [threading.Thread(target=self._fetch_loop, name=f"kew-fetch-{name}", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._fetch_loop, name=f"kew-fetch-{name}", daemon=True)
+        ]
         if concurrency > 1:
             self._threads += [
                 threading.Thread(target=self._work_loop, name=f"kew-work-{name}-{i}", daemon=True)
@@ -87,7 +89,9 @@ class Subscription:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and len(self._pending) + self._running >= self.prefetch:
+                    while (
+                        not self._stopping and len(self._pending) + self._running >= self.prefetch
+                    ):
                         self._cond.wait(self._poll)
                         self.last_fetch = time.monotonic()
                     if self._stopping:
@@ -145,7 +149,9 @@ class Subscription:
         try:
             settle(delivery)
         except Exception:
-            log.exception("kew: settling a delivery on %s failed; it will be redelivered", self.name)
+            log.exception(
+                "kew: settling a delivery on %s failed; it will be redelivered", self.name
+            )
 
     def _wait_stopping(self, seconds: float) -> None:
         with self._cond:

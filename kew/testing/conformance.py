@@ -357,7 +357,11 @@ class ProviderConformance:
         q = kew.Queue(connector, queue_name, str)
         calls: list[str] = []
         q.send("once")
-        with q.repeat_sink(lambda s: calls.append(s) or RepeatAction.STOP, [0.1], calls.append):
+        def once(s: str) -> RepeatAction:
+            calls.append(s)
+            return RepeatAction.STOP
+
+        with q.repeat_sink(once, [0.1], calls.append):
             wait_for(lambda: calls, 10, what="the first attempt")
             browser = q.browser()
             wait_for(lambda: browser.stats().in_flight in (0, -1), 5, what="the ack")
@@ -431,7 +435,8 @@ class ProviderConformance:
         connector.producer(queue_name).send(Message("bad-2", b"\xff\x00 not json"))
         q.send(Point(1, 2.0))
         assert _collect(q, 1) == [Point(1, 2.0)]
-        dead = wait_for(lambda: q.dead.list() if len(q.dead.list()) == 2 else None, 10, what="2 dead")
+        wait_for(lambda: len(q.dead.list()) == 2, 10, what="2 dead letters")
+        dead = q.dead.list()
         reasons = {d.id: d.reason for d in dead}
         assert "Expected `int`, got `str`" in reasons["bad-1"] and "$.x" in reasons["bad-1"]
         assert "cannot decode" in reasons["bad-2"]
@@ -488,7 +493,8 @@ class ProviderConformance:
     def test_stats_ready_count(self, connector: Connector, queue_name: str) -> None:
         q = kew.Queue(connector, queue_name, int)
         q.send_many(range(5))
-        stats = wait_for(lambda: (s := q.browser().stats()).ready == 5 and s, 10, what="ready=5")
+        wait_for(lambda: q.browser().stats().ready == 5, 10, what="ready=5")
+        stats = q.browser().stats()
         assert stats.in_flight in (0, -1)
 
     # -- concurrency and limits ------------------------------------------------

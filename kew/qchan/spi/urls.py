@@ -22,20 +22,20 @@ def redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    netloc, slash, tail = rest.partition("/")
+    rest, qmark, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
     if "@" in netloc:
         userinfo, _, hosts = netloc.rpartition("@")
         if ":" in userinfo:
             userinfo = userinfo.split(":", 1)[0] + ":***"
         netloc = f"{userinfo}@{hosts}"
-    if "?" in tail:
-        path, _, query = tail.partition("?")
+    if qmark:
         parts = []
         for item in query.split("&"):
             name, eq, _value = item.partition("=")
             parts.append(f"{name}=***" if eq and name.lower() in _SECRET_OPTIONS else item)
-        tail = f"{path}?{'&'.join(parts)}"
-    return f"{scheme}://{netloc}{slash}{tail}"
+        query = "&".join(parts)
+    return f"{scheme}://{netloc}{slash}{path}{qmark}{query}"
 
 
 @dataclass
