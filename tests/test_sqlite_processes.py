@@ -7,15 +7,18 @@ from pathlib import Path
 import kew
 
 CONSUMER = r"""
-import sys, threading, kew
+import os, sys, threading, time, kew
 from kew.testing.util import wait_for
-url, n_total = sys.argv[1], int(sys.argv[2])
+url, barrier = sys.argv[1], sys.argv[2]
 q = kew.Queue(kew.connect(url), "shared", int)
+open(os.path.join(barrier, str(os.getpid())), "w").close()
+wait_for(lambda: len(os.listdir(barrier)) == 2, 60, what="the other process")
 lock = threading.Lock()
 def take(i):
     with lock:
         sys.stdout.write(f"{i}\n")
         sys.stdout.flush()
+    time.sleep(0.002)  # a little work, so that both processes get some
 with q.sink(take, concurrency=2):
     wait_for(lambda: q.browser().stats().ready == 0 and q.browser().stats().in_flight == 0, 60)
 """
@@ -25,9 +28,11 @@ def test_two_processes_share_one_queue_file(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/shared.sqlite3?lease=5"
     q = kew.Queue(kew.connect(url), "shared", int)
     q.send_many(range(400))
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CONSUMER, url, "400"], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", CONSUMER, url, str(barrier)], stdout=subprocess.PIPE, text=True
         )
         for _ in range(2)
     ]
