@@ -1,6 +1,6 @@
 """Sessions: tests, lint, typecheck, demo, bench.
 
-    python3 -m pip install nox && python3 -m nox -s tests
+python3 -m pip install nox && python3 -m nox -s tests
 """
 
 from __future__ import annotations

@@ -56,7 +56,6 @@ CREATE TABLE IF NOT EXISTS kew_message (
     count    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS kew_message_next ON kew_message (queue, avail_at, seq);
-CREATE INDEX IF NOT EXISTS kew_message_owner ON kew_message (owner) WHERE owner IS NOT NULL;
 CREATE TABLE IF NOT EXISTS kew_dead (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     queue    TEXT    NOT NULL,
@@ -111,7 +110,7 @@ class Options:
 class _Db:
     """One SQLite connection, shared by threads under a lock."""
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, sync: str | None = None) -> None:
         directory = os.path.dirname(os.path.abspath(options.path))
         if not os.path.isdir(directory):
             raise ConfigError(f"the directory of the sqlite database does not exist: {directory}")
@@ -122,7 +121,7 @@ class _Db:
             check_same_thread=False,
         )
         self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute(f"PRAGMA synchronous={options.sync.upper()}")
+        self.conn.execute(f"PRAGMA synchronous={(sync or options.sync).upper()}")
         self.lock = threading.Lock()
 
     @contextmanager
@@ -136,6 +135,11 @@ class _Db:
                 self.conn.execute("ROLLBACK")
                 raise
             self.conn.execute("COMMIT")
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """One statement in its own (autocommit) transaction; rows changed."""
+        with self.lock:
+            return int(self.conn.execute(sql, args).rowcount)
 
     def read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self.lock:
@@ -219,16 +223,17 @@ class SqliteProducer:
             rows.append((self._queue, m.id, m.body, _encode_headers(m.headers), due))
         return rows
 
+    _INSERT = "INSERT INTO kew_message (queue, id, body, headers, avail_at) VALUES (?,?,?,?,?)"
+
     def send(self, message: Message) -> None:
-        self.send_many((message,))
+        self._db.execute(self._INSERT, self._rows((message,))[0])
+        with self._signal:
+            self._signal.notify_all()
 
     def send_many(self, messages: Sequence[Message]) -> None:
         rows = self._rows(messages)
         with self._db.write() as c:  # one transaction, one fsync, for the batch
-            c.executemany(
-                "INSERT INTO kew_message (queue, id, body, headers, avail_at) VALUES (?,?,?,?,?)",
-                rows,
-            )
+            c.executemany(self._INSERT, rows)
         with self._signal:
             self._signal.notify_all()
 
@@ -241,7 +246,10 @@ class SqliteProducer:
 
 class SqliteConsumer:
     def __init__(self, connector: SqliteConnector, queue: str, prefetch: int) -> None:
-        self._db = _Db(connector.options)
+        # Claims, acks and dead-letter moves are not fsync'd: in WAL mode they
+        # survive a process crash, and one lost to a power cut only means a
+        # redelivery, which at-least-once allows.  Sends are always fsync'd.
+        self._db = _Db(connector.options, sync="normal")
         self._queue = queue
         self._prefetch = prefetch
         self._lease = connector.options.lease_ms
@@ -309,6 +317,10 @@ class SqliteConsumer:
             if seq not in self._held:
                 return  # settled already, or handed back at close
             self._held.discard(seq)
+        if len(statements) == 1:
+            sql, args = statements[0]
+            self._db.execute(sql, (*args, seq, self._owner))
+            return
         with self._db.write() as c:
             for sql, args in statements:
                 c.execute(sql, (*args, seq, self._owner))
@@ -345,13 +357,14 @@ class SqliteConsumer:
         interval = self._lease / 3000
         while not self._closed.wait(interval):
             with self._held_lock:
-                if not self._held:
-                    continue
+                held = list(self._held)
+            if not held:
+                continue
             try:
                 with self._db.write() as c:
-                    c.execute(
-                        "UPDATE kew_message SET avail_at = ? WHERE owner = ?",
-                        (now_ms() + self._lease, self._owner),
+                    c.executemany(
+                        "UPDATE kew_message SET avail_at = ? WHERE seq = ? AND owner = ?",
+                        [(now_ms() + self._lease, seq, self._owner) for seq in held],
                     )
             except sqlite3.Error:
                 continue  # a busy moment; the lease has two more tries before it runs out
@@ -362,12 +375,13 @@ class SqliteConsumer:
         self._closed.set()
         self._keeper.join()
         with self._held_lock:
+            held = list(self._held)
             self._held.clear()
         with self._db.write() as c:
-            c.execute(
+            c.executemany(
                 "UPDATE kew_message SET avail_at = 0, owner = NULL, count = count - 1 "
-                "WHERE owner = ?",
-                (self._owner,),
+                "WHERE seq = ? AND owner = ?",
+                [(seq, self._owner) for seq in held],
             )
         self._db.close()
         with self._signal:

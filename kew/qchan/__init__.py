@@ -133,7 +133,20 @@ class Queue(Generic[T]):
 
     def send_many(self, items: Iterable[T], /) -> None:
         """Send every item; returns once the broker has them all (one batch)."""
-        self._producer.send_many([self._message(d) for d in items])
+        encode, limit, durable = self.codec.encode, self.connector.max_message_size, self.durable
+        static: tuple[str, str, int] = (self.codec.content_type, self._type_name, now_ms())
+        batch = []
+        for data in items:
+            body = encode(data)
+            if len(body) > limit:
+                raise MessageTooLarge(len(body), limit, self.name)
+            headers: dict[str, str | int] = {
+                H_CONTENT_TYPE: static[0],
+                H_TYPE: static[1],
+                H_SENT_AT: static[2],
+            }
+            batch.append(Message(new_id(), body, headers, durable))
+        self._producer.send_many(batch)
 
     def send_at(self, when: FutureTimepoint, data: T, /) -> None:
         self._producer.send(self._message(data, when.epoch_ms))

@@ -357,6 +357,7 @@ class ProviderConformance:
         q = kew.Queue(connector, queue_name, str)
         calls: list[str] = []
         q.send("once")
+
         def once(s: str) -> RepeatAction:
             calls.append(s)
             return RepeatAction.STOP
