@@ -33,12 +33,14 @@ from kew.core.msg import (
 from kew.qchan.codec import Codec, DecodeError, make_codec, type_name
 from kew.qchan.runtime import Subscription
 from kew.qchan.spi import (
+    Browser,
     Connector,
     Consumer,
     DeadLetter,
     Delivery,
     Message,
     MessageTooLarge,
+    QueueFull,
     QueueStats,
     now_ms,
 )
@@ -93,13 +95,25 @@ class Queue(Generic[T]):
         codec: str | Codec[T] = "json",
         durable: bool = True,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        max_depth: int | None = None,
+        encryption_keys: str | Mapping[str, bytes] | None = None,
     ) -> None:
+        """``max_depth``: refuse sends (``QueueFull``) while the queue holds
+        that many messages (ready, delayed and in flight).
+        ``encryption_keys``: encrypt bodies with AES-GCM (see kew.qchan.crypto):
+        ``"id1:BASE64,id2:BASE64"`` or a mapping; the last is used to encrypt."""
         self.connector = connector
         self.name = check_queue_name(name)
         self.type = tp
         self.codec: Codec[T] = make_codec(tp, codec)
+        if encryption_keys is not None:
+            from kew.qchan.crypto import EncryptedCodec
+
+            self.codec = EncryptedCodec(self.codec, encryption_keys, context=name)
         self.durable = durable
         self.max_deliveries = max_deliveries
+        self.max_depth = max_depth
+        self._depth_browser: Browser | None = None
         self._type_name = type_name(tp)
         connector.declare(name)
         self._producer = connector.producer(name)
@@ -127,8 +141,19 @@ class Queue(Generic[T]):
             headers[H_DELIVER_AT] = deliver_at
         return Message(id or new_id(), body, headers, self.durable, deliver_at)
 
+    def _check_depth(self, adding: int) -> None:
+        if self.max_depth is None:
+            return
+        if self._depth_browser is None:
+            self._depth_browser = self.connector.browser(self.name)
+        s = self._depth_browser.stats()
+        depth = max(s.ready, 0) + max(s.delayed, 0) + max(s.in_flight, 0)
+        if depth + adding > self.max_depth:
+            raise QueueFull(self.name, depth, self.max_depth)
+
     def send(self, data: T, /) -> None:
         """Send ``data``; returns once the broker has it."""
+        self._check_depth(1)
         self._producer.send(self._message(data))
 
     def send_many(self, items: Iterable[T], /) -> None:
@@ -136,7 +161,7 @@ class Queue(Generic[T]):
         encode, limit, durable = self.codec.encode, self.connector.max_message_size, self.durable
         static: tuple[str, str, int] = (self.codec.content_type, self._type_name, now_ms())
         batch = []
-        for data in items:
+        for data in items:  # encode all first: a bad item sends nothing
             body = encode(data)
             if len(body) > limit:
                 raise MessageTooLarge(len(body), limit, self.name)
@@ -146,9 +171,11 @@ class Queue(Generic[T]):
                 H_SENT_AT: static[2],
             }
             batch.append(Message(new_id(), body, headers, durable))
+        self._check_depth(len(batch))
         self._producer.send_many(batch)
 
     def send_at(self, when: FutureTimepoint, data: T, /) -> None:
+        self._check_depth(1)
         self._producer.send(self._message(data, when.epoch_ms))
 
     def send_after(self, delay: Delay, data: T, /) -> None:
