@@ -105,5 +105,7 @@ class EncryptedCodec(Generic[T]):
         try:
             plain = aead.decrypt(nonce, sealed, self._aad)
         except InvalidTag:
-            raise DecodeError("the encrypted body failed authentication (tampered or wrong key)")
+            raise DecodeError(
+                "the encrypted body failed authentication (tampered or wrong key)"
+            ) from None
         return self._inner.decode(plain)
