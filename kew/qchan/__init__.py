@@ -264,7 +264,11 @@ class Queue(Generic[T]):
         h = delivery.message.headers
         when = h.get(H_DELIVER_AT) or h.get(H_SENT_AT) or now_ms()
         count = h.get(H_COUNT, 1)
-        return CountedSchedule(FutureTimepoint(int(when)), int(count))
+        if not isinstance(when, int) or not isinstance(count, int) or count < 1:
+            raise DecodeError(
+                f"bad schedule headers: {H_DELIVER_AT}/{H_SENT_AT}={when!r}, {H_COUNT}={count!r}"
+            )
+        return CountedSchedule(FutureTimepoint(when), count)
 
     def _subscribe(
         self,
@@ -291,6 +295,9 @@ class Queue(Generic[T]):
                 return
             try:
                 process(delivery, data)
+            except DecodeError as e:
+                consumer.dead_letter(delivery, f"cannot decode: {e}")
+                return
             except Exception as e:
                 tb = "".join(traceback.format_exception(e, limit=-8))
                 consumer.dead_letter(delivery, f"{type(e).__name__}: {e}\n{tb}")
