@@ -1,1 +1,5 @@
-"""kew_redis: placeholder until its provider lands."""
+"""kew_redis: the Redis Streams provider (``redis://``, ``rediss://``)."""
+
+from kew_redis.provider import SCHEMES, RedisConnector, connect
+
+__all__ = ["SCHEMES", "RedisConnector", "connect"]

@@ -1,0 +1,501 @@
+"""``redis://`` and ``rediss://``: queues on Redis Streams.
+
+A queue is a stream with one consumer group (``kew``); its dead letters a
+second stream; its delayed messages a sorted set scored by due time, moved
+into the stream by a Lua script (atomically, so a restart loses none and no
+worker holds them in memory).  Keys are ``<prefix>:{<queue>}...``: the hash
+tag keeps a queue's keys in one slot, so the provider works on Cluster.
+
+Crash recovery: an entry stays in the group's pending list until acked;
+an entry idle longer than the lease is reclaimed with XAUTOCLAIM by any
+consumer.  While a delivery is held, its consumer resets the idle time
+(XCLAIM ... JUSTID) every lease/3, so a long handler is never stolen from a
+live worker.  Acked entries are deleted (XACK + XDEL), so streams do not grow.
+
+Options: ``prefix`` (default ``kew``), ``lease`` (seconds, default 30),
+``retries`` (reconnect attempts before BrokerUnavailable, default 10),
+``socket_timeout`` (seconds, default 10), ``max_message_size`` (bytes,
+default 64 MiB), ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``
+(rediss:// only).  The URL path is the database number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import msgspec
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from kew.qchan.spi import (
+    BrokerUnavailable,
+    Capability,
+    ConfigError,
+    DeadLetter,
+    Delivery,
+    Message,
+    MessageTooLarge,
+    ProviderURL,
+    QueueStats,
+    now_ms,
+)
+
+SCHEMES = ("redis", "rediss")
+GROUP = "kew"
+R = TypeVar("R")
+
+_encode_headers = msgspec.json.Encoder().encode
+_decode_headers = msgspec.json.Decoder(dict[str, str | int]).decode
+
+# Move due delayed messages into the stream.  A delayed message is packed as
+# "<len(id)>:<id><len(headers)>:<headers><body>" (see _pack).
+_MOVE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
+for _, s in ipairs(due) do
+  local c1 = string.find(s, ':', 1, true)
+  local n1 = tonumber(string.sub(s, 1, c1 - 1))
+  local id = string.sub(s, c1 + 1, c1 + n1)
+  local c2 = string.find(s, ':', c1 + n1 + 1, true)
+  local n2 = tonumber(string.sub(s, c1 + n1 + 1, c2 - 1))
+  local headers = string.sub(s, c2 + 1, c2 + n2)
+  local body = string.sub(s, c2 + n2 + 1)
+  redis.call('XADD', KEYS[2], '*', 'id', id, 'body', body, 'headers', headers)
+  redis.call('ZREM', KEYS[1], s)
+end
+return #due
+"""
+
+
+def _pack(message_id: str, headers: bytes, body: bytes) -> bytes:
+    mid = message_id.encode()
+    return b"%d:%s%d:%s%s" % (len(mid), mid, len(headers), headers, body)
+
+
+# -- options ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+    ssl: dict[str, str]
+    prefix: str
+    lease_ms: int
+    retries: int
+    socket_timeout: float
+    max_message_size: int
+
+    @classmethod
+    def from_url(cls, url: str) -> Options:
+        p = ProviderURL.parse(url, SCHEMES)
+        if len(p.hosts) > 1:
+            raise ConfigError(f"one Redis host per URL, not {len(p.hosts)}: {p.redacted!r}")
+        host, port = p.hosts[0] if p.hosts else ("127.0.0.1", None)
+        try:
+            db = int(p.path.strip("/") or 0)
+        except ValueError:
+            raise ConfigError(f"the URL path must be a database number: {p.redacted!r}") from None
+        tls = p.scheme == "rediss"
+        ssl = {
+            k: v
+            for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+            if (v := p.get_str(k)) is not None
+        }
+        if ssl and not tls:
+            raise ConfigError(f"TLS files need a rediss:// URL: {p.redacted!r}")
+        options = cls(
+            host=host or "127.0.0.1",
+            port=port or 6379,
+            db=db,
+            username=p.username,
+            password=p.password,
+            tls=tls,
+            ssl=ssl,
+            prefix=p.get_str("prefix", "kew") or "kew",
+            lease_ms=round(p.get_float("lease", 30.0, minimum=0.1) * 1000),
+            retries=p.get_int("retries", 10),
+            socket_timeout=p.get_float("socket_timeout", 10.0, minimum=0.1),
+            max_message_size=p.get_int("max_message_size", 64 * 1024 * 1024, minimum=1),
+        )
+        p.finish()
+        return options
+
+    def client(self) -> Any:
+        # redis-py annotates results for its sync and async clients at once
+        # (unions with Awaitable); results are read as Any and checked here.
+        return redis.Redis(
+            host=self.host,
+            port=self.port,
+            db=self.db,
+            username=self.username,
+            password=self.password,
+            ssl=self.tls,
+            ssl_ca_certs=self.ssl.get("ssl_ca_certs"),
+            ssl_certfile=self.ssl.get("ssl_certfile"),
+            ssl_keyfile=self.ssl.get("ssl_keyfile"),
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.socket_timeout,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), self.retries),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+
+
+@dataclass(frozen=True)
+class _Keys:
+    stream: str
+    dead: str
+    delayed: str
+
+    @classmethod
+    def of(cls, prefix: str, queue: str) -> _Keys:
+        base = f"{prefix}:{{{queue}}}"
+        return cls(base, f"{base}:dead", f"{base}:delayed")
+
+
+def _guard(url: str, fn: Callable[[], R]) -> R:
+    """Run a Redis call; once redis-py's retries are spent, say so clearly."""
+    try:
+        return fn()
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        raise BrokerUnavailable(f"Redis at {url} is unreachable: {e}") from None
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+# -- connector -------------------------------------------------------------
+
+
+class RedisConnector:
+    lacks: dict[Capability, str] = {}
+
+    def __init__(self, url: str) -> None:
+        self.options = Options.from_url(url)
+        self.url = ProviderURL.parse(url, SCHEMES).redacted
+        self.max_message_size = self.options.max_message_size
+        self.redis = self.options.client()
+        self._move_due = self.redis.register_script(_MOVE_DUE)
+
+    def __repr__(self) -> str:
+        return f"RedisConnector({self.url!r})"
+
+    def keys(self, queue: str) -> _Keys:
+        return _Keys.of(self.options.prefix, queue)
+
+    def declare(self, queue: str) -> None:
+        try:
+            _guard(
+                self.url,
+                lambda: self.redis.xgroup_create(
+                    self.keys(queue).stream, GROUP, "0", mkstream=True
+                ),
+            )
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def producer(self, queue: str) -> RedisProducer:
+        return RedisProducer(self, queue)
+
+    def consumer(self, queue: str, prefetch: int) -> RedisConsumer:
+        self.declare(queue)
+        return RedisConsumer(self, queue, prefetch)
+
+    def browser(self, queue: str) -> RedisBrowser:
+        return RedisBrowser(self, queue)
+
+    def delete(self, queue: str) -> None:
+        k = self.keys(queue)
+        _guard(self.url, lambda: self.redis.delete(k.stream, k.dead, k.delayed))
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+# -- producer --------------------------------------------------------------
+
+
+class RedisProducer:
+    def __init__(self, connector: RedisConnector, queue: str) -> None:
+        self._c = connector
+        self._keys = connector.keys(queue)
+        self._queue = queue
+
+    def _add(self, pipe: Any, m: Message) -> None:
+        if len(m.body) > self._c.max_message_size:
+            raise MessageTooLarge(len(m.body), self._c.max_message_size, self._queue)
+        headers = _encode_headers(m.headers)
+        if m.deliver_at is not None and m.deliver_at > now_ms():
+            pipe.zadd(self._keys.delayed, {_pack(m.id, headers, m.body): m.deliver_at})
+        else:
+            pipe.xadd(self._keys.stream, {"id": m.id, "body": m.body, "headers": headers})
+
+    def send(self, message: Message) -> None:
+        self.send_many((message,))
+
+    def send_many(self, messages: Sequence[Message]) -> None:
+        pipe = self._c.redis.pipeline(transaction=False)  # one round trip for the batch
+        for m in messages:
+            self._add(pipe, m)
+        _guard(self._c.url, pipe.execute)
+
+    def close(self) -> None:
+        pass
+
+
+# -- consumer --------------------------------------------------------------
+
+
+class RedisConsumer:
+    def __init__(self, connector: RedisConnector, queue: str, prefetch: int) -> None:
+        self._c = connector
+        self._keys = connector.keys(queue)
+        self._prefetch = prefetch
+        self._lease = connector.options.lease_ms
+        self._name = f"{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"
+        # A blocking XREADGROUP holds its connection: the consumer has its own.
+        self._redis = connector.options.client()
+        self._held: dict[str, Delivery] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._keeper = threading.Thread(
+            target=self._keep_leases, name="kew-redis-lease", daemon=True
+        )
+        self._keeper.start()
+
+    def _deliveries(self, entries: Any, counts: dict[str, int] | None = None) -> list[Delivery]:
+        out = []
+        for entry_id, fields in entries:
+            if not fields:  # deleted while pending
+                continue
+            eid = _text(entry_id)
+            message = Message(
+                _text(fields[b"id"]), fields[b"body"], _decode_headers(fields[b"headers"])
+            )
+            out.append(Delivery(message, (counts or {}).get(eid, 1), eid))
+        with self._lock:
+            for d in out:
+                self._held[cast(str, d.tag)] = d
+        return out
+
+    def _reclaim(self, room: int) -> list[Delivery]:
+        r = self._redis
+        _, entries, _ = r.xautoclaim(
+            self._keys.stream, GROUP, self._name, self._lease, "0-0", count=room
+        )
+        if not entries:
+            return []
+        pipe = r.pipeline(transaction=False)
+        for entry_id, _ in entries:
+            pipe.xpending_range(self._keys.stream, GROUP, entry_id, entry_id, 1)
+        counts = {}
+        for info in pipe.execute():
+            if info:
+                counts[_text(info[0]["message_id"])] = int(info[0]["times_delivered"])
+        return self._deliveries(entries, counts)
+
+    def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+        deadline = time.monotonic() + timeout
+        while not self._closed.is_set():
+            with self._lock:
+                room = min(max_count, self._prefetch - len(self._held))
+            if room <= 0:
+                self._closed.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+                if time.monotonic() >= deadline:
+                    return []
+                continue
+            got = _guard(self._c.url, functools.partial(self._next, room, deadline))
+            if got or time.monotonic() >= deadline:
+                return got
+        return []
+
+    def _next(self, room: int, deadline: float) -> list[Delivery]:
+        r = self._redis
+        now = now_ms()
+        self._c._move_due(keys=[self._keys.delayed, self._keys.stream], args=[now], client=r)
+        got = self._reclaim(room)
+        if got:
+            return got
+        # Block for new entries, but wake for the next delayed one (never late by more than 0.5 s).
+        block = max(0.0, deadline - time.monotonic())
+        first = r.zrange(self._keys.delayed, 0, 0, withscores=True)
+        if first:
+            block = min(block, max(0.0, (first[0][1] - now) / 1000))
+        block = min(block, 0.5, self._lease / 3000)
+        reply = r.xreadgroup(
+            GROUP,
+            self._name,
+            {self._keys.stream: ">"},
+            count=room,
+            block=max(1, round(block * 1000)),
+        )
+        return self._deliveries(reply[0][1]) if reply else []
+
+    def _forget(self, delivery: Delivery) -> bool:
+        with self._lock:
+            return self._held.pop(cast(str, delivery.tag), None) is not None
+
+    def ack(self, delivery: Delivery) -> None:
+        if not self._forget(delivery):
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xack(self._keys.stream, GROUP, delivery.tag)
+        pipe.xdel(self._keys.stream, delivery.tag)
+        _guard(self._c.url, pipe.execute)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        if not self._forget(delivery):
+            return
+        m = delivery.message
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xadd(
+            self._keys.dead,
+            {
+                "id": m.id,
+                "body": m.body,
+                "headers": _encode_headers(m.headers),
+                "count": delivery.delivery_count,
+                "reason": reason,
+                "dead_at": now_ms(),
+            },
+        )
+        pipe.xack(self._keys.stream, GROUP, delivery.tag)
+        pipe.xdel(self._keys.stream, delivery.tag)
+        _guard(self._c.url, pipe.execute)
+
+    def _hand_back(self, tags: list[str]) -> None:
+        # Make the entries look idle past the lease: the next XAUTOCLAIM takes them.
+        if tags:
+            self._redis.xclaim(
+                self._keys.stream, GROUP, self._name, 0, tags, idle=self._lease + 1, justid=True
+            )
+
+    def release(self, delivery: Delivery) -> None:
+        if self._forget(delivery):
+            _guard(self._c.url, lambda: self._hand_back([cast(str, delivery.tag)]))
+
+    def _keep_leases(self) -> None:
+        while not self._closed.wait(self._lease / 3000):
+            with self._lock:
+                tags = list(self._held)
+            if not tags:
+                continue
+            try:
+                self._redis.xclaim(self._keys.stream, GROUP, self._name, 0, tags, justid=True)
+            except redis.RedisError:
+                continue  # two more tries before the lease runs out
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._keeper.join()
+        with self._lock:
+            tags = list(self._held)
+            self._held.clear()
+        with contextlib.suppress(redis.RedisError):  # else the lease runs out instead
+            self._hand_back(tags)
+        self._redis.close()
+
+
+# -- browser ---------------------------------------------------------------
+
+
+class RedisBrowser:
+    def __init__(self, connector: RedisConnector, queue: str) -> None:
+        self._c = connector
+        self._r = connector.redis
+        self._keys = connector.keys(queue)
+
+    def _undelivered(self, limit: int) -> list[Any]:
+        groups = self._r.xinfo_groups(self._keys.stream)
+        last = next(
+            (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP), "0-0"
+        )
+        return cast(list[Any], self._r.xrange(self._keys.stream, f"({last}", "+", count=limit))
+
+    def peek(self, limit: int) -> Sequence[Message]:
+        self._c._move_due(keys=[self._keys.delayed, self._keys.stream], args=[now_ms()])
+        return [
+            Message(_text(f[b"id"]), f[b"body"], _decode_headers(f[b"headers"]))
+            for _, f in _guard(self._c.url, lambda: self._undelivered(limit))
+        ]
+
+    def stats(self) -> QueueStats:
+        k = self._keys
+        pipe = self._r.pipeline(transaction=False)
+        pipe.xlen(k.stream)
+        pipe.xpending(k.stream, GROUP)
+        pipe.zcard(k.delayed)
+        pipe.xlen(k.dead)
+        length, pending, delayed, dead = _guard(self._c.url, pipe.execute)
+        in_flight = int(pending["pending"])
+        return QueueStats(int(length) - in_flight, in_flight, int(delayed), int(dead))
+
+    def _dead_entries(self, ids: Collection[str] | None) -> list[Any]:
+        entries = self._r.xrange(self._keys.dead, "-", "+")
+        return [e for e in entries if ids is None or _text(e[1][b"id"]) in ids]
+
+    def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
+        entries = _guard(
+            self._c.url, lambda: self._r.xrange(self._keys.dead, "-", "+", count=limit)
+        )
+        return [
+            DeadLetter(
+                Message(_text(f[b"id"]), f[b"body"], _decode_headers(f[b"headers"])),
+                int(f[b"count"]),
+                _text(f[b"reason"]),
+                int(f[b"dead_at"]),
+            )
+            for _, f in entries
+        ]
+
+    def requeue_dead(self, ids: Collection[str] | None = None) -> int:
+        entries = _guard(self._c.url, lambda: self._dead_entries(ids))
+        pipe = self._r.pipeline(transaction=True)
+        for entry_id, f in entries:
+            pipe.xadd(
+                self._keys.stream, {"id": f[b"id"], "body": f[b"body"], "headers": f[b"headers"]}
+            )
+            pipe.xdel(self._keys.dead, entry_id)
+        _guard(self._c.url, pipe.execute)
+        return len(entries)
+
+    def purge_dead(self, ids: Collection[str] | None = None) -> int:
+        entries = _guard(self._c.url, lambda: self._dead_entries(ids))
+        if entries:
+            _guard(self._c.url, lambda: self._r.xdel(self._keys.dead, *[e[0] for e in entries]))
+        return len(entries)
+
+    def purge(self) -> int:
+        entries = _guard(self._c.url, lambda: self._undelivered(1_000_000))
+        pipe = self._r.pipeline(transaction=True)
+        pipe.zcard(self._keys.delayed)
+        pipe.delete(self._keys.delayed)
+        if entries:
+            pipe.xdel(self._keys.stream, *[e[0] for e in entries])
+        delayed = _guard(self._c.url, pipe.execute)[0]
+        return len(entries) + int(delayed)
+
+    def close(self) -> None:
+        pass
+
+
+def connect(url: str) -> RedisConnector:
+    return RedisConnector(url)
