@@ -54,7 +54,7 @@ def bench_kew(url: str, n: int, batch: int, prefetch: int) -> dict[str, float]:
     items = make(n)
     out: dict[str, float] = {}
     try:
-        n_single = min(n, 2000)
+        n_single = min(n, 5000)
         out["send"] = rate(n_single, lambda: [q.send(s) for s in items[:n_single]] and None)
         q.browser().purge()
 
