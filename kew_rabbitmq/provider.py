@@ -1,0 +1,528 @@
+"""``amqp://`` and ``amqps://``: queues on RabbitMQ, with pika.
+
+Durable queues (classic, or quorum with ``queue_type=quorum``), persistent
+messages, publisher confirms.  ``send_many`` publishes the batch in one AMQP
+transaction (``tx.select`` / ``tx.commit``): the broker answers commit-ok
+once every message of the batch is stored, so a batch costs one round trip.
+
+pika is not thread-safe, so every connection here has one owner: a producer
+guards its connection with a lock; a consumer runs its connection on its own
+I/O thread, and settling from other threads goes through
+``add_callback_threadsafe``.  That thread keeps heartbeats going however
+long a handler runs.
+
+Delayed delivery needs no plugin: a message due in d ms goes to the queue
+``<q>.delay.<D>`` where D is d rounded *up* to ``delay_granularity`` ms;
+that queue has ``x-message-ttl=D`` and dead-letters expired messages into
+``<q>``, and expires itself when unused.  Every message in a delay queue has
+the same TTL, so they expire in order, and never early.
+
+Options: ``queue_type`` (classic|quorum), ``heartbeat`` (s, default 30),
+``retries`` (reconnects before BrokerUnavailable, default 10),
+``delay_granularity`` (ms, default 100), ``max_message_size`` (bytes,
+default 64 MiB), ``ca_certs``, ``certfile``, ``keyfile`` (amqps://).
+The URL path is the virtual host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue as queue_mod
+import ssl
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import pika
+from pika.exceptions import AMQPChannelError, AMQPConnectionError, AMQPError
+
+from kew.qchan.spi import (
+    BrokerUnavailable,
+    Capability,
+    ConfigError,
+    DeadLetter,
+    Delivery,
+    Message,
+    MessageTooLarge,
+    ProviderURL,
+    QueueStats,
+    SendError,
+    now_ms,
+)
+
+SCHEMES = ("amqp", "amqps")
+R = TypeVar("R")
+
+# Dead-letter headers (next to the message's own).
+H_REASON, H_COUNT, H_DEAD_AT = "kew-dead-reason", "kew-dead-count", "kew-dead-at"
+
+
+# -- options ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    params: list[pika.ConnectionParameters]
+    queue_type: str
+    retries: int
+    delay_granularity: int
+    max_message_size: int
+
+    @classmethod
+    def from_url(cls, url: str) -> Options:
+        p = ProviderURL.parse(url, SCHEMES)
+        tls = p.scheme == "amqps"
+        files = {k: v for k in ("ca_certs", "certfile", "keyfile") if (v := p.get_str(k))}
+        if files and not tls:
+            raise ConfigError(f"TLS files need an amqps:// URL: {p.redacted!r}")
+        ssl_options = None
+        if tls:
+            context = ssl.create_default_context(cafile=files.get("ca_certs"))
+            if "certfile" in files:
+                context.load_cert_chain(files["certfile"], files.get("keyfile"))
+            ssl_options = pika.SSLOptions(context)
+        heartbeat = p.get_int("heartbeat", 30)
+        credentials = pika.PlainCredentials(p.username or "guest", p.password or "guest")
+        params = [
+            pika.ConnectionParameters(
+                host=host or "127.0.0.1",
+                port=port or (5671 if tls else 5672),
+                virtual_host=p.path or "/",
+                credentials=credentials,
+                heartbeat=heartbeat,
+                ssl_options=ssl_options,
+                blocked_connection_timeout=60,
+                connection_attempts=1,
+            )
+            for host, port in (p.hosts or [("127.0.0.1", None)])
+        ]
+        options = cls(
+            params=params,
+            queue_type=p.get_choice("queue_type", "classic", ("classic", "quorum")),
+            retries=p.get_int("retries", 10),
+            delay_granularity=p.get_int("delay_granularity", 100, minimum=1),
+            max_message_size=p.get_int("max_message_size", 64 * 1024 * 1024, minimum=1),
+        )
+        p.finish()
+        return options
+
+
+def _connect(options: Options, url: str) -> pika.BlockingConnection:
+    """A connection, retried with backoff; BrokerUnavailable when spent."""
+    delay = 0.1
+    for attempt in range(options.retries + 1):
+        try:
+            return pika.BlockingConnection(options.params)
+        except AMQPConnectionError as e:
+            if attempt == options.retries:
+                raise BrokerUnavailable(f"RabbitMQ at {url} is unreachable: {e!r}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def _properties(m: Message) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        message_id=m.id,
+        headers=dict(m.headers),
+        delivery_mode=2 if m.durable else 1,
+        content_type=str(m.headers.get("content-type", "application/octet-stream")),
+    )
+
+
+def _message(props: pika.BasicProperties, body: bytes) -> Message:
+    headers = {
+        k: (int(v) if isinstance(v, int) else v.decode() if isinstance(v, bytes) else str(v))
+        for k, v in (props.headers or {}).items()
+        if k not in (H_REASON, H_COUNT, H_DEAD_AT) and not k.startswith("x-")
+    }
+    return Message(props.message_id or "", body, headers)
+
+
+def _tag(delivery: Delivery) -> tuple[int, int]:
+    """(connection generation, AMQP delivery tag): a tag of a lost
+    connection is no longer settled (the broker requeued the message)."""
+    return cast(tuple[int, int], delivery.tag)
+
+
+# -- connector -------------------------------------------------------------
+
+
+class RabbitConnector:
+    lacks: dict[Capability, str] = {}
+
+    def __init__(self, url: str) -> None:
+        self.options = Options.from_url(url)
+        self.url = ProviderURL.parse(url, SCHEMES).redacted
+        self.max_message_size = self.options.max_message_size
+        self._lock = threading.Lock()
+        self._conn: pika.BlockingConnection | None = None
+        self._channel: Any = None
+
+    def __repr__(self) -> str:
+        return f"RabbitConnector({self.url!r})"
+
+    def run(self, fn: Callable[[Any], R]) -> R:
+        """Run ``fn(channel)`` on the connector's own connection, reconnecting once."""
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    if self._conn is None or not self._conn.is_open:
+                        self._conn = _connect(self.options, self.url)
+                        self._channel = None
+                    if self._channel is None or not self._channel.is_open:
+                        self._channel = self._conn.channel()
+                    return fn(self._channel)
+                except AMQPChannelError:
+                    self._channel = None
+                    raise
+                except AMQPConnectionError:
+                    self._conn = None
+                    if attempt == 2:
+                        raise BrokerUnavailable(f"RabbitMQ at {self.url} is unreachable") from None
+            raise AssertionError("unreachable")
+
+    def queue_arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": self.options.queue_type}
+
+    def declare(self, queue: str) -> None:
+        args = self.queue_arguments()
+
+        def declare(ch: Any) -> None:
+            ch.queue_declare(queue, durable=True, arguments=args)
+            ch.queue_declare(f"{queue}.dead", durable=True, arguments=args)
+
+        self.run(declare)
+
+    def producer(self, queue: str) -> RabbitProducer:
+        return RabbitProducer(self, queue)
+
+    def consumer(self, queue: str, prefetch: int) -> RabbitConsumer:
+        return RabbitConsumer(self, queue, prefetch)
+
+    def browser(self, queue: str) -> RabbitBrowser:
+        return RabbitBrowser(self, queue)
+
+    def delete(self, queue: str) -> None:
+        def delete(ch: Any) -> None:
+            ch.queue_delete(queue)
+            ch.queue_delete(f"{queue}.dead")
+
+        self.run(delete)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._conn.is_open:
+                with contextlib.suppress(AMQPError):
+                    self._conn.close()
+            self._conn = None
+
+
+# -- producer --------------------------------------------------------------
+
+
+class RabbitProducer:
+    def __init__(self, connector: RabbitConnector, queue: str) -> None:
+        self._c = connector
+        self._queue = queue
+        self._lock = threading.Lock()
+        self._conn: pika.BlockingConnection | None = None
+        self._confirm: Any = None  # a channel in confirm mode, for send
+        self._tx: Any = None  # a channel in transaction mode, for send_many
+        self._delay_queues: set[str] = set()
+
+    def _channels(self) -> tuple[Any, Any]:
+        if self._conn is None or not self._conn.is_open:
+            self._conn = _connect(self._c.options, self._c.url)
+            self._confirm = self._tx = None
+            self._delay_queues.clear()
+        if self._confirm is None or not self._confirm.is_open:
+            self._confirm = self._conn.channel()
+            self._confirm.confirm_delivery()
+        if self._tx is None or not self._tx.is_open:
+            self._tx = self._conn.channel()
+            self._tx.tx_select()
+        return self._confirm, self._tx
+
+    def _route(self, ch: Any, m: Message) -> str:
+        """The queue to publish to: the target, or a delay queue feeding it."""
+        if len(m.body) > self._c.max_message_size:
+            raise MessageTooLarge(len(m.body), self._c.max_message_size, self._queue)
+        if m.deliver_at is None:
+            return self._queue
+        delay = m.deliver_at - now_ms()
+        if delay <= 0:
+            return self._queue
+        g = self._c.options.delay_granularity
+        bucket = -(-delay // g) * g  # rounded up: never early
+        name = f"{self._queue}.delay.{bucket}"
+        if name not in self._delay_queues:
+            ch.queue_declare(
+                name,
+                durable=True,
+                arguments={
+                    "x-message-ttl": bucket,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": self._queue,
+                    "x-expires": bucket + 60_000,
+                },
+            )
+            self._delay_queues.add(name)
+        return name
+
+    def _with_retry(self, fn: Callable[[Any, Any], None]) -> None:
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    fn(*self._channels())
+                    return
+                except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as e:
+                    raise SendError(
+                        f"RabbitMQ refused a message for {self._queue!r}: {e!r}"
+                    ) from None
+                except (AMQPConnectionError, AMQPChannelError) as e:
+                    self._conn = None  # reconnect and send again: at-least-once
+                    if attempt == 2:
+                        raise BrokerUnavailable(
+                            f"sending to {self._queue!r} at {self._c.url} failed: {e!r}"
+                        ) from None
+
+    def send(self, message: Message) -> None:
+        def publish(confirm: Any, _tx: Any) -> None:
+            route = self._route(confirm, message)
+            confirm.basic_publish("", route, message.body, _properties(message), mandatory=True)
+
+        self._with_retry(publish)
+
+    def send_many(self, messages: Sequence[Message]) -> None:
+        def publish(_confirm: Any, tx: Any) -> None:
+            for m in messages:
+                tx.basic_publish("", self._route(tx, m), m.body, _properties(m))
+            tx.tx_commit()  # one round trip: commit-ok once all are stored
+
+        self._with_retry(publish)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._conn.is_open:
+                with contextlib.suppress(AMQPError):
+                    self._conn.close()
+            self._conn = None
+
+
+# -- consumer --------------------------------------------------------------
+
+
+class RabbitConsumer:
+    def __init__(self, connector: RabbitConnector, queue: str, prefetch: int) -> None:
+        self._c = connector
+        self._queue = queue
+        self._prefetch = prefetch
+        self._buffer: queue_mod.Queue[Delivery] = queue_mod.Queue()
+        self._generation = 0
+        self._conn: pika.BlockingConnection | None = None
+        self._ready = threading.Event()
+        self._closed = threading.Event()
+        self.reconnects = 0
+        self._thread = threading.Thread(target=self._io_loop, name=f"kew-amqp-{queue}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise BrokerUnavailable(f"cannot consume from {queue!r} at {connector.url}")
+
+    # The I/O thread: owns the connection, reconnects, resubscribes.
+    def _io_loop(self) -> None:
+        delay = 0.1
+        while not self._closed.is_set():
+            try:
+                conn = _connect(self._c.options, self._c.url)
+                ch = conn.channel()
+                ch.confirm_delivery()  # dead letters are confirmed before the ack
+                ch.basic_qos(prefetch_count=self._prefetch)
+                self._generation += 1
+                self._conn, self._channel = conn, ch
+
+                def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+                    count = int((props.headers or {}).get("x-delivery-count", 0)) + 1
+                    if method.redelivered and count == 1:
+                        count = 2
+                    # callbacks come only for the current connection
+                    tag = (self._generation, method.delivery_tag)
+                    self._buffer.put(Delivery(_message(props, body), count, tag))
+
+                ch.basic_consume(self._queue, on_message)
+                self._ready.set()
+                delay = 0.1
+                while not self._closed.is_set():
+                    conn.process_data_events(time_limit=0.2)
+                with contextlib.suppress(AMQPError):
+                    conn.close()
+                return
+            except (AMQPError, BrokerUnavailable, OSError):
+                if self._closed.is_set():
+                    return
+                self._drop_buffer()
+                self.reconnects += 1
+                self._closed.wait(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _drop_buffer(self) -> None:
+        # the broker requeues whatever the lost connection held
+        while True:
+            try:
+                self._buffer.get_nowait()
+            except queue_mod.Empty:
+                return
+
+    def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+        out: list[Delivery] = []
+        try:
+            out.append(self._buffer.get(timeout=timeout))
+            while len(out) < max_count:
+                out.append(self._buffer.get_nowait())
+        except queue_mod.Empty:
+            pass
+        return [d for d in out if _tag(d)[0] == self._generation]
+
+    def _on_io(self, delivery: Delivery, op: Callable[[Any, int], None]) -> None:
+        generation, tag = _tag(delivery)
+        conn = self._conn
+        if generation != self._generation or conn is None or not conn.is_open:
+            return  # that connection is gone; the broker has requeued the message
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                if generation == self._generation:
+                    op(self._channel, tag)
+            finally:
+                done.set()
+
+        try:
+            conn.add_callback_threadsafe(run)
+        except AMQPError:
+            return
+        if threading.current_thread() is not self._thread:
+            done.wait(30)
+
+    def ack(self, delivery: Delivery) -> None:
+        self._on_io(delivery, lambda ch, tag: ch.basic_ack(tag))
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        m = delivery.message
+        headers = {
+            **m.headers,
+            H_REASON: reason,
+            H_COUNT: delivery.delivery_count,
+            H_DEAD_AT: now_ms(),
+        }
+        dead = Message(m.id, m.body, headers)
+
+        def move(ch: Any, tag: int) -> None:
+            ch.basic_publish("", f"{self._queue}.dead", m.body, _properties(dead))
+            ch.basic_ack(tag)
+
+        self._on_io(delivery, move)
+
+    def release(self, delivery: Delivery) -> None:
+        self._on_io(delivery, lambda ch, tag: ch.basic_nack(tag, requeue=True))
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(10)
+        self._drop_buffer()
+
+
+# -- browser ---------------------------------------------------------------
+
+
+class RabbitBrowser:
+    """Browsing takes messages with basic.get and hands them back (requeue):
+    they keep their place, but are marked redelivered."""
+
+    def __init__(self, connector: RabbitConnector, queue: str) -> None:
+        self._c = connector
+        self._queue = queue
+        self._dead = f"{queue}.dead"
+
+    def _take(self, ch: Any, queue: str, limit: int) -> list[tuple[Any, Any, bytes]]:
+        got: list[tuple[Any, Any, bytes]] = []
+        while len(got) < limit:
+            method, props, body = ch.basic_get(queue, auto_ack=False)
+            if method is None:
+                break
+            got.append((method, props, body))
+        return got
+
+    def peek(self, limit: int) -> Sequence[Message]:
+        def peek(conn_ch: Any) -> list[Message]:
+            ch = conn_ch.connection.channel()
+            try:
+                return [_message(p, b) for _, p, b in self._take(ch, self._queue, limit)]
+            finally:
+                ch.close()  # unacked: requeued in place
+
+        return self._c.run(peek)
+
+    def stats(self) -> QueueStats:
+        def stats(ch: Any) -> QueueStats:
+            q = ch.queue_declare(self._queue, passive=True).method
+            d = ch.queue_declare(self._dead, passive=True).method
+            return QueueStats(q.message_count, -1, -1, d.message_count)
+
+        return self._c.run(stats)
+
+    def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
+        def dead(conn_ch: Any) -> list[DeadLetter]:
+            ch = conn_ch.connection.channel()
+            try:
+                return [
+                    DeadLetter(
+                        _message(p, b),
+                        int((p.headers or {}).get(H_COUNT, 1)),
+                        str((p.headers or {}).get(H_REASON, "")),
+                        int((p.headers or {}).get(H_DEAD_AT, 0)),
+                    )
+                    for _, p, b in self._take(ch, self._dead, limit)
+                ]
+            finally:
+                ch.close()
+
+        return self._c.run(dead)
+
+    def _drain_dead(self, ids: Collection[str] | None, requeue: bool) -> int:
+        def drain(conn_ch: Any) -> int:
+            ch = conn_ch.connection.channel()
+            ch.confirm_delivery()
+            n = 0
+            try:
+                for method, props, body in self._take(ch, self._dead, 1_000_000):
+                    if ids is not None and props.message_id not in ids:
+                        continue  # handed back when the channel closes
+                    if requeue:
+                        m = _message(props, body)
+                        ch.basic_publish("", self._queue, body, _properties(m))
+                    ch.basic_ack(method.delivery_tag)
+                    n += 1
+            finally:
+                ch.close()
+            return n
+
+        return self._c.run(drain)
+
+    def requeue_dead(self, ids: Collection[str] | None = None) -> int:
+        return self._drain_dead(ids, requeue=True)
+
+    def purge_dead(self, ids: Collection[str] | None = None) -> int:
+        return self._drain_dead(ids, requeue=False)
+
+    def purge(self) -> int:
+        return int(self._c.run(lambda ch: ch.queue_purge(self._queue).method.message_count))
+
+    def close(self) -> None:
+        pass
+
+
+def connect(url: str) -> RabbitConnector:
+    return RabbitConnector(url)
