@@ -156,6 +156,15 @@ class Queue(Generic[T]):
         self._check_depth(1)
         self._producer.send(self._message(data))
 
+    def post(self, data: T, /, *, id: str | None = None, deliver_at: int | None = None) -> str:
+        """Send ``data`` and return its message id (``id`` if given, else a
+        new random one); ``deliver_at`` (epoch ms) delays it.  Returns once
+        the broker has it.  The task layer uses the id as the task id."""
+        self._check_depth(1)
+        message = self._message(data, deliver_at, id=id)
+        self._producer.send(message)
+        return message.id
+
     def send_many(self, items: Iterable[T], /) -> None:
         """Send every item; returns once the broker has them all (one batch)."""
         encode, limit, durable = self.codec.encode, self.connector.max_message_size, self.durable
