@@ -1,1 +1,6 @@
-"""kew_artemis: placeholder until its provider lands."""
+"""kew_artemis: the STOMP 1.2 provider (``stomp://``, ``stomp+ssl://``) for
+Apache Artemis, ActiveMQ Classic and RabbitMQ's STOMP plugin, on stomp.py."""
+
+from kew_artemis.provider import DIALECTS, SCHEMES, StompConnector, connect
+
+__all__ = ["DIALECTS", "SCHEMES", "StompConnector", "connect"]

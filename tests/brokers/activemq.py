@@ -1,0 +1,102 @@
+"""An ActiveMQ Classic broker of the tests' own (Debian's ``activemq``
+package): the project's config (tests/brokers/activemq/activemq.xml), a
+persistent KahaDB in a temp dir, the scheduler on, a STOMP connector and a
+stomp+ssl connector on free ports; a background java process stopped by
+its pid (SIGKILL) and restarted on the same data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from kew.testing.util import free_port, port_open, wait_for
+from tests.brokers.tls import make_certs
+
+HOME = Path("/usr/share/activemq")
+CONFIG = Path(__file__).parent / "activemq" / "activemq.xml"
+STORE_PASSWORD = "kewtest"
+
+
+class ActiveMQServer:
+    name = "activemq"
+    restart_kills_clients = False
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.data = workdir / "data"
+        self.port = free_port()
+        self.ssl_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"stomp://127.0.0.1:{self.port}/?dialect=activemq&retries=60"
+        self.certs: dict[str, str] = {}
+        self.keystore = workdir / "broker.p12"
+
+    @staticmethod
+    def available() -> bool:
+        return (HOME / "bin" / "activemq.jar").is_file() and shutil.which("java") is not None
+
+    def _make_keystore(self) -> None:
+        if self.keystore.exists():
+            return
+        (self.dir / "certs").mkdir(exist_ok=True)
+        self.certs = make_certs(self.dir / "certs")
+        subprocess.run(
+            ["openssl", "pkcs12", "-export", "-in", self.certs["cert"], "-inkey",
+             self.certs["key"], "-name", "broker", "-out", str(self.keystore),
+             "-passout", f"pass:{STORE_PASSWORD}"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    @property
+    def ssl_url(self) -> str:
+        return (
+            f"stomp+ssl://127.0.0.1:{self.ssl_port}/?dialect=activemq&retries=3"
+            f"&ca_certs={self.certs['ca']}"
+        )
+
+    def start(self) -> None:
+        self._make_keystore()
+        self.data.mkdir(exist_ok=True)
+        args = [
+            "java", "-Xms64m", "-Xmx384m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            "-Xshare:auto",
+            f"-Dactivemq.home={HOME}", f"-Dactivemq.base={self.dir}",
+            f"-Dactivemq.conf={CONFIG.parent}", f"-Dactivemq.data={self.data}",
+            f"-Dkew.stomp.port={self.port}", f"-Dkew.stomp.ssl.port={self.ssl_port}",
+            f"-Dkew.keystore={self.keystore}", f"-Dkew.keystore.password={STORE_PASSWORD}",
+            "-Dlog4j2.level=WARN",
+            "-jar", str(HOME / "bin" / "activemq.jar"), "start", f"xbean:file:{CONFIG}",
+        ]  # fmt: skip
+        log = (self.dir / "activemq.log").open("ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        proc = self.proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"ActiveMQ exited; see {self.dir / 'activemq.log'}")
+            return port_open("127.0.0.1", self.port) and port_open("127.0.0.1", self.ssl_port)
+
+        wait_for(up, 120, interval=0.2, what="ActiveMQ's STOMP port")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def cut_connections(self) -> None:
+        """Drop every client connection (the broker keeps running): a brief
+        stop of the process with SIGSTOP would not cut them, so ask the
+        kernel to destroy the sockets to the STOMP port."""
+        subprocess.run(
+            ["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(self.port)],
+            capture_output=True, check=False,
+        )  # fmt: skip
+        time.sleep(0)
