@@ -117,7 +117,7 @@ class BatchStore:
         with self._lock:
             cur = self._db.execute(
                 "UPDATE batch SET claimed_until = ? WHERE batch_id = ? AND completed_at IS NOT "
-                "NULL AND reported_at IS NULL AND claimed_until < ?",
+                "NULL AND reported_at IS NULL AND claimed_until <= ?",
                 (now + int(lease_s * 1000), batch_id, now),
             )
             return cur.rowcount == 1
