@@ -49,7 +49,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main demo, on the embedded SQLite default: no broker to install."""
-    _install(session, "web" if (ROOT / "examples" / "omero_import").exists() else "dev")
+    _install(session, "demo" if (ROOT / "examples" / "omero_import").exists() else "dev")
     script = os.environ.get("KEW_DEMO", "examples/demo.py")
     session.run("python", script, *session.posargs)
 
