@@ -43,12 +43,22 @@ class _Handler:
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
         return self._server._data(envelope)
 
+    async def handle_RCPT(
+        self, server: Any, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        refuse = self._server.rcpt_verdict(address) if self._server.rcpt_verdict else None
+        if refuse:
+            return refuse
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
 
 class SmtpServer:
     """``mode``: "plain", "starttls" (STARTTLS offered, required before
     MAIL and before AUTH) or "ssl" (implicit TLS).  ``certs``: paths from
     tests.brokers.tls.make_certs.  ``users``: login -> password; when given,
-    login is required."""
+    login is required.  ``verdict(envelope)`` may refuse a whole mail at DATA,
+    ``rcpt_verdict(address)`` one recipient at RCPT (return the reply)."""
 
     def __init__(
         self,
@@ -57,12 +67,14 @@ class SmtpServer:
         certs: dict[str, str] | None = None,
         users: dict[str, str] | None = None,
         verdict: Verdict | None = None,
+        rcpt_verdict: Callable[[str], str | None] | None = None,
     ) -> None:
         self.mode = mode
         self.host = "127.0.0.1"
         self.port = free_port()
         self.users = users
         self.verdict = verdict
+        self.rcpt_verdict = rcpt_verdict
         self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self.refusals: list[str] = []

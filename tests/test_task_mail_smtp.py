@@ -279,3 +279,29 @@ def test_no_server_is_temporary() -> None:
         MailTemporaryError, match=rf"SMTP 127.0.0.1:{port} \(starttls\): connect failed"
     ):
         sender.send(mail())
+
+
+def test_some_recipients_refused() -> None:
+    replies = {"gone@example.org": "550 5.1.1 no such user", "full@example.org": "452 4.2.2 full"}
+    with SmtpServer(rcpt_verdict=replies.get) as server:
+        sender = SmtpSender(
+            SmtpConfig(
+                sender="kew@example.org", host=server.host, port=server.port, security="none"
+            )
+        )
+        result = sender.send(
+            mail(to=["ann@example.org", "gone@example.org"], cc=["full@example.org"])
+        )
+        assert result.accepted == ["ann@example.org"]
+        assert result.refused == {
+            "gone@example.org": (550, "5.1.1 no such user"),
+            "full@example.org": (452, "4.2.2 full"),
+        }
+        assert server.wait_for(1) and server.envelopes[0][1] == ["ann@example.org"]
+        with pytest.raises(
+            MailPermanentError, match=r"every recipient refused: gone@example\.org: 550"
+        ):
+            sender.send(mail(to=["gone@example.org"]))
+        with pytest.raises(MailTemporaryError, match="every recipient refused") as info:
+            sender.send(mail(to=["gone@example.org"], cc=["full@example.org"]))
+        assert info.value.code == 452
