@@ -57,5 +57,6 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks; writes markdown tables under benchmarks/results/."""
-    _install(session)
+    _install(session, "dev,bench")
     session.run("python", "benchmarks/harness.py", *session.posargs)
+    session.run("python", "benchmarks/bench_tasks.py")

@@ -1,0 +1,339 @@
+"""End-to-end no-op tasks/s through a worker process: kew next to Dramatiq and Celery.
+
+    python benchmarks/bench_tasks.py                 # 5,000 tasks, Redis and RabbitMQ
+    python benchmarks/bench_tasks.py -n 20000 --broker redis --system kew --system dramatiq
+
+For each broker (the machine's Redis at 127.0.0.1:6379, RabbitMQ at
+127.0.0.1:5672) and each system, in the same run and with the same number of
+tasks:
+
+1. a producer process enqueues N no-op tasks (timed: "enqueue/s");
+2. a worker process is started the way a user starts it, on that full queue:
+   - kew:      ``kew worker bench_tasks:app --concurrency 8`` (prefetch 8; each
+               task is acked only after its handler returned; the task layer's
+               status events are sent as usual)
+   - Dramatiq: ``dramatiq bench_tasks --processes 1 --threads 8`` (acks after
+               the actor returns; its default prefetch of 2 x threads)
+   - Celery:   ``celery -A bench_tasks worker -P threads -c 8`` with
+               ``task_acks_late=True`` (ack after the task, like the others),
+               default prefetch multiplier 4, results ignored;
+3. the handler (a no-op that counts) notes the time of the first and the last
+   task; "tasks/s" = N / (last - first): the drain rate of a full queue,
+   worker start-up excluded.
+
+The worker is then stopped with SIGTERM and the queues deleted.  Results go to
+stdout and to benchmarks/results/tasks-<date>.md; the "vs Dramatiq" column is
+the ratio kew/Dramatiq on the same broker in the same run.
+
+This module is also the worker-side app of all three systems: with
+``BENCH_SYSTEM`` set it declares that system's no-op task at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+URLS = {
+    "redis": "redis://127.0.0.1:6379/12",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
+}
+SYSTEMS = ("kew", "dramatiq", "celery")
+THREADS = 8
+
+# -- worker side: the no-op task of each system ------------------------------------
+
+_lock = threading.Lock()
+_seen = 0
+_first = 0.0
+
+
+def noop(n: int = 0) -> None:
+    """The task: count, and note the time of the first and last call."""
+    global _seen, _first
+    with _lock:
+        _seen += 1
+        seen = _seen
+        if seen == 1:
+            _first = time.time()
+    if seen == int(os.environ["BENCH_N"]):
+        out = Path(os.environ["BENCH_OUT"])
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"first": _first, "last": time.time(), "n": seen}))
+        tmp.rename(out)
+
+
+def _build(system: str, broker: str, queue: str) -> dict[str, Any]:
+    url = URLS[broker]
+    if system == "kew":
+        import msgspec
+
+        from kew.task import App
+
+        class Noop(msgspec.Struct):
+            n: int = 0
+
+        app = App(url, store="memory://", events_queue=f"{queue}.events", name="bench")
+        tq = app.task_queue(queue, Noop, lambda job: noop(job.n))
+        return {"app": app, "task": tq}
+    if system == "dramatiq":
+        import dramatiq
+
+        b: Any
+        if broker == "redis":
+            from dramatiq.brokers.redis import RedisBroker
+
+            b = RedisBroker(url=url)
+        else:
+            from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+            b = RabbitmqBroker(url=url, confirm_delivery=True)
+        dramatiq.set_broker(b)
+        actor = dramatiq.actor(noop, queue_name=queue, max_retries=0)
+        return {"broker": b, "task": actor}
+    if system == "celery":
+        from celery import Celery
+
+        app = Celery("bench_tasks", broker=url)
+        app.conf.update(
+            task_acks_late=True,
+            task_ignore_result=True,
+            task_default_queue=queue,
+            worker_hijack_root_logger=False,
+            broker_connection_retry_on_startup=True,
+        )
+        task = app.task(name="bench_tasks.noop")(noop)
+        return {"app": app, "celery": app, "task": task}
+    raise ValueError(system)
+
+
+if os.environ.get("BENCH_SYSTEM"):
+    _built = _build(
+        os.environ["BENCH_SYSTEM"], os.environ["BENCH_BROKER"], os.environ["BENCH_QUEUE"]
+    )
+    globals().update({k: v for k, v in _built.items() if k != "task"})
+    task = _built["task"]
+
+
+# -- producer side ---------------------------------------------------------------------
+
+
+def enqueue(n: int) -> float:
+    """Enqueue n tasks with the current BENCH_SYSTEM; returns tasks/s."""
+    system = os.environ["BENCH_SYSTEM"]
+    t0 = time.perf_counter()
+    if system == "kew":
+        data = task.type(0)
+        for _ in range(n):
+            task.submit(data)
+    elif system == "dramatiq":
+        for i in range(n):
+            task.send(i)
+    else:
+        for i in range(n):
+            task.delay(i)
+    return n / (time.perf_counter() - t0)
+
+
+def cleanup(system: str, broker: str, queue: str) -> None:
+    if system == "kew":
+        import kew
+
+        url = URLS[broker]
+        conn = kew.connect(url)
+        for name in (queue, f"{queue}.events", f"{queue}.outcomes"):
+            with contextlib.suppress(Exception):
+                conn.delete(name)
+        conn.close()
+        return
+    if broker == "redis":
+        import redis
+
+        r = redis.Redis.from_url(URLS["redis"])
+        keys = [k for pattern in (f"*{queue}*",) for k in r.scan_iter(pattern)]
+        if keys:
+            r.delete(*keys)
+        return
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(URLS["rabbitmq"]))
+    ch = conn.channel()
+    for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+        ch.queue_delete(name)
+    conn.close()
+
+
+# -- the driver --------------------------------------------------------------------------
+
+
+def worker_cmd(system: str) -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    if system == "kew":
+        return [
+            sys.executable,
+            "-m",
+            "kew.cli",
+            "worker",
+            "bench_tasks:app",
+            "--concurrency",
+            str(THREADS),
+            "--grace",
+            "5",
+        ]
+    if system == "dramatiq":
+        return [
+            str(bin_dir / "dramatiq"),
+            "bench_tasks",
+            "--processes",
+            "1",
+            "--threads",
+            str(THREADS),
+        ]
+    return [
+        str(bin_dir / "celery"),
+        "-A",
+        "bench_tasks",
+        "worker",
+        "-P",
+        "threads",
+        "-c",
+        str(THREADS),
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-l",
+        "WARNING",
+    ]
+
+
+def run_one(system: str, broker: str, n: int, tmp: Path) -> dict[str, float]:
+    queue = f"bench_{system}_{uuid.uuid4().hex[:8]}"
+    out = tmp / f"{queue}.json"
+    env = {
+        **os.environ,
+        "BENCH_SYSTEM": system,
+        "BENCH_BROKER": broker,
+        "BENCH_QUEUE": queue,
+        "BENCH_N": str(n),
+        "BENCH_OUT": str(out),
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
+    }
+    log = (tmp / f"{queue}.log").open("w")
+    try:
+        r = subprocess.run(
+            [sys.executable, str(Path(__file__)), "--enqueue", str(n)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=HERE,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"{system} enqueue failed:\n{r.stderr[-3000:]}")
+        enq = float(r.stdout.strip().splitlines()[-1])
+        proc = subprocess.Popen(
+            worker_cmd(system),
+            env=env,
+            cwd=HERE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + max(120, n / 50)
+            while not out.exists():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{system} worker exited {proc.returncode}: see {log.name}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{system} worker did not finish {n} tasks in time")
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        res = json.loads(out.read_text())
+        return {"enqueue": enq, "tasks": n / (res["last"] - res["first"])}
+    finally:
+        log.close()
+        try:
+            cleanup(system, broker, queue)
+        except Exception as e:
+            print(f"cleanup of {queue} failed: {e}", file=sys.stderr)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-n", type=int, default=int(os.environ.get("BENCH_TASKS_N", 5000)))
+    p.add_argument("--broker", action="append", choices=sorted(URLS))
+    p.add_argument("--system", action="append", choices=SYSTEMS)
+    p.add_argument("--enqueue", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args()
+    if args.enqueue:
+        print(enqueue(args.enqueue))
+        return
+    import tempfile
+
+    brokers = args.broker or ["redis", "rabbitmq"]
+    systems = args.system or list(SYSTEMS)
+    results: dict[tuple[str, str], dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for broker in brokers:
+            for system in systems:
+                print(f"{broker} / {system}: {args.n} tasks ...", file=sys.stderr, flush=True)
+                try:
+                    results[broker, system] = run_one(system, broker, args.n, Path(tmp))
+                except Exception as e:
+                    print(f"  failed: {e}", file=sys.stderr)
+                    for log in Path(tmp).glob(f"bench_{system}_*.log"):
+                        print(log.read_text()[-3000:], file=sys.stderr)
+    lines = [
+        f"# No-op tasks through a worker process ({args.n} tasks, {THREADS} threads each)",
+        "",
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}, {platform.node()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        "kew worker --concurrency 8; Dramatiq --processes 1 --threads 8; "
+        "Celery -P threads -c 8, acks_late. tasks/s = drain rate of a full queue.",
+        "",
+        "| broker | system | tasks/s | vs Dramatiq | enqueue/s |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for broker in brokers:
+        base = results.get((broker, "dramatiq"), {}).get("tasks")
+        for system in systems:
+            r = results.get((broker, system))
+            if r is None:
+                lines.append(f"| {broker} | {system} | failed | | |")
+                continue
+            ratio = f"{r['tasks'] / base:.2f}x" if base else "-"
+            lines.append(
+                f"| {broker} | {system} | {r['tasks']:,.0f} | {ratio} | {r['enqueue']:,.0f} |"
+            )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tasks-{datetime.now(UTC):%Y%m%d-%H%M}.md"
+    path.write_text(text)
+    print(f"written to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
