@@ -28,7 +28,8 @@ broker redelivers them).  Heartbeats both ways.
 
 Options: ``dialect`` (artemis|activemq|rabbitmq), ``heartbeat`` (ms, default
 10000, 0 off), ``retries`` (connection rounds before BrokerUnavailable,
-default 10), ``receipt_timeout`` (s, default 30), ``window_bytes`` (Artemis:
+default 10), ``receipt_timeout`` (s, default 30), ``connect_timeout`` (s, default
+10: TCP connect, TLS handshake and CONNECTED frame), ``window_bytes`` (Artemis:
 consumer-window-size per prefetched message, default 1: one message in
 flight per prefetch credit), ``browse_idle`` (s, default 0.3: how long a
 drain waits for one more message where the broker cannot say the queue is
@@ -111,6 +112,7 @@ class Options:
     heartbeat: int
     retries: int
     receipt_timeout: float
+    connect_timeout: float
     window_bytes: int
     browse_idle: float
     max_message_size: int
@@ -138,6 +140,7 @@ class Options:
             heartbeat=p.get_int("heartbeat", 10_000),
             retries=p.get_int("retries", 10),
             receipt_timeout=p.get_float("receipt_timeout", 30.0, minimum=0.1),
+            connect_timeout=p.get_float("connect_timeout", 10.0, minimum=0.1),
             window_bytes=p.get_int("window_bytes", 1, minimum=1),
             browse_idle=p.get_float("browse_idle", 0.3, minimum=0.01),
             max_message_size=p.get_int("max_message_size", 64 * 1024 * 1024, minimum=1),
@@ -354,7 +357,7 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
             heartbeats=(o.heartbeat, o.heartbeat),
             auto_decode=False,
             keepalive=True,
-            timeout=10,
+            timeout=o.connect_timeout,
             vhost=o.vhost or ("/" if o.dialect == "rabbitmq" else host[0]),
             heart_beat_receive_scale=2.0,
         )
@@ -370,6 +373,11 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
         conn.connect(o.login, o.passcode, wait=True, headers={"client-id": _client_id()})
         if self.lost is not None or not conn.is_connected():
             raise _Lost(self.lost or "not connected")
+        # stomp.py reads a socket timeout as a closed connection: the timeout
+        # bounds connecting only; heartbeats watch the connection from now on.
+        transport = conn.transport
+        if transport.socket is not None and transport.blocking:
+            transport.socket.settimeout(None)
 
     def _explain(self, host: tuple[str, int], e: BaseException) -> str:
         """Why a connection failed; stomp.py hides TLS errors, so probe."""
@@ -383,7 +391,7 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
                 if o.certfile:
                     context.load_cert_chain(o.certfile, o.keyfile)
                 with (
-                    socket.create_connection(host, timeout=5) as raw,
+                    socket.create_connection(host, timeout=o.connect_timeout) as raw,
                     context.wrap_socket(raw, server_hostname=host[0]),
                 ):
                     pass

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from kew.testing.util import free_port, port_open, wait_for
@@ -92,11 +91,11 @@ class ActiveMQServer:
         self.start()
 
     def cut_connections(self) -> None:
-        """Drop every client connection (the broker keeps running): a brief
-        stop of the process with SIGSTOP would not cut them, so ask the
-        kernel to destroy the sockets to the STOMP port."""
-        subprocess.run(
-            ["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(self.port)],
-            capture_output=True, check=False,
-        )  # fmt: skip
-        time.sleep(0)
+        """Drop every client connection while the broker keeps running: the
+        kernel destroys the client ends of the sockets to the STOMP ports
+        (``ss -K`` aborts them and resets the broker's end)."""
+        for port in (self.port, self.ssl_port):
+            subprocess.run(
+                ["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(port)],
+                capture_output=True, check=False,
+            )  # fmt: skip
