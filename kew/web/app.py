@@ -1,0 +1,525 @@
+"""The REST front end: Litestar routes over a :class:`kew.task.App`.
+
+``create_app(app, config)`` builds the ASGI application; ``kew serve`` runs
+it under uvicorn (see :mod:`kew.web.serve`).  Every route but ``/health``
+needs a bearer token (``read`` scope; dead-letter requeue/purge need
+``admin``); the monitoring page (``/ui``) logs in with a token and keeps a
+session cookie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
+from typing import Any, Literal, TypeVar
+
+import anyio.to_thread
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import (
+    ClientException,
+    HTTPException,
+    NotAuthorizedException,
+    NotFoundException,
+    PermissionDeniedException,
+)
+from litestar.handlers import BaseRouteHandler, HTTPRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIMediaType,
+    Reference,
+    RequestBody,
+    SecurityScheme,
+)
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from kew.qchan.codec import DecodeError
+from kew.qchan.spi import BrokerUnavailable, MessageTooLarge, QueueFull
+from kew.task.model import TaskRecord, WorkerRecord
+from kew.web import validate
+from kew.web.auth import Sessions, bearer_scope
+from kew.web.backend import Backend, DeadLetterOut, QueueInfo, TaskApp
+from kew.web.config import Scope, WebConfig
+
+log = logging.getLogger("kew.web")
+R = TypeVar("R")
+
+OUTPUT_POLL = 0.25
+
+
+# -- response types (the OpenAPI document is generated from these) ----------
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    """A task accepted: poll ``status_url``; ``output_url`` streams its output."""
+
+    id: str
+    status: Literal["queued"]
+    status_url: str
+    output_url: str
+
+
+class DeadLetterIds(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which dead letters: ``ids``, or all of them when absent."""
+
+    ids: list[str] | None = None
+
+
+class Count(msgspec.Struct, frozen=True):
+    count: int
+
+
+class Health(msgspec.Struct, frozen=True):
+    """``ok`` when the broker answers; ``workers`` seen within the window."""
+
+    status: Literal["ok", "unavailable"]
+    broker: bool
+    workers: list[WorkerRecord]
+    detail: str = ""
+
+
+# -- errors (documented per route with ``raises``) --------------------------
+
+
+class BadBody(ClientException):
+    status_code = 400
+    detail = "the body is not valid JSON"
+
+
+class BadValue(ClientException):
+    status_code = 422
+    detail = "the body does not fit the queue's type"
+
+
+class TooLarge(ClientException):
+    status_code = 413
+    detail = "the request body is larger than the maximum"
+
+
+class Unavailable(HTTPException):
+    status_code = 503
+    detail = "the broker is unavailable or the queue is full; retry later"
+
+
+class Unauthorized(NotAuthorizedException):
+    detail = "a bearer token is required"
+
+
+class Forbidden(PermissionDeniedException):
+    detail = "this needs a token with the admin scope"
+
+
+class NoSuchQueue(NotFoundException):
+    detail = "no such queue"
+
+
+AUTH_ERRORS: list[type[HTTPException]] = [Unauthorized]
+ADMIN_ERRORS: list[type[HTTPException]] = [Unauthorized, Forbidden]
+
+
+class LoginRequired(Exception):
+    """A page was asked for without a session: go to the login form."""
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+async def _thread(fn: Callable[..., R], *args: Any) -> R:
+    return await anyio.to_thread.run_sync(partial(fn, *args))
+
+
+def _base(request: Request[Any, Any, Any]) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
+    """The Litestar application serving ``app``'s queues and tasks."""
+    config = config or WebConfig()
+    backend = Backend(app)
+    sessions = Sessions(config.session_hours * 3600)
+
+    # -- authentication --------------------------------------------------------
+
+    def identify(connection: ASGIConnection[Any, Any, Any, Any]) -> Scope | None:
+        header = connection.headers.get("authorization")
+        if header is not None:
+            return bearer_scope(config.tokens, header)
+        if connection.scope.get("method", "GET") in ("GET", "HEAD"):
+            return sessions.scope(connection.cookies.get(Sessions.COOKIE))
+        return None
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        need = handler.opt.get("scope", "read")
+        if need == "public":
+            return
+        scope = identify(connection)
+        if scope is None:
+            if handler.opt.get("page"):
+                raise LoginRequired()
+            raise Unauthorized(headers={"WWW-Authenticate": 'Bearer realm="kew"'})
+        if need == "admin" and scope != "admin":
+            raise Forbidden()
+
+    # -- tasks -------------------------------------------------------------------
+
+    def submit_route(name: str) -> HTTPRouteHandler:
+        tq = app.queues[name]
+
+        def submit_sync(body: bytes) -> str:
+            try:
+                data = tq.decode_json(body)
+            except DecodeError as e:
+                try:
+                    validate.parse(body, tq.type)
+                except validate.Invalid as bad:
+                    cls = BadBody if bad.status == 400 else BadValue
+                    raise cls(extra=bad.reasons) from None
+                raise BadValue(extra=[str(e)]) from None
+            return str(tq.submit(data))
+
+        async def submit(request: Request[Any, Any, Any]) -> Response[Submitted]:
+            body = await request.body()
+            try:
+                task_id = await _thread(submit_sync, body)
+            except MessageTooLarge as e:
+                raise TooLarge(detail=str(e)) from None
+            except (QueueFull, BrokerUnavailable) as e:
+                raise Unavailable(detail=str(e), headers={"Retry-After": "5"}) from None
+            base = _base(request)
+            status_url = f"{base}/tasks/{task_id}"
+            return Response(
+                Submitted(task_id, "queued", status_url, f"{status_url}/output"),
+                status_code=202,
+                headers={"Location": status_url},
+            )
+
+        return post(
+            f"/queues/{name}/tasks",
+            status_code=202,
+            summary=f"Submit a task to {name}",
+            operation_id=f"submit_{_op_name(name)}",
+            raises=[BadBody, BadValue, TooLarge, Unavailable, *AUTH_ERRORS],
+            tags=["tasks"],
+        )(submit)
+
+    @post(
+        "/queues/{queue:str}/tasks",
+        status_code=202,
+        summary="Submit a task to a queue this server does not serve",
+        description="Every served queue has its own route; any other name is 404.",
+        raises=[NoSuchQueue, *AUTH_ERRORS],
+        tags=["tasks"],
+    )
+    async def submit_unknown(queue: str) -> Submitted:
+        raise NoSuchQueue(detail=f"no task queue named {queue!r}")
+
+    @get(
+        "/tasks",
+        summary="Recent tasks, newest first",
+        raises=AUTH_ERRORS,
+        tags=["tasks"],
+        sync_to_thread=True,
+    )
+    def recent_tasks(
+        limit: int = Parameter(default=50, ge=1, le=1000),
+        queue: str | None = Parameter(default=None, max_length=200),
+    ) -> list[TaskRecord]:
+        return backend.store(lambda s: list(s.recent(limit=limit, queue=queue)))
+
+    def _record(task_id: str) -> TaskRecord:
+        rec: TaskRecord | None = backend.store(lambda s: s.get(task_id))
+        if rec is None:
+            raise NotFoundException(detail=f"no task {task_id!r}")
+        return rec
+
+    @get(
+        "/tasks/{task_id:str}",
+        summary="A task's status",
+        raises=[NotFoundException, *AUTH_ERRORS],
+        tags=["tasks"],
+        sync_to_thread=True,
+    )
+    def task_status(task_id: str) -> TaskRecord:
+        return _record(task_id)
+
+    @get(
+        "/tasks/{task_id:str}/output",
+        summary="A task's output (text, streamed)",
+        description="Follows a running task until it is final; `follow=false` returns "
+        "what there is now.",
+        raises=[NotFoundException, *AUTH_ERRORS],
+        tags=["tasks"],
+        media_type="text/plain; charset=utf-8",
+    )
+    async def task_output(task_id: str, follow: bool = True) -> Stream:
+        await _thread(_record, task_id)
+
+        async def chunks() -> AsyncIterator[str]:
+            offset = 0
+            deadline = time.monotonic() + config.follow_timeout
+            final_seen = 0
+            while True:
+                text, offset = await _thread(backend.store, partial(_output, task_id, offset))
+                if text:
+                    yield text
+                if not follow or time.monotonic() > deadline:
+                    return
+                rec = await _thread(backend.store, lambda s: s.get(task_id))
+                if rec is None or rec.status in ("succeeded", "failed"):
+                    final_seen += 1
+                    if final_seen > 2 and not text:  # chunks recorded after the final event
+                        return
+                await asyncio.sleep(OUTPUT_POLL)
+
+        return Stream(
+            chunks(),
+            media_type="text/plain; charset=utf-8",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    # -- queues --------------------------------------------------------------------
+
+    def _known(queue: str) -> str:
+        if not backend.known(queue):
+            raise NoSuchQueue(detail=f"no queue named {queue!r}")
+        return queue
+
+    @get(
+        "/queues",
+        summary="Every queue: depths",
+        raises=AUTH_ERRORS,
+        tags=["queues"],
+        sync_to_thread=True,
+    )
+    def queues() -> list[QueueInfo]:
+        return backend.queue_infos()
+
+    @get(
+        "/queues/{queue:str}/dead",
+        summary="A queue's dead letters",
+        raises=[NoSuchQueue, *AUTH_ERRORS],
+        tags=["queues"],
+        sync_to_thread=True,
+    )
+    def dead_letters(
+        queue: str, limit: int = Parameter(default=100, ge=1, le=1000)
+    ) -> list[DeadLetterOut]:
+        return backend.dead_letters(_known(queue), limit)
+
+    async def _ids(request: Request[Any, Any, Any]) -> list[str] | None:
+        body = await request.body()
+        if not body.strip():
+            return None
+        try:
+            return validate.parse(body, DeadLetterIds).ids  # type: ignore[no-any-return]
+        except validate.Invalid as bad:
+            raise (BadBody if bad.status == 400 else BadValue)(extra=bad.reasons) from None
+
+    @post(
+        "/queues/{queue:str}/dead/requeue",
+        status_code=200,
+        summary="Put dead letters back on their queue (admin)",
+        raises=[NoSuchQueue, BadBody, BadValue, *ADMIN_ERRORS],
+        tags=["queues"],
+        opt={"scope": "admin"},
+    )
+    async def requeue(queue: str, request: Request[Any, Any, Any]) -> Count:
+        _known(queue)
+        ids = await _ids(request)
+        return Count(await _thread(backend.requeue, queue, ids))
+
+    @post(
+        "/queues/{queue:str}/dead/purge",
+        status_code=200,
+        summary="Delete dead letters (admin)",
+        raises=[NoSuchQueue, BadBody, BadValue, *ADMIN_ERRORS],
+        tags=["queues"],
+        opt={"scope": "admin"},
+    )
+    async def purge(queue: str, request: Request[Any, Any, Any]) -> Count:
+        _known(queue)
+        ids = await _ids(request)
+        return Count(await _thread(backend.purge, queue, ids))
+
+    # -- health and metrics ------------------------------------------------------------
+
+    def health_sync() -> tuple[Health, int]:
+        broker, detail = True, ""
+        try:
+            names = app.queue_names()
+            if names:
+                backend.queue_infos(names[:1])
+        except Exception as e:
+            broker, detail = False, f"broker unreachable: {type(e).__name__}"
+        seen: list[WorkerRecord] = []
+        try:
+            horizon = int(time.time() * 1000 - config.worker_window * 1000)
+            seen = [w for w in backend.store(lambda s: s.workers()) if w.last_seen >= horizon]
+        except Exception as e:
+            detail = detail or f"task store unreadable: {type(e).__name__}"
+        status: Literal["ok", "unavailable"] = "ok" if broker else "unavailable"
+        return Health(status, broker, seen, detail), 200 if broker else 503
+
+    @get(
+        "/health",
+        summary="Broker reachable, workers seen (no token needed)",
+        opt={"scope": "public"},
+        tags=["monitoring"],
+        responses={503: _spec(Health, "the broker is unreachable")},
+        security=[],
+    )
+    async def health() -> Response[Health]:
+        h, code = await _thread(health_sync)
+        return Response(h, status_code=code, headers={"Cache-Control": "no-cache"})
+
+    @get(
+        "/metrics",
+        summary="Prometheus metrics",
+        raises=AUTH_ERRORS,
+        tags=["monitoring"],
+        media_type="text/plain; version=0.0.4; charset=utf-8",
+        sync_to_thread=True,
+    )
+    def metrics() -> Response[bytes]:
+        return Response(_render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- application ----------------------------------------------------------------------
+
+    from kew.web.page import page_routes
+
+    handlers: list[Any] = [submit_route(name) for name in sorted(app.queues)]
+    handlers += [
+        submit_unknown,
+        recent_tasks,
+        task_status,
+        task_output,
+        queues,
+        dead_letters,
+        requeue,
+        purge,
+        health,
+        metrics,
+        *page_routes(backend, config, sessions),
+    ]
+    components = Components(
+        security_schemes={
+            "bearer": SecurityScheme(type="http", scheme="bearer", description="read or admin")
+        },
+    )
+
+    def on_shutdown() -> None:
+        backend.close()
+
+    def on_startup(asgi: Litestar) -> None:
+        _complete_openapi(asgi, app)
+
+    return Litestar(
+        route_handlers=handlers,
+        guards=[guard],
+        exception_handlers={LoginRequired: _to_login},
+        request_max_body_size=config.max_body_bytes,
+        on_startup=[on_startup],
+        on_shutdown=[on_shutdown],
+        openapi_config=OpenAPIConfig(
+            title=f"{config.title} task API",
+            version="1",
+            path="/schema",
+            components=components,
+            security=[{"bearer": []}],
+            render_plugins=[SwaggerRenderPlugin()],
+        ),
+    )
+
+
+def _to_login(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    from litestar.response import Redirect
+
+    return Redirect("/ui/login")
+
+
+def _spec(tp: Any, description: str) -> Any:
+    from litestar.openapi.datastructures import ResponseSpec
+
+    return ResponseSpec(data_container=tp, description=description)
+
+
+def _schema_name(tp: Any) -> str:
+    _, components = msgspec.json.schema_components([tp], ref_template="{name}")
+    refs = msgspec.json.schema_components([tp], ref_template="{name}")[0][0]
+    name = refs.get("$ref")
+    if isinstance(name, str) and name in components:
+        return name
+    return f"Task_{getattr(tp, '__name__', 'body')}"
+
+
+def _complete_openapi(asgi: Litestar, app: TaskApp) -> None:
+    """Add the request bodies Litestar cannot see (the submit routes read
+    the raw body to report every validation error; the dead-letter routes
+    take an optional one), with the task types' JSON schemas."""
+    doc = asgi.openapi_schema
+    schemas = doc.components.schemas
+    schemas.update(_schemas([tq.type for tq in app.queues.values()] + [DeadLetterIds]))
+
+    def body(name: str, required: bool, description: str) -> RequestBody:
+        ref = Reference(ref=f"#/components/schemas/{name}")
+        return RequestBody(
+            content={"application/json": OpenAPIMediaType(schema=ref)},
+            required=required,
+            description=description,
+        )
+
+    paths = doc.paths or {}
+    for name, tq in app.queues.items():
+        item = paths.get(f"/queues/{name}/tasks")
+        if item is not None and item.post is not None:
+            item.post.request_body = body(_schema_name(tq.type), True, "the task, validated")
+    for action in ("requeue", "purge"):
+        item = paths.get(f"/queues/{{queue}}/dead/{action}")
+        if item is not None and item.post is not None:
+            item.post.request_body = body(
+                "DeadLetterIds", False, "which dead letters (all when there is no body)"
+            )
+
+
+def _schemas(types: Sequence[Any]) -> dict[str, Any]:
+    """JSON schemas of the task types, as OpenAPI components (raw dicts:
+    Litestar passes them through into the document)."""
+    out: dict[str, Any] = {}
+    for tp in types:
+        (top,), components = msgspec.json.schema_components(
+            [tp], ref_template="#/components/schemas/{name}"
+        )
+        out.update(components)
+        if "$ref" not in top:
+            out[_schema_name(tp)] = top
+    return out
+
+
+def _output(task_id: str, offset: int, store: Any) -> tuple[str, int]:
+    text, nxt = store.output(task_id, offset)
+    return str(text), int(nxt)
+
+
+def _op_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _render_metrics() -> bytes:
+    try:
+        from kew.task import metrics as task_metrics
+
+        render = getattr(task_metrics, "render", None)
+        if render is not None:
+            return bytes(render())
+    except ImportError:
+        pass
+    import prometheus_client
+
+    return bytes(prometheus_client.generate_latest())

@@ -1,0 +1,204 @@
+"""What the web front end needs of a task app, and thread-safe access to it.
+
+:class:`TaskApp` is the part of :class:`kew.task.App` the front end uses,
+as a protocol, so that any app of that shape can be served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol, TypeVar
+
+import msgspec
+
+from kew.qchan import DeadLetterInfo, Queue
+from kew.qchan.spi import Browser, Connector, QueueStats
+from kew.task.model import TaskRecord, WorkerRecord
+
+R = TypeVar("R")
+
+
+class StoreLike(Protocol):
+    def get(self, task_id: str) -> TaskRecord | None: ...
+    def output(self, task_id: str, offset: int = 0) -> tuple[str, int]: ...
+    def recent(self, limit: int = 50, queue: str | None = None) -> list[TaskRecord]: ...
+    def workers(self) -> list[WorkerRecord]: ...
+
+
+class TaskQueueLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def type(self) -> Any: ...
+    @property
+    def queue(self) -> Queue[Any]: ...
+    def submit(self, data: Any, *, delay: float | None = None, id: str | None = None) -> str: ...
+
+
+class Stoppable(Protocol):
+    def stop(self, grace: float = ...) -> object: ...
+
+
+class WorkerLike(Stoppable, Protocol):
+    def start(self) -> object: ...
+
+
+class TaskApp(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def connector(self) -> Connector: ...
+    @property
+    def store(self) -> Any: ...
+    @property
+    def queues(self) -> Mapping[str, Any]: ...
+    def queue_names(self) -> list[str]: ...
+
+
+QueueKind = Literal["task", "outcomes", "events", "queue"]
+
+
+class QueueInfo(msgspec.Struct, frozen=True):
+    """A queue's depths. A provider that cannot count a state reports -1."""
+
+    name: str
+    kind: QueueKind
+    type: str
+    ready: int
+    in_flight: int
+    delayed: int
+    dead: int
+
+
+class DeadLetterOut(msgspec.Struct, frozen=True):
+    """A dead letter: why it died, its headers, its body as text
+    (secret-looking JSON fields masked; ``body_base64`` when not UTF-8)."""
+
+    id: str
+    reason: str
+    delivery_count: int
+    dead_at: int
+    headers: dict[str, str | int]
+    body: str
+    body_base64: bool = False
+
+
+_SECRET_KEY = re.compile(r"pass(word|wd)?|secret|token|session.?key|api.?key|credential", re.I)
+MASK = "***"
+
+
+def mask_secrets(value: Any) -> Any:
+    """``value`` (decoded JSON) with the values of secret-looking keys masked."""
+    if isinstance(value, dict):
+        return {
+            k: MASK if isinstance(k, str) and _SECRET_KEY.search(k) else mask_secrets(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
+
+
+def body_text(body: bytes) -> tuple[str, bool]:
+    """A dead letter's body for people: masked JSON, text, or base64."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        import base64
+
+        return base64.b64encode(body).decode(), True
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text, False
+    return json.dumps(mask_secrets(value), ensure_ascii=False), False
+
+
+def type_label(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or repr(tp)
+
+
+class Backend:
+    """Serialised access to the app's broker browsers and store: one call
+    at a time each (providers' browsers and stores need not be thread-safe)."""
+
+    def __init__(self, app: TaskApp) -> None:
+        self.app = app
+        self._broker_lock = threading.Lock()
+        self._store_lock = threading.Lock()
+        self._browsers: dict[str, Browser] = {}
+
+    # -- broker -----------------------------------------------------------
+
+    def _browser(self, name: str) -> Browser:
+        b = self._browsers.get(name)
+        if b is None:
+            b = self._browsers[name] = self.app.connector.browser(name)
+        return b
+
+    def broker(self, fn: Callable[[], R]) -> R:
+        with self._broker_lock:
+            return fn()
+
+    def store(self, fn: Callable[[Any], R]) -> R:
+        with self._store_lock:
+            return fn(self.app.store)
+
+    def known(self, name: str) -> bool:
+        return name in self.app.queue_names()
+
+    def kind(self, name: str) -> tuple[QueueKind, str]:
+        tq = self.app.queues.get(name)
+        if tq is not None:
+            return "task", type_label(tq.type)
+        if name.endswith(".outcomes") and name[: -len(".outcomes")] in self.app.queues:
+            return "outcomes", "Outcome"
+        events = getattr(self.app, "events_queue", None)
+        events_name = getattr(events, "name", events)
+        if name == events_name or name == "kew.task-events":
+            return "events", "TaskEvent"
+        return "queue", ""
+
+    def queue_infos(self, names: Sequence[str] | None = None) -> list[QueueInfo]:
+        out = []
+        for name in names if names is not None else self.app.queue_names():
+            s: QueueStats = self.broker(lambda n=name: self._browser(n).stats())  # type: ignore[misc]
+            kind, tp = self.kind(name)
+            out.append(QueueInfo(name, kind, tp, s.ready, s.in_flight, s.delayed, s.dead))
+        return out
+
+    def dead_letters(self, name: str, limit: int) -> list[DeadLetterOut]:
+        dead = self.broker(lambda: list(self._browser(name).dead_letters(limit)))
+        out = []
+        for d in dead:
+            info = DeadLetterInfo.of(d)
+            text, b64 = body_text(info.body)
+            out.append(
+                DeadLetterOut(
+                    info.id,
+                    info.reason,
+                    info.delivery_count,
+                    info.dead_at,
+                    {k: v for k, v in info.headers.items()},
+                    text,
+                    b64,
+                )
+            )
+        return out
+
+    def requeue(self, name: str, ids: Sequence[str] | None) -> int:
+        return self.broker(lambda: self._browser(name).requeue_dead(ids))
+
+    def purge(self, name: str, ids: Sequence[str] | None) -> int:
+        return self.broker(lambda: self._browser(name).purge_dead(ids))
+
+    def close(self) -> None:
+        with self._broker_lock:
+            for b in self._browsers.values():
+                with contextlib.suppress(Exception):
+                    b.close()
+            self._browsers.clear()
