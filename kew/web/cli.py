@@ -1,0 +1,108 @@
+"""``kew serve MODULE:APP``: the REST API and monitoring page under uvicorn,
+with the app's recorder (and optionally a worker) in the same process."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from kew.qchan.spi import KewError
+
+log = logging.getLogger("kew.web")
+
+
+@click.command("serve")
+@click.argument("app_spec", metavar="MODULE:APP")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Web configuration (TOML or YAML): tokens, limits. Environment overrides it.",
+)
+@click.option(
+    "--recorder/--no-recorder",
+    default=None,
+    help="Record task events into the store in this process (default: on).",
+)
+@click.option(
+    "--worker",
+    "worker_concurrency",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Also run a worker with N threads in this process (default 0: none).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+)
+def serve(
+    app_spec: str,
+    host: str,
+    port: int,
+    config_path: str | None,
+    recorder: bool | None,
+    worker_concurrency: int | None,
+    log_level: str,
+) -> None:
+    """Serve the REST API and monitoring page of MODULE:APP."""
+    import uvicorn
+
+    from kew.cli import fail, load_app
+    from kew.web.app import create_app
+    from kew.web.config import load_config
+
+    try:
+        config = load_config(config_path)
+    except KewError as e:
+        fail(str(e))
+    if recorder is not None:
+        config.recorder = recorder
+    if worker_concurrency is not None:
+        config.worker_concurrency = worker_concurrency
+    if not config.tokens:
+        fail(
+            "no API tokens configured: set KEW_WEB_ADMIN_TOKENS / KEW_WEB_READ_TOKENS, "
+            "or list tokens in --config (every endpoint but /health needs one)"
+        )
+    app: Any = load_app(app_spec)
+    try:
+        from kew.task import metrics
+
+        metrics.install(app)
+    except ImportError:  # prometheus_client missing: /metrics serves the default registry
+        pass
+    asgi = create_app(app, config)
+    running: list[Any] = []
+    try:
+        if config.recorder:
+            running.append(app.recorder())
+        if config.worker_concurrency:
+            worker = app.worker(concurrency=config.worker_concurrency)
+            worker.start()
+            running.append(worker)
+        logging.basicConfig(level=log_level.upper())
+        click.echo(f"kew: serving {app_spec} on http://{host}:{port}/ (page: /ui)", err=True)
+        uvicorn.run(
+            asgi,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=5,
+        )
+    except KewError as e:
+        fail(str(e))
+    finally:
+        for r in reversed(running):
+            try:
+                r.stop(10.0)
+            except Exception:
+                log.exception("kew serve: stopping %r failed", r)
+        close = getattr(app, "close", None)
+        if close is not None:
+            close()
