@@ -77,6 +77,8 @@ def test_submit_then_status_and_output(server: WebServer, admin: httpx.Client) -
     assert doc["status_url"] == f"{server.base}/tasks/{doc['id']}"
     assert doc["output_url"] == f"{server.base}/tasks/{doc['id']}/output"
     assert r.headers["location"] == doc["status_url"]
+    # The status URL answers at once (the server records the queued state itself).
+    assert admin.get(doc["status_url"]).json()["status"] in ("queued", "running", "succeeded")
 
     final = _final(admin, doc["id"])
     assert final["status"] == "succeeded"

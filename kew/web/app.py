@@ -41,8 +41,8 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from kew.qchan.codec import DecodeError
-from kew.qchan.spi import BrokerUnavailable, MessageTooLarge, QueueFull
-from kew.task.model import TaskRecord, WorkerRecord
+from kew.qchan.spi import BrokerUnavailable, MessageTooLarge, QueueFull, now_ms
+from kew.task.model import TaskEvent, TaskRecord, WorkerRecord
 from kew.web import validate
 from kew.web.auth import Sessions, bearer_scope
 from kew.web.backend import Backend, DeadLetterOut, QueueInfo, TaskApp
@@ -182,7 +182,16 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
                     cls = BadBody if bad.status == 400 else BadValue
                     raise cls(extra=bad.reasons) from None
                 raise BadValue(extra=[str(e)]) from None
-            return str(tq.submit(data))
+            task_id = str(tq.submit(data))
+            if getattr(tq, "track", True):
+                # The queued event travels to the recorder too; recording it
+                # here as well (idempotent) means the status URL answers at once.
+                event = TaskEvent(task_id, name, "queued", now_ms())
+                try:
+                    backend.store(lambda s: s.apply([event]))
+                except Exception:
+                    log.warning("kew.web: could not record task %s as queued", task_id)
+            return task_id
 
         async def submit(request: Request[Any, Any, Any]) -> Response[Submitted]:
             body = await request.body()
