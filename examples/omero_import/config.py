@@ -98,6 +98,11 @@ class MailSection(_Section):
     admin: str | None = None
     """Where failures go; unset: nobody but the experimenter is told."""
     timeout: Seconds = 30.0
+    ca_file: str | None = None
+    """PEM file of the CA(s) to trust for the SMTP server's certificate."""
+    verify: bool = True
+    allow_plain_login: bool = False
+    """Log in over ``security = "none"`` (sends the password in clear)."""
     queue: str = "kew.mail"
     retry_minutes: list[NonNegative] = msgspec.field(default_factory=lambda: [1, 5, 30, 120, 720])
 

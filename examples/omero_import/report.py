@@ -16,12 +16,17 @@ class Letter:
     body: str
 
 
+def _why(o: TaskOutcome) -> str:
+    error = o.error.strip() or "failed"
+    return error if "attempt" in error else f"after {o.attempt} attempt(s): {error}"
+
+
 def _lines(outcomes: Sequence[TaskOutcome], status_url: str | None) -> list[str]:
     out = []
     for o in outcomes:
         line = f"  - {o.target}"
         if o.status == "failed":
-            line += f"\n      after {o.attempt} attempt(s): {o.error.strip() or 'failed'}"
+            line += f"\n      {_why(o)}"
         if status_url:
             line += f"\n      log: {status_url.format(task_id=o.task_id)}"
         out.append(line)
@@ -65,7 +70,7 @@ def admin_letter(
     ]
     for o in bad:
         body.append(f"  - {o.target} (requested by {o.email}, task {o.task_id})")
-        body.append(f"      after {o.attempt} attempt(s): {o.error.strip() or 'failed'}")
+        body.append(f"      {_why(o)}")
         if status_url:
             body.append(f"      log: {status_url.format(task_id=o.task_id)}")
     subject = f"OMERO import failures: {len(bad)} in batch {batch_id}"

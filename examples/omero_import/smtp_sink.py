@@ -51,6 +51,13 @@ class SmtpSink:
         with self.lock:
             return list(self.messages)
 
+    def wait(self, count: int, timeout: float = 60.0) -> list[EmailMessage]:
+        """At least ``count`` messages received (AssertionError on timeout)."""
+        from kew.testing.util import wait_for
+
+        wait_for(lambda: len(self.received()) >= count, timeout, what=f"{count} e-mail(s)")
+        return self.received()
+
     def __enter__(self) -> SmtpSink:
         return self.start()
 

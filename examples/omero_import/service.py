@@ -1,0 +1,288 @@
+"""The OMERO import service: Smuggler's web import on kew.task.
+
+Queues (names configurable):
+
+* ``omero.import`` — a command task per import (the importer as a
+  subprocess, its output the task's output), retried on Smuggler's
+  intervals; encrypted when a key is configured (it carries session keys);
+  its outcomes go to ``omero.import.outcomes``.
+* ``omero.import.outcomes`` — consumed by the batch bookkeeping: when every
+  import of a POST is final, one e-mail to each experimenter listing what
+  succeeded and what failed, and one to the administrator about failures.
+* ``omero.keepalive`` — pings each batch's OMERO session every
+  ``session.interval`` seconds until the batch is finished, then closes it.
+* ``kew.mail`` — the outgoing mail, with its own retries and dead letters.
+
+``kew worker examples.omero_import.service:app`` runs the workers,
+``kew serve`` / :func:`examples.omero_import.web.create_web` the front end;
+both read the configuration named by ``KEW_OMERO_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+import kew
+from kew.task.app import App, TaskQueue
+from kew.task.command import CommandSpec
+from kew.task.model import Outcome, TaskEvent
+from kew.task.retry import Intervals
+
+from .batches import BatchStore
+from .command import import_argv, local_path, redacted, session_args
+from .config import Config, load_config
+from .report import admin_letter, experimenter_letters
+from .request import ImportTask, parse_batch, with_batch
+
+log = logging.getLogger("kew.omero")
+
+
+class KeepAlive(msgspec.Struct, frozen=True, rename="camel"):
+    """One OMERO session of a batch to keep alive (a secret: encrypted queue)."""
+
+    batch_id: str
+    omero_host: str
+    omero_port: int
+    session_key: str
+    pings: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"KeepAlive({self.batch_id!r}, {self.omero_host}:{self.omero_port}, pings={self.pings})"
+        )
+
+    __str__ = __repr__
+
+
+class Submitted(msgspec.Struct, frozen=True, rename="camel"):
+    """What ``POST /ome/import`` answers for each import."""
+
+    status_uri: str
+    target_uri: str
+
+
+class OmeroImportService:
+    """Everything but the HTTP server: queues, handlers, bookkeeping."""
+
+    def __init__(self, config: Config, *, connector: Any = None) -> None:
+        self.config = config
+        c = config
+        self.app = App(
+            connector if connector is not None else c.kew.url,
+            name=c.kew.name,
+            store=c.kew.store,
+            events_queue=c.kew.events_queue,
+        )
+        keys = c.kew.encryption_keys
+        self.batches = BatchStore(c.batches.store)
+        self.imports: TaskQueue[ImportTask] = self.app.command_task(
+            c.import_.queue,
+            ImportTask,
+            self._build_command,
+            retry=Intervals.minutes(*c.import_.retry_minutes),
+            timeout=c.import_.timeout,
+            nice=c.import_.nice,
+            notify=True,
+            encryption_keys=keys,
+            concurrency=c.import_.concurrency,
+        )
+        outcomes = self.imports.outcomes
+        assert outcomes is not None
+        self.app.consumer(outcomes, self._on_outcome)
+        self.keepalive: kew.Queue[KeepAlive] | None = None
+        if c.session.enabled:
+            self.keepalive = kew.Queue(
+                self.app.connector, c.session.queue, KeepAlive, encryption_keys=keys
+            )
+            self.app.consumer(self.keepalive, self._on_keepalive, concurrency=2)
+        self.mail: TaskQueue[Any] | None = None
+        if c.mail.enabled:
+            from kew.task.mail import SmtpConfig, mail_queue
+
+            smtp = SmtpConfig(
+                host=c.mail.host,
+                port=c.mail.port,
+                security=c.mail.security,
+                username=c.mail.username,
+                password=c.mail.password,
+                sender=c.mail.sender,
+                timeout=c.mail.timeout,
+                ca_file=c.mail.ca_file,
+                verify=c.mail.verify,
+                allow_plain_login=c.mail.allow_plain_login,
+            )
+            self.mail = mail_queue(
+                self.app, smtp, name=c.mail.queue, retry=Intervals.minutes(*c.mail.retry_minutes)
+            )
+        web = c.web.base_url or f"http://{c.web.host}:{c.web.port}"
+        self._status_url = web.rstrip("/") + "/ome/import/{task_id}"
+
+    # -- the front end's part -------------------------------------------
+
+    def status_url(self, base_url: str) -> None:
+        """Tell the e-mails where a task's log is: ``{base_url}/ome/import/{id}``."""
+        self._status_url = base_url.rstrip("/") + "/ome/import/{task_id}"
+
+    def submit(self, body: bytes, base_url: str) -> list[Submitted]:
+        """Validate a POSTed batch and queue it; raises InvalidRequest.
+
+        The imports are also recorded as queued in the task store here, so
+        their status URIs answer at once (the recorder, applying the same
+        events later, changes nothing: the store is idempotent)."""
+        tasks = with_batch(
+            parse_batch(body, max_batch=self.config.import_.max_batch), kew.qchan.new_id()
+        )
+        done = self.submit_tasks(tasks)
+        now = kew.qchan.spi.now_ms()
+        try:
+            self.app.store.apply(
+                [TaskEvent(tid, self.imports.name, "queued", now) for tid, _ in done]
+            )
+        except Exception:  # the recorder will bring them
+            log.warning(
+                "cannot record %d queued imports in the task store", len(done), exc_info=True
+            )
+        return [
+            Submitted(f"{base_url.rstrip('/')}/ome/import/{tid}", t.target_uri) for tid, t in done
+        ]
+
+    def submit_tasks(self, tasks: Sequence[ImportTask]) -> list[tuple[str, ImportTask]]:
+        """Queue validated imports of one batch (and their session keep-alive)."""
+        done = [(self.imports.submit(t), t) for t in tasks]
+        if self.keepalive is not None and tasks:
+            sessions = {(t.omero_host, t.omero_port, t.session_key) for t in tasks}
+            due = kew.qchan.spi.now_ms() + int(self.config.session.interval * 1000)
+            for host, port, key in sorted(sessions):
+                self.keepalive.post(KeepAlive(tasks[0].batch_id, host, port, key), deliver_at=due)
+        return done
+
+    # -- workers' part -----------------------------------------------------
+
+    def _build_command(self, task: ImportTask) -> CommandSpec:
+        c = self.config.import_
+        path = local_path(task.target_uri, c.mount_points, c.relative_root)
+        return CommandSpec(import_argv(c.command, task, path), timeout=c.timeout, nice=c.nice)
+
+    def _on_outcome(self, outcome: Outcome[ImportTask]) -> None:
+        if outcome.kind == "attempt-failed":
+            return
+        t = outcome.data
+        if not t.batch_id:  # submitted without a batch (kew send, REST): a batch of its own
+            t = msgspec.structs.replace(t, batch_id=outcome.task_id, batch_size=1)
+        complete = self.batches.record(
+            t.batch_id,
+            t.batch_size,
+            outcome.task_id,
+            target=t.target_uri,
+            email=t.experimenter_email,
+            status=outcome.kind,
+            error=outcome.error,
+            attempt=outcome.attempt,
+        )
+        if complete:
+            self._report(t.batch_id)
+
+    def _report(self, batch_id: str) -> None:
+        if not self.batches.claim_report(batch_id):
+            return
+        try:
+            outcomes = self.batches.outcomes(batch_id)
+            letters = experimenter_letters(batch_id, outcomes, status_url=self._status_url)
+            admin = self.config.mail.admin
+            a = (
+                admin_letter(batch_id, outcomes, admin, status_url=self._status_url)
+                if admin
+                else None
+            )
+            if a is not None:
+                letters.append(a)
+            if self.mail is not None:
+                from kew.task.mail import Mail
+
+                for letter in letters:
+                    self.mail.submit(Mail(to=[letter.to], subject=letter.subject, body=letter.body))
+            ok = sum(o.status == "succeeded" for o in outcomes)
+            log.info(
+                "batch %s finished: %d imported, %d failed; %d e-mail(s)",
+                batch_id,
+                ok,
+                len(outcomes) - ok,
+                len(letters) if self.mail is not None else 0,
+            )
+            self.batches.mark_reported(batch_id)
+        except BaseException:
+            self.batches.release_claim(batch_id)
+            raise
+
+    def _session_command(self, command: Sequence[str], k: KeepAlive) -> bool:
+        argv = [*command, *session_args(k.omero_host, k.omero_port, k.session_key)]
+        try:
+            r = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=self.config.session.timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning("session command %s failed: %s", redacted(argv), e)
+            return False
+        if r.returncode != 0:
+            log.warning(
+                "session command %s exited with %d: %s",
+                redacted(argv),
+                r.returncode,
+                (r.stderr or r.stdout).strip()[-500:].replace(k.session_key, "****"),
+            )
+            return False
+        return True
+
+    def _on_keepalive(self, k: KeepAlive) -> None:
+        assert self.keepalive is not None
+        s = self.config.session
+        if self.batches.is_complete(k.batch_id):
+            self._session_command(s.close_command, k)
+            log.info(
+                "batch %s finished: closed its session on %s after %d pings",
+                k.batch_id,
+                k.omero_host,
+                k.pings,
+            )
+            return
+        self._session_command(s.keepalive_command, k)
+        due = kew.qchan.spi.now_ms() + int(s.interval * 1000)
+        self.keepalive.post(msgspec.structs.replace(k, pings=k.pings + 1), deliver_at=due)
+
+    def close(self) -> None:
+        self.app.close()
+        self.batches.close()
+
+
+_service: OmeroImportService | None = None
+_lock = threading.Lock()
+
+
+def service() -> OmeroImportService:
+    """The process's service, from ``$KEW_OMERO_CONFIG`` (made once)."""
+    global _service
+    with _lock:
+        if _service is None:
+            _service = OmeroImportService(load_config())
+        return _service
+
+
+def __getattr__(name: str) -> Any:
+    """``app`` (the kew.task App, for ``kew worker MODULE:app``) is made on
+    first use, so importing this module reads no configuration."""
+    if name == "app":
+        return service().app
+    raise AttributeError(name)
+
+
+__all__ = ["KeepAlive", "OmeroImportService", "Submitted", "service"]

@@ -1,0 +1,94 @@
+"""The HTTP front end: ``POST /ome/import`` and the import status URIs.
+
+``POST /ome/import`` takes a JSON array of import requests and answers
+``[{"statusUri": ..., "targetUri": ...}, ...]`` (one per request, in order),
+or ``400 {"errors": [...]}`` with every reason it is refused.
+``GET /ome/import/{id}`` is the status URI: the import's log as text (the
+importer's output, every attempt), with its status in the ``X-Kew-Status``
+header; ``?format=json`` gives the status document with the log.  Like
+Smuggler's, these two need no token: the status URI is a random 128-bit id.
+
+The monitoring API and page (``/queues``, ``/tasks/...``, ``/metrics``, the
+admin page) are kew.web's, on the same server, behind its bearer tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.handlers import HTTPRouteHandler
+
+from .request import InvalidRequest
+from .service import OmeroImportService
+
+
+class ImportStatus(msgspec.Struct, frozen=True, rename="camel"):
+    id: str
+    status: str
+    attempt: int
+    output: str
+    last_error: str = ""
+    next_at: int | None = None
+
+
+def import_routes(svc: OmeroImportService, base_url: str | None = None) -> list[HTTPRouteHandler]:
+    """The routes of the import service, to add to any Litestar app."""
+
+    @post(
+        "/ome/import",
+        status_code=200,
+        summary="Queue a batch of OMERO imports",
+        opt={"scope": "public"},
+        tags=["omero"],
+    )
+    async def submit_imports(request: Request[Any, Any, Any]) -> Response[Any]:
+        body = await request.body()
+        base = base_url or str(request.base_url)
+        try:
+            out = await anyio.to_thread.run_sync(svc.submit, body, base)
+        except InvalidRequest as e:
+            return Response({"errors": e.errors}, status_code=400)
+        return Response(msgspec.to_builtins(out))
+
+    @get(
+        "/ome/import/{task_id:str}",
+        summary="An import's log and status",
+        opt={"scope": "public"},
+        tags=["omero"],
+    )
+    async def import_status(task_id: str, format: str = "text") -> Response[Any]:
+        record = await anyio.to_thread.run_sync(svc.app.status, task_id)
+        if record is None:
+            return Response(
+                {"errors": [f"no import {task_id!r}"]},
+                status_code=404,
+                media_type="application/json",
+            )
+        text, _ = await anyio.to_thread.run_sync(svc.app.output, task_id)
+        headers = {"X-Kew-Status": record.status, "Cache-Control": "no-cache"}
+        if format == "json":
+            doc = ImportStatus(
+                record.id, record.status, record.attempt, text, record.last_error, record.next_at
+            )
+            return Response(msgspec.to_builtins(doc), headers=headers)
+        return Response(text, media_type="text/plain; charset=utf-8", headers=headers)
+
+    return [submit_imports, import_status]
+
+
+def create_web(svc: OmeroImportService, *, base_url: str | None = None) -> Litestar:
+    """kew.web's app for the service's task app (monitoring API and page,
+    behind the configured tokens) with the import routes added (public)."""
+    from kew.web import Token, WebConfig, create_app
+
+    tokens = [Token.parse(scope, token) for token, scope in svc.config.web.tokens.items()]
+    asgi = create_app(svc.app, WebConfig(tokens=tokens, title="OMERO import"))
+    for route in import_routes(svc, base_url):
+        asgi.register(route)
+    base_url = base_url or svc.config.web.base_url
+    if base_url:
+        svc.status_url(base_url)
+    return asgi

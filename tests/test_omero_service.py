@@ -1,0 +1,221 @@
+"""OMERO import example end to end: HTTP in, the stand-in importer run as a
+subprocess with the exact command lines, retries, the outcome e-mails over
+real SMTP, the session keep-alive stopping when the batch ends; on the
+embedded SQLite broker and on the machine's Redis."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from examples.omero_import.config import ConfigError, load_config
+from examples.omero_import.local import LocalStack, request
+from examples.omero_import.smtp_sink import text_of
+from kew.qchan import new_id
+from kew.qchan.spi import QueueStats
+from kew.testing.util import port_open, require, wait_for
+
+KEY = "s3cr3t-session-key-42"
+TARGETS = {
+    "ok": "file://scope-3/data/acq/plate-ok.tif",
+    "once": "file://scope-3/data/acq/plate-fail-once.tif",
+    "always": "acq/plate-fail-always.tif",  # a relative local path, as Smuggler clients send
+}
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalStack]:
+    tag = new_id()[:12]
+    settings: dict[str, dict[str, object]] = {
+        "import": {"queue": f"omero.import.{tag}", "relative_root": str(tmp_path / "rel")},
+        "session": {"queue": f"omero.keepalive.{tag}"},
+        "mail": {"queue": f"kew.mail.{tag}"},
+        "kew": {"events_queue": f"kew.task-events.{tag}", "encryption_keys": _key()},
+    }
+    if request.param == "sqlite":
+        settings["kew"]["url"] = f"sqlite:///{tmp_path / 'kew.sqlite3'}"
+    else:
+        require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
+        settings["kew"]["url"] = "redis://127.0.0.1:6379/0"
+    with LocalStack(tmp_path, settings=settings) as s:
+        yield s
+
+
+def _key() -> str:
+    from kew.qchan.crypto import new_key
+
+    return f"k1:{new_key()}"
+
+
+def _empty(s: QueueStats) -> bool:
+    return s.ready == s.in_flight == s.delayed == 0
+
+
+def _imports(calls: list[list[str]], target_end: str) -> list[list[str]]:
+    return [c for c in calls if c[0] == "import" and c[-1].endswith(target_end)]
+
+
+def test_batch_of_three(stack: LocalStack, tmp_path: Path) -> None:
+    batch = [
+        request(TARGETS["ok"], session_key=KEY, name="plate ok", description="first plate"),
+        request(
+            TARGETS["once"],
+            session_key=KEY,
+            textAnnotations=[["org.example/run", "run 7"]],
+            annotationIds=["31", "32"],
+        ),
+        request(TARGETS["always"], session_key=KEY, datasetId="", screenId="5"),
+    ]
+    r = httpx.post(f"{stack.base_url}/ome/import", json=batch, timeout=30)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert [a["targetUri"] for a in answer] == list(TARGETS.values())
+    for a in answer:
+        assert a["statusUri"].startswith(f"{stack.base_url}/ome/import/")
+
+    # one e-mail to the experimenter, one to the administrator, once the batch is done
+    mails = stack.smtp.wait(2, 90)
+    by_to = {str(m["To"]): m for m in mails}
+    assert set(by_to) == {"ann@facility.example", "omero-admin@facility.example"}
+    ann = text_of(by_to["ann@facility.example"])
+    admin = text_of(by_to["omero-admin@facility.example"])
+    assert "2 imported, 1 failed" in str(by_to["ann@facility.example"]["Subject"])
+    assert TARGETS["ok"] in ann and TARGETS["once"] in ann and TARGETS["always"] in ann
+    assert ann.index(TARGETS["always"]) > ann.index("Failed (1)") > ann.index(TARGETS["once"])
+    assert TARGETS["always"] in admin and TARGETS["ok"] not in admin
+    assert KEY not in ann and KEY not in admin
+
+    # statuses and logs through the status URIs
+    def final() -> dict[str, dict[str, Any]] | None:
+        docs = {
+            a["targetUri"]: httpx.get(a["statusUri"], params={"format": "json"}).json()
+            for a in answer
+        }
+        return (
+            docs if all(d.get("status") in ("succeeded", "failed") for d in docs.values()) else None
+        )
+
+    status = wait_for(final, 30, what="final statuses")
+    assert status is not None
+    assert {t: (d["status"], d["attempt"]) for t, d in status.items()} == {
+        TARGETS["ok"]: ("succeeded", 1),
+        TARGETS["once"]: ("succeeded", 2),
+        TARGETS["always"]: ("failed", 3),
+    }
+    text = httpx.get(answer[0]["statusUri"])
+    assert text.headers["X-Kew-Status"] == "succeeded"
+    assert "IMPORT_DONE Imported file:" in text.text
+    assert "stand-in failure" in status[TARGETS["once"]]["output"]
+    for d in status.values():
+        assert KEY not in d["output"] and KEY not in d.get("lastError", "")
+
+    # the exact importer command lines (the stand-in records its argv)
+    scope = str(tmp_path / "scope-3")
+    session = ["-s", "omero.facility.example", "-p", "4064", "-k", KEY]
+    calls = stack.calls()
+    assert _imports(calls, "plate-ok.tif") == [
+        ["import", *session, "-n", "plate ok", "-x", "first plate", "-d", "12",
+         f"{scope}/acq/plate-ok.tif"]
+    ]  # fmt: skip
+    assert _imports(calls, "plate-fail-once.tif") == 2 * [
+        ["import", *session, "-d", "12", "--annotation-ns", "org.example/run",
+         "--annotation-text", "run 7", "--annotation-link", "31", "--annotation-link", "32",
+         f"{scope}/acq/plate-fail-once.tif"]
+    ]  # fmt: skip
+    assert _imports(calls, "plate-fail-always.tif") == 3 * [
+        ["import", *session, "-r", "5", str(tmp_path / "rel" / "acq" / "plate-fail-always.tif")]
+    ]
+
+    # the session was kept alive while the batch ran, then closed once; no ping after
+    svc = stack.service
+    assert svc is not None and svc.keepalive is not None
+    wait_for(lambda: ["sessions", "logout", *session] in stack.calls(), 30, what="session close")
+    ka = svc.keepalive.browser()
+    wait_for(lambda: _empty(ka.stats()), 30, what="an empty keep-alive queue")
+    calls = stack.calls()
+    sessions = [c for c in calls if c[0] == "sessions"]
+    assert sessions.count(["sessions", "logout", *session]) == 1
+    assert sessions[-1] == ["sessions", "logout", *session]
+    assert sessions.count(["sessions", "keepalive", *session]) >= 1
+    assert len(sessions) == sessions.count(["sessions", "keepalive", *session]) + 1
+
+    # reported once: the mail queue is drained and no third e-mail came
+    assert svc.mail is not None
+    mq = svc.mail.queue.browser()
+    wait_for(lambda: _empty(mq.stats()), 30, what="an empty mail queue")
+    assert len(stack.smtp.received()) == 2
+
+
+def test_invalid_batch_is_refused_with_every_reason(tmp_path: Path) -> None:
+    settings = {"kew": {"url": f"sqlite:///{tmp_path / 'kew.sqlite3'}"}}
+    with LocalStack(tmp_path, settings=settings, worker_concurrency=1) as stack:
+        bad = [request("file://scope-3/data/x.tif", omeroPort="x"), {"targetUri": "y"}]
+        r = httpx.post(f"{stack.base_url}/ome/import", json=bad)
+        assert r.status_code == 400
+        errors = r.json()["errors"]
+        assert "[0].omeroPort: expected a whole number, got the string 'x'" in errors
+        assert "[1].experimenterEmail: required" in errors
+        assert "[1].sessionKey: required" in errors
+        r = httpx.post(f"{stack.base_url}/ome/import", content=b"{nope")
+        assert r.status_code == 400 and r.json()["errors"][0].startswith("the body is not JSON")
+        assert httpx.get(f"{stack.base_url}/ome/import/{new_id()}").status_code == 404
+        svc = stack.service
+        assert svc is not None
+        assert _empty(svc.imports.queue.browser().stats())  # nothing queued
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_session_keys_are_encrypted_on_the_broker(tmp_path: Path, encrypted: bool) -> None:
+    """With a key configured, the SQLite broker's files never hold the session
+    key (without one they do: the check can fail)."""
+    from examples.omero_import.request import parse_batch, with_batch
+    from examples.omero_import.service import OmeroImportService
+
+    config = load_config(
+        env={},
+        overrides={
+            "kew": {
+                "url": f"sqlite:///{tmp_path / 'kew.sqlite3'}",
+                "store": "memory://",
+                "encryption_keys": _key() if encrypted else None,
+            },
+            "batches": {"store": str(tmp_path / "b.sqlite3")},
+            "mail": {"enabled": False},
+        },
+    )
+    svc = OmeroImportService(config)
+    try:
+        body = httpx.Request("POST", "/", json=[request("/x.tif", session_key=KEY)]).read()
+        svc.submit_tasks(with_batch(parse_batch(body), "b1"))
+        assert svc.keepalive is not None
+        assert svc.imports.queue.browser().stats().ready == 1
+        assert svc.keepalive.browser().stats().delayed == 1
+        stored = b"".join(p.read_bytes() for p in tmp_path.glob("kew.sqlite3*"))
+        assert (KEY.encode() in stored) is not encrypted
+    finally:
+        svc.close()
+
+
+def test_bad_configuration_stops_start_up(tmp_path: Path) -> None:
+    cfg = tmp_path / "omero.toml"
+    cfg.write_text("[import]\nretry_minutes = [10, 'ten']\n")
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "examples.omero_import", "worker", "--config", str(cfg)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KEW_OMERO_CONFIG": ""},
+    )
+    assert r.returncode == 2
+    assert "import.retry_minutes[1]: Expected `float`, got `str`" in r.stderr
+    with pytest.raises(ConfigError):
+        load_config(cfg, env={})
