@@ -1,5 +1,60 @@
-"""kew.task: run / retry / notify on kew queues (see docs/tasks.md)."""
+"""kew.task: run / retry / notify on kew queues (see docs/tasks.md).
 
-from kew.task.model import Outcome, TaskEvent, TaskRecord, TaskStatus, WorkerRecord
+from kew.task import App, Intervals, current
 
-__all__ = ["Outcome", "TaskEvent", "TaskRecord", "TaskStatus", "WorkerRecord"]
+app = App()                                   # $KEW_URL, else SQLite
+
+@app.task(retry=Intervals.minutes(10, 10, 120))
+def resize(job: Resize) -> None:
+    current().log(f"resizing {job.path}")
+
+resize.submit(Resize(path="a.png"))           # -> task id
+"""
+
+from kew.task.app import DEFAULT_STORE, App, TaskQueue
+from kew.task.command import CommandResult, CommandSpec, ExitAction, run_command
+from kew.task.context import TaskContext, current
+from kew.task.errors import Permanent, Retry
+from kew.task.model import (
+    FINAL_STATUSES,
+    STATUS_RANK,
+    Outcome,
+    TaskEvent,
+    TaskRecord,
+    TaskStatus,
+    WorkerRecord,
+)
+from kew.task.retry import DEFAULT_RETRY, Exponential, Intervals, NoRetry, RetryPolicy
+from kew.task.store import MemoryTaskStore, SqliteTaskStore, TaskStore, open_store
+from kew.task.worker import Worker
+
+__all__ = [
+    "DEFAULT_RETRY",
+    "DEFAULT_STORE",
+    "FINAL_STATUSES",
+    "STATUS_RANK",
+    "App",
+    "CommandResult",
+    "CommandSpec",
+    "ExitAction",
+    "Exponential",
+    "Intervals",
+    "MemoryTaskStore",
+    "NoRetry",
+    "Outcome",
+    "Permanent",
+    "Retry",
+    "RetryPolicy",
+    "SqliteTaskStore",
+    "TaskContext",
+    "TaskEvent",
+    "TaskQueue",
+    "TaskRecord",
+    "TaskStatus",
+    "TaskStore",
+    "Worker",
+    "WorkerRecord",
+    "current",
+    "open_store",
+    "run_command",
+]

@@ -36,6 +36,7 @@ EventKind = Literal[
     "succeeded",  # final
     "failed",  # final: permanent error, or retries exceeded; ``error`` says which
     "worker",  # a worker's heartbeat: ``worker`` is alive, ``text`` lists its queues
+    "released",  # the run was handed back unfinished (worker shutdown): queued again
 ]
 
 #: Rank of a status-changing event within one attempt, so that a store
@@ -44,6 +45,7 @@ STATUS_RANK: dict[str, int] = {
     "queued": 0,
     "running": 1,
     "retry-scheduled": 2,
+    "released": 2,
     "succeeded": 3,
     "failed": 3,
 }
@@ -54,6 +56,11 @@ class TaskEvent(msgspec.Struct, frozen=True, omit_defaults=True):
 
     ``(task_id, attempt, kind, seq)`` identifies an event: a store applies
     each once, whatever the redeliveries.  ``at`` is epoch ms.
+
+    ``run`` (epoch ms at which this run started) tells apart two runs of the
+    same attempt: a task whose worker crashed or handed it back at shutdown
+    runs its attempt again.  A store orders status by ``(attempt, run,
+    STATUS_RANK)`` and output by ``(attempt, run, seq)``.
     """
 
     task_id: str
@@ -66,6 +73,7 @@ class TaskEvent(msgspec.Struct, frozen=True, omit_defaults=True):
     text: str = ""
     error: str = ""
     next_at: int | None = None
+    run: int = 0
 
 
 class TaskRecord(msgspec.Struct, frozen=True, omit_defaults=True):

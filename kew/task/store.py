@@ -1,0 +1,513 @@
+"""Task stores: where task status and output are kept for anyone to read.
+
+Workers never write here: they send :class:`TaskEvent` messages, and a
+*recorder* (``App.recorder()``, ``kew recorder``, or ``kew worker
+--record``) applies them with :meth:`TaskStore.apply`.  Applying is
+idempotent and tolerates any order:
+
+* a task's status moves only forward, by ``(attempt, run, STATUS_RANK)``:
+  a late or repeated event never takes it back; a final status stays final
+  unless a later attempt or run starts (a requeued dead letter, a task
+  redelivered after its worker died between its last event and its ack);
+* output chunks are keyed by ``(task_id, attempt, run, seq)``: a repeated
+  chunk is stored once, and :meth:`TaskStore.output` returns them in order,
+  with a header line before each retry (``--- attempt 2 ---``).
+
+:class:`SqliteTaskStore` (WAL; any number of processes on one machine, or
+a file system that supports SQLite locking) and :class:`MemoryTaskStore`
+(one process, tests).  ``open_store("sqlite:///path")`` / ``"memory://"``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from msgspec.structs import replace
+
+from kew.task.model import FINAL_STATUSES, STATUS_RANK, TaskEvent, TaskRecord, WorkerRecord
+
+__all__ = ["MemoryTaskStore", "SqliteTaskStore", "TaskStore", "open_store"]
+
+#: Event kinds that change a task's status.
+STATUS_KINDS = frozenset(
+    {"queued", "running", "retry-scheduled", "succeeded", "failed", "released"}
+)
+
+
+@runtime_checkable
+class TaskStore(Protocol):
+    def apply(self, events: Sequence[TaskEvent]) -> None:
+        """Apply a batch of events (idempotent, any order)."""
+        ...
+
+    def get(self, task_id: str) -> TaskRecord | None: ...
+
+    def output(self, task_id: str, offset: int = 0) -> tuple[str, int]:
+        """The task's output from character ``offset`` on, and the offset
+        to ask for next."""
+        ...
+
+    def recent(self, limit: int = 50, queue: str | None = None) -> list[TaskRecord]:
+        """The newest tasks first (by creation)."""
+        ...
+
+    def workers(self) -> list[WorkerRecord]: ...
+
+    def prune(self, older_than_ms: int) -> int:
+        """Drop final tasks finished before ``older_than_ms`` (epoch ms) with
+        their output, and workers not seen since; returns the tasks dropped."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# -- the rules, shared by the stores -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """A task record plus what ordering needs (the run of its status)."""
+
+    record: TaskRecord
+    run: int
+    rank: int  # STATUS_RANK of the event that set the status ("released" ranks above "running")
+
+
+def _status_of(kind: str) -> str:
+    return "queued" if kind == "released" else kind
+
+
+def transition(row: _Row | None, ev: TaskEvent) -> _Row | None:
+    """The task's row after ``ev`` (a status or output event), or None if
+    ``ev`` changes nothing."""
+    if row is None:
+        if ev.kind not in STATUS_KINDS:  # output before any status: a placeholder
+            return _Row(TaskRecord(ev.task_id, ev.queue, "queued", 0, ev.at, ev.at), 0, 0)
+        base = TaskRecord(ev.task_id, ev.queue, "queued", 0, ev.at, ev.at)
+        row = _Row(base, 0, 0)
+        if ev.kind == "queued":
+            return _Row(replace(base, attempt=ev.attempt, next_at=ev.next_at), ev.run, 0)
+    rec = row.record
+    if ev.kind not in STATUS_KINDS:
+        return None
+    if ev.at < rec.created_at:
+        rec = replace(rec, created_at=ev.at)
+    if ev.kind == "queued" and rec.status == "queued" and ev.attempt == 0 and rec.attempt == 0:
+        # the submit's own event, after a placeholder: only times to fix
+        if ev.next_at is not None and rec.next_at is None:
+            rec = replace(rec, next_at=ev.next_at)
+        return _Row(rec, row.run, row.rank) if rec is not row.record else None
+    new_key = (ev.attempt, ev.run, STATUS_RANK[ev.kind])
+    old_key = (rec.attempt, row.run, row.rank)
+    if ev.kind == "released":
+        # only a run that is still shown running goes back to the queue
+        if not (rec.status == "running" and (rec.attempt, row.run) == (ev.attempt, ev.run)):
+            return _Row(rec, row.run, row.rank) if rec is not row.record else None
+    elif new_key <= old_key:
+        if ev.error and not rec.last_error:  # an earlier attempt's error, late: still news
+            rec = replace(rec, last_error=ev.error)
+        return _Row(rec, row.run, row.rank) if rec is not row.record else None
+    status = _status_of(ev.kind)
+    updated_at = max(rec.updated_at, ev.at)
+    if ev.kind == "running":
+        rec = replace(
+            rec,
+            status="running",
+            attempt=ev.attempt,
+            started_at=ev.at,
+            finished_at=None,
+            next_at=None,
+            worker=ev.worker or rec.worker,
+            updated_at=updated_at,
+        )
+    elif ev.kind == "retry-scheduled":
+        rec = replace(
+            rec,
+            status="retry-scheduled",
+            attempt=ev.attempt,
+            next_at=ev.next_at,
+            last_error=ev.error or rec.last_error,
+            worker=ev.worker or rec.worker,
+            updated_at=updated_at,
+        )
+    elif ev.kind in FINAL_STATUSES:
+        rec = replace(
+            rec,
+            status="succeeded" if ev.kind == "succeeded" else "failed",
+            attempt=ev.attempt,
+            finished_at=ev.at,
+            next_at=None,
+            last_error=ev.error if ev.kind == "failed" else rec.last_error,
+            worker=ev.worker or rec.worker,
+            updated_at=updated_at,
+        )
+    else:  # queued (a submit with an attempt) or released
+        rec = replace(
+            rec,
+            status="queued",
+            attempt=ev.attempt,
+            next_at=ev.next_at,
+            updated_at=updated_at,
+        )
+    assert rec.status == status
+    return _Row(rec, ev.run, STATUS_RANK[ev.kind])
+
+
+def join_output(chunks: Iterable[tuple[int, int, str]]) -> str:
+    """Chunks ``(attempt, run, text)`` in order -> the task's output, with a
+    header line before each attempt after the first and each rerun."""
+    parts: list[str] = []
+    last: tuple[int, int] | None = None
+    for attempt, run, text in chunks:
+        if (attempt, run) != last:
+            if last is not None or attempt > 1:
+                if parts and not parts[-1].endswith("\n"):
+                    parts.append("\n")
+                if last is not None and last[0] == attempt:
+                    parts.append(
+                        f"--- attempt {attempt} (run again: its last run was interrupted) ---\n"
+                    )
+                else:
+                    parts.append(f"--- attempt {attempt} ---\n")
+            last = (attempt, run)
+        parts.append(text)
+    return "".join(parts)
+
+
+# -- memory -------------------------------------------------------------------
+
+
+class MemoryTaskStore:
+    """A store in this process's memory (tests, single-process apps)."""
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[str, _Row] = {}
+        self._output: dict[str, dict[tuple[int, int, int], str]] = {}
+        self._workers: dict[str, WorkerRecord] = {}
+
+    def apply(self, events: Sequence[TaskEvent]) -> None:
+        with self._lock:
+            for ev in events:
+                if ev.kind == "worker":
+                    old = self._workers.get(ev.worker)
+                    if old is None or old.last_seen <= ev.at:
+                        self._workers[ev.worker] = WorkerRecord(ev.worker, ev.text, ev.at)
+                    continue
+                new = transition(self._rows.get(ev.task_id), ev)
+                if new is not None:
+                    self._rows[ev.task_id] = new
+                if ev.kind == "output":
+                    self._output.setdefault(ev.task_id, {}).setdefault(
+                        (ev.attempt, ev.run, ev.seq), ev.text
+                    )
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        with self._lock:
+            row = self._rows.get(task_id)
+        return row.record if row else None
+
+    def output(self, task_id: str, offset: int = 0) -> tuple[str, int]:
+        with self._lock:
+            chunks = sorted(self._output.get(task_id, {}).items())
+        text = join_output((a, r, t) for (a, r, _), t in chunks)
+        return text[offset:], max(len(text), offset)
+
+    def recent(self, limit: int = 50, queue: str | None = None) -> list[TaskRecord]:
+        with self._lock:
+            records = [r.record for r in self._rows.values()]
+        if queue is not None:
+            records = [r for r in records if r.queue == queue]
+        records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        return records[:limit]
+
+    def workers(self) -> list[WorkerRecord]:
+        with self._lock:
+            return sorted(self._workers.values(), key=lambda w: w.id)
+
+    def prune(self, older_than_ms: int) -> int:
+        with self._lock:
+            gone = [
+                tid
+                for tid, row in self._rows.items()
+                if row.record.final and (row.record.finished_at or 0) < older_than_ms
+            ]
+            for tid in gone:
+                del self._rows[tid]
+                self._output.pop(tid, None)
+            for orphan in [t for t in self._output if t not in self._rows]:
+                del self._output[orphan]
+            for wid in [w for w, rec in self._workers.items() if rec.last_seen < older_than_ms]:
+                del self._workers[wid]
+        return len(gone)
+
+    def close(self) -> None:
+        pass
+
+
+# -- SQLite -------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kew_task (
+    id TEXT PRIMARY KEY,
+    queue TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    started_at INTEGER,
+    finished_at INTEGER,
+    next_at INTEGER,
+    last_error TEXT NOT NULL DEFAULT '',
+    worker TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kew_task_created ON kew_task (created_at);
+CREATE INDEX IF NOT EXISTS kew_task_queue_created ON kew_task (queue, created_at);
+CREATE INDEX IF NOT EXISTS kew_task_finished ON kew_task (finished_at)
+    WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS kew_task_output (
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    run INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    PRIMARY KEY (task_id, attempt, run, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kew_task_worker (
+    id TEXT PRIMARY KEY,
+    queues TEXT NOT NULL,
+    last_seen INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+_COLUMNS = (
+    "id, queue, status, attempt, run, rank, created_at, updated_at, started_at, finished_at, "
+    "next_at, last_error, worker"
+)
+
+_Raw = tuple[
+    str, str, str, int, int, int, int, int, "int | None", "int | None", "int | None", str, str
+]
+
+
+def _row(raw: _Raw) -> _Row:
+    (
+        tid,
+        queue,
+        status,
+        attempt,
+        run,
+        rank,
+        created,
+        updated,
+        started,
+        finished,
+        nxt,
+        err,
+        worker,
+    ) = raw
+    rec = TaskRecord(
+        tid,
+        queue,
+        status,  # type: ignore[arg-type]
+        attempt,
+        created,
+        updated,
+        started_at=started,
+        finished_at=finished,
+        next_at=nxt,
+        last_error=err,
+        worker=worker,
+    )
+    return _Row(rec, run, rank)
+
+
+def _params(row: _Row) -> tuple[object, ...]:
+    r = row.record
+    return (
+        r.id,
+        r.queue,
+        r.status,
+        r.attempt,
+        row.run,
+        row.rank,
+        r.created_at,
+        r.updated_at,
+        r.started_at,
+        r.finished_at,
+        r.next_at,
+        r.last_error,
+        r.worker,
+    )
+
+
+class SqliteTaskStore:
+    """Tasks in an SQLite file (WAL, ``busy_timeout``): several processes
+    may read and apply at once."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        if str(path) != ":memory:" and self.path.parent and not self.path.parent.exists():
+            raise FileNotFoundError(
+                f"cannot open the task store {self.path}: "
+                f"directory {self.path.parent} does not exist"
+            )
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            str(self.path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute("COMMIT")
+
+    def __repr__(self) -> str:
+        return f"SqliteTaskStore({str(self.path)!r})"
+
+    def apply(self, events: Sequence[TaskEvent]) -> None:
+        if not events:
+            return
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows: dict[str, _Row | None] = {}
+                changed: set[str] = set()
+                outputs: list[tuple[str, int, int, int, str]] = []
+                workers: list[tuple[str, str, int]] = []
+                for ev in events:
+                    if ev.kind == "worker":
+                        workers.append((ev.worker, ev.text, ev.at))
+                        continue
+                    if ev.kind == "output":
+                        outputs.append((ev.task_id, ev.attempt, ev.run, ev.seq, ev.text))
+                    if ev.task_id not in rows:
+                        raw = db.execute(
+                            f"SELECT {_COLUMNS} FROM kew_task WHERE id = ?", (ev.task_id,)
+                        ).fetchone()
+                        rows[ev.task_id] = _row(raw) if raw else None
+                    new = transition(rows[ev.task_id], ev)
+                    if new is not None:
+                        rows[ev.task_id] = new
+                        changed.add(ev.task_id)
+                for tid in changed:
+                    row = rows[tid]
+                    assert row is not None
+                    db.execute(
+                        f"INSERT OR REPLACE INTO kew_task ({_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        _params(row),
+                    )
+                if outputs:
+                    db.executemany(
+                        "INSERT OR IGNORE INTO kew_task_output (task_id, attempt, run, seq, text) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        outputs,
+                    )
+                if workers:
+                    db.executemany(
+                        "INSERT INTO kew_task_worker (id, queues, last_seen) VALUES (?, ?, ?) "
+                        "ON CONFLICT (id) DO UPDATE SET queues = excluded.queues, "
+                        "last_seen = excluded.last_seen WHERE excluded.last_seen >= last_seen",
+                        workers,
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        rows = self._read(f"SELECT {_COLUMNS} FROM kew_task WHERE id = ?", (task_id,))
+        return _row(rows[0]).record if rows else None  # type: ignore[arg-type]
+
+    def output(self, task_id: str, offset: int = 0) -> tuple[str, int]:
+        rows = self._read(
+            "SELECT attempt, run, text FROM kew_task_output WHERE task_id = ? "
+            "ORDER BY attempt, run, seq",
+            (task_id,),
+        )
+        text = join_output(rows)  # type: ignore[arg-type]
+        return text[offset:], max(len(text), offset)
+
+    def recent(self, limit: int = 50, queue: str | None = None) -> list[TaskRecord]:
+        if queue is None:
+            rows = self._read(
+                f"SELECT {_COLUMNS} FROM kew_task ORDER BY created_at DESC, id DESC LIMIT ?",
+                (limit,),
+            )
+        else:
+            rows = self._read(
+                f"SELECT {_COLUMNS} FROM kew_task WHERE queue = ? "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (queue, limit),
+            )
+        return [_row(r).record for r in rows]  # type: ignore[arg-type]
+
+    def workers(self) -> list[WorkerRecord]:
+        rows = self._read("SELECT id, queues, last_seen FROM kew_task_worker ORDER BY id")
+        return [WorkerRecord(str(i), str(q), int(s)) for i, q, s in rows]  # type: ignore[call-overload]
+
+    def prune(self, older_than_ms: int) -> int:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "DELETE FROM kew_task_output WHERE task_id IN (SELECT id FROM kew_task "
+                    "WHERE finished_at < ? AND status IN ('succeeded', 'failed'))",
+                    (older_than_ms,),
+                )
+                n = db.execute(
+                    "DELETE FROM kew_task "
+                    "WHERE finished_at < ? AND status IN ('succeeded', 'failed')",
+                    (older_than_ms,),
+                ).rowcount
+                db.execute("DELETE FROM kew_task_worker WHERE last_seen < ?", (older_than_ms,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return int(n)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_store(url: str) -> TaskStore:
+    """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``memory://``."""
+    if url in ("memory://", "memory:"):
+        return MemoryTaskStore()
+    scheme, sep, rest = url.partition("://")
+    if scheme == "sqlite" and sep:
+        path = rest[1:] if rest.startswith("/") else rest
+        path = path.split("?", 1)[0]
+        if not path:
+            raise ValueError(
+                f"task store URL {url!r} names no file: use sqlite:///path/to/tasks.sqlite3"
+            )
+        return SqliteTaskStore(path)
+    raise ValueError(
+        f"unknown task store URL {url!r}: use sqlite:///path (relative), "
+        "sqlite:////path (absolute) or memory://"
+    )

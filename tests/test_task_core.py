@@ -1,0 +1,486 @@
+"""kew.task in one process: retries, permanent errors, exceeded handler,
+outcomes, status and output through the recorder, on memory://, SQLite and
+the machine's Redis (skipped if unreachable, required under CI=true)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+import kew
+from kew.qchan.spi import now_ms
+from kew.task import (
+    App,
+    Exponential,
+    Intervals,
+    MemoryTaskStore,
+    NoRetry,
+    Permanent,
+    Retry,
+    SqliteTaskStore,
+    TaskEvent,
+    current,
+)
+from kew.testing.util import port_open, require, wait_for
+
+REDIS = "redis://127.0.0.1:6379/0?lease=2"
+
+
+class Job(msgspec.Struct, frozen=True):
+    n: int
+    fail: int = 0  # attempts that fail before one succeeds
+    mode: str = "error"  # error | permanent | retry-after
+
+
+def _suffix() -> str:
+    return os.urandom(4).hex()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/q.sqlite3?lease=2"
+    require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
+    return REDIS
+
+
+@pytest.fixture
+def app(url: str, tmp_path: Path) -> Iterator[App]:
+    a = App(
+        url,
+        store=SqliteTaskStore(tmp_path / "tasks.sqlite3"),
+        events_queue=f"test.events-{_suffix()}",
+    )
+    yield a
+    names = a.queue_names()
+    a.close()
+    if url.startswith("redis"):
+        c = kew.connect(url)
+        for name in names:
+            c.delete(name)
+        c.close()
+
+
+class Recorder:
+    """What a handler saw: attempt numbers and their times."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.attempts: dict[int, list[tuple[int, float]]] = {}
+        self.exceeded: list[int] = []
+
+    def handler(self, job: Job) -> None:
+        ctx = current()
+        with self.lock:
+            self.attempts.setdefault(job.n, []).append((ctx.attempt, time.monotonic()))
+        ctx.log(f"job {job.n} attempt {ctx.attempt}")
+        if ctx.attempt <= job.fail:
+            if job.mode == "permanent":
+                raise Permanent(f"job {job.n} cannot be done")
+            if job.mode == "retry-after":
+                raise Retry("not yet", after=0.05)
+            raise ValueError(f"job {job.n} failed in attempt {ctx.attempt}")
+
+    def on_exceeded(self, job: Job) -> None:
+        with self.lock:
+            self.exceeded.append(job.n)
+
+
+def final(app: App, task_id: str, timeout: float = 20) -> kew.task.TaskRecord:
+    def ended() -> kew.task.TaskRecord | None:
+        r = app.status(task_id)
+        return r if r is not None and r.final else None
+
+    r = wait_for(ended, timeout, what=f"task {task_id} to end")
+    assert r is not None
+    return r
+
+
+def test_retry_intervals_honoured_then_exceeded_once(app: App) -> None:
+    rec = Recorder()
+    tq = app.task_queue(
+        f"t.intervals-{_suffix()}",
+        Job,
+        rec.handler,
+        retry=Intervals([0.3, 0.6]),
+        on_exceeded=rec.on_exceeded,
+        notify=True,
+    )
+    w = app.worker(concurrency=2, record=True).start()
+    try:
+        ok = tq.submit(Job(1, fail=2))  # succeeds in attempt 3
+        bad = tq.submit(Job(2, fail=9))  # never succeeds: 3 attempts, then exceeded
+        r_ok, r_bad = final(app, ok), final(app, bad)
+        assert (r_ok.status, r_ok.attempt) == ("succeeded", 3)
+        assert (r_bad.status, r_bad.attempt) == ("failed", 3)
+        assert "failed after 3 attempts" in r_bad.last_error
+        assert "job 2 failed in attempt 3" in r_bad.last_error
+        for n in (1, 2):
+            times = rec.attempts[n]
+            assert [a for a, _ in times] == [1, 2, 3]
+            # never earlier than the interval (a lower bound only: no timing upper bounds)
+            assert times[1][1] - times[0][1] >= 0.3 - 0.02
+            assert times[2][1] - times[1][1] >= 0.6 - 0.02
+        wait_for(lambda: rec.exceeded == [2], 5, what="the exceeded handler")
+        text, _ = app.output(bad)
+        assert text.index("job 2 attempt 1") < text.index("--- attempt 2 ---")
+        assert text.index("--- attempt 2 ---") < text.index("job 2 attempt 2")
+        assert text.index("--- attempt 3 ---") < text.index("job 2 attempt 3")
+        assert "ValueError: job 2 failed in attempt 3" in text
+        # the failed task stays in the dead letters, with the reason
+        dead = tq.queue.dead.list()
+        assert [d.id for d in dead] == [bad]
+        assert "failed after 3 attempts" in dead[0].reason
+        assert tq.outcomes is not None
+        kinds = [(o.task_id, o.kind, o.attempt) for o in tq.outcomes.browser().peek()]
+        assert sorted(k for k in kinds if k[0] == bad) == sorted(
+            [(bad, "attempt-failed", 1), (bad, "attempt-failed", 2), (bad, "failed", 3)]
+        )
+        assert (ok, "succeeded", 3) in kinds
+    finally:
+        w.stop(5)
+    assert rec.exceeded == [2]  # once
+
+
+def test_exponential_backoff_honoured(app: App) -> None:
+    rec = Recorder()
+    tq = app.task_queue(
+        f"t.exp-{_suffix()}",
+        Job,
+        rec.handler,
+        retry=Exponential(base=0.2, cap=0.3, max_attempts=4, jitter="none"),
+        on_exceeded=rec.on_exceeded,
+    )
+    with_worker = app.worker(concurrency=1, record=True).start()
+    try:
+        tid = tq.submit(Job(7, fail=10))
+        r = final(app, tid)
+        assert (r.status, r.attempt) == ("failed", 4)
+        times = [t for _, t in rec.attempts[7]]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        for gap, least in zip(gaps, [0.2, 0.3, 0.3], strict=True):  # 0.2, 0.4 capped at 0.3
+            assert gap >= least - 0.02
+        wait_for(lambda: rec.exceeded == [7], 5)
+    finally:
+        with_worker.stop(5)
+
+
+def test_permanent_skips_retries_and_retry_after_overrides(app: App) -> None:
+    rec = Recorder()
+    tq = app.task_queue(
+        f"t.perm-{_suffix()}",
+        Job,
+        rec.handler,
+        retry=Intervals([30, 30]),  # a retry would not come within the test
+        on_exceeded=rec.on_exceeded,
+    )
+    w = app.worker(concurrency=2, record=True).start()
+    try:
+        perm = tq.submit(Job(3, fail=5, mode="permanent"))
+        again = tq.submit(Job(4, fail=1, mode="retry-after"))  # after=0.05 beats the 30 s
+        r = final(app, perm)
+        assert (r.status, r.attempt) == ("failed", 1)
+        assert r.last_error == "permanent failure in attempt 1: job 3 cannot be done"
+        r2 = final(app, again)
+        assert (r2.status, r2.attempt) == ("succeeded", 2)
+        assert [a for a, _ in rec.attempts[3]] == [1]
+        wait_for(lambda: rec.exceeded == [3], 5)
+        assert "[kew] attempt 1 failed: not yet" in app.output(again)[0]
+    finally:
+        w.stop(5)
+
+
+def test_decorator_status_output_and_events(app: App) -> None:
+    seen: list[TaskEvent] = []
+    app.on_event(seen.append)
+    started = threading.Event()
+    go_on = threading.Event()
+
+    @app.task(f"t.deco-{_suffix()}", retry=NoRetry())
+    def slow(job: Job) -> str:
+        ctx = current()
+        ctx.log(f"first line of {ctx.id}")
+        started.set()
+        go_on.wait(10)
+        ctx.write("no newline")
+        return "done"
+
+    assert slow.type is Job
+    w = app.worker(concurrency=1, record=True).start()
+    try:
+        tid = slow.submit(Job(5))
+        assert started.wait(10)
+        # while it runs: "running" and the first line reach the store (flushed at ~0.2 s)
+        wait_for(lambda: (r := app.status(tid)) is not None and r.status == "running", 10)
+        wait_for(lambda: app.output(tid)[0] == f"first line of {tid}\n", 10)
+        assert app.status(tid).worker == w.id  # type: ignore[union-attr]
+        go_on.set()
+        r = final(app, tid)
+        assert r.status == "succeeded" and r.started_at and r.finished_at
+        text, offset = app.output(tid)
+        assert text == f"first line of {tid}\nno newline"
+        assert app.output(tid, 6) == (text[6:], len(text))
+        assert app.output(tid, offset) == ("", offset)
+        kinds = [e.kind for e in seen if e.task_id == tid]
+        assert kinds.count("queued") == 1  # (the worker may take the task before submit returns)
+        kinds.remove("queued")
+        assert kinds[0] == "running" and kinds[-1] == "succeeded"
+        assert "output" in kinds
+        recent = app.store.recent(10, queue=slow.name)
+        assert [x.id for x in recent] == [tid]
+        assert any(wr.id == w.id for wr in app.store.workers())
+    finally:
+        go_on.set()
+        w.stop(5)
+
+
+def test_poison_body_dead_lettered_and_recorded_failed(app: App) -> None:
+    rec = Recorder()
+    tq = app.task_queue(f"t.poison-{_suffix()}", Job, rec.handler)
+    # someone sends a body that is not a Job, with their own id
+    from kew.qchan.spi import Message
+
+    app.connector.producer(tq.name).send(Message("bad-" + _suffix(), b'{"n": "x"}', {}))
+    good = tq.submit(Job(6))
+    w = app.worker(concurrency=1, record=True).start()
+    try:
+        final(app, good)
+        dead = wait_for(lambda: tq.queue.dead.list(), 10)
+        assert "Expected `int`, got `str`" in dead[0].reason
+        r = final(app, dead[0].id)
+        assert r.status == "failed" and "cannot decode as Job" in r.last_error
+    finally:
+        w.stop(5)
+
+
+def test_submit_json_validates_and_names_the_problem(app: App) -> None:
+    tq = app.task_queue(f"t.json-{_suffix()}", Job, Recorder().handler)
+    with pytest.raises(
+        kew.DecodeError, match=r"not a valid Job: Expected `int`, got `str` - at `\$.n`"
+    ):
+        tq.submit_json(b'{"n": "seven"}')
+    with pytest.raises(kew.DecodeError, match="not a valid Job"):
+        tq.submit_json(b"{not json")
+    assert tq.queue.browser().stats().ready == 0  # nothing sent
+    tid = tq.submit_json(b'{"n": 8}')
+    assert tq.queue.browser().peek() == [Job(8)]
+    assert len(tid) == 32
+
+
+def test_delayed_submit_is_not_run_early(app: App) -> None:
+    rec = Recorder()
+    tq = app.task_queue(f"t.delay-{_suffix()}", Job, rec.handler)
+    w = app.worker(concurrency=1, record=True).start()
+    try:
+        t0 = time.monotonic()
+        tid = tq.submit(Job(9), delay=0.5)
+        final(app, tid)
+        assert rec.attempts[9][0][1] - t0 >= 0.5 - 0.02
+    finally:
+        w.stop(5)
+
+
+# -- without a broker: declarations, errors, direct calls ---------------------------
+
+
+def test_declaration_errors_are_clear() -> None:
+    app = App("memory://", store="memory://")
+
+    def untyped(job):  # type: ignore[no-untyped-def]
+        pass
+
+    with pytest.raises(TypeError, match="annotate its first parameter"):
+        app.task()(untyped)
+
+    def nothing() -> None:
+        pass
+
+    with pytest.raises(TypeError, match="takes no parameter"):
+        app.task()(nothing)  # type: ignore[arg-type]
+    app.task_queue("dup", int, print)
+    with pytest.raises(ValueError, match="declared twice"):
+        app.task_queue("dup", int, print)
+    with pytest.raises(ValueError, match="invalid queue name"):
+        app.task_queue("bad name", int, print)
+    with pytest.raises(TypeError, match="RetryPolicy"):
+        app.task_queue("r", int, print, retry=[1, 2])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="exit code 3 maps to 'maybe'"):
+        app.command_task("c", int, lambda n: ["true"], exit_codes={3: "maybe"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="no queue 'nope'"):
+        app.worker(queues=["nope"])
+    with pytest.raises(ValueError, match="delay must be"):
+        app.queues["dup"].submit(1, delay=-1)
+    app.close()
+
+
+def test_direct_call_has_a_context_and_current_outside_raises() -> None:
+    app = App("memory://", store="memory://")
+
+    @app.task()
+    def double(n: int) -> int:
+        current().log("doubling")
+        return n * 2
+
+    assert double(21) == 42
+    with pytest.raises(RuntimeError, match="outside a task"):
+        current()
+    assert app.queue_names() == ["double", "kew.task-events"]
+    app.close()
+
+
+def test_retry_policies() -> None:
+    iv = Intervals.minutes(10, 10, 120)
+    assert [iv.delay(a) for a in (1, 2, 3, 4)] == [600, 600, 7200, None]
+    assert Intervals([]).delay(1) is None
+    with pytest.raises(ValueError, match="retry interval 2"):
+        Intervals([1, -1])
+    with pytest.raises(TypeError):
+        Intervals("10")  # type: ignore[arg-type]
+    ex = Exponential(base=1, cap=5, max_attempts=6)
+    for attempt in range(1, 6):
+        bound = min(5, 2 ** (attempt - 1))
+        draws = [ex.delay(attempt) for _ in range(200)]
+        assert all(d is not None and 0 <= d <= bound for d in draws)
+        assert max(d for d in draws if d is not None) > bound / 2  # full jitter spreads
+    assert ex.delay(6) is None
+    assert Exponential(1, 5, 6, jitter="none").delay(3) == 4
+    assert NoRetry().delay(1) is None
+    with pytest.raises(ValueError, match="max_attempts"):
+        Exponential(max_attempts=0)
+    with pytest.raises(ValueError, match="after"):
+        Retry("x", after=-1)
+
+
+# -- the store ------------------------------------------------------------------------
+
+
+def ev(kind: str, attempt: int = 1, run: int = 100, at: int = 1000, **kw: object) -> TaskEvent:
+    return TaskEvent("t1", "q", kind, at, attempt=attempt, run=run, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_store_is_idempotent_and_order_tolerant(kind: str, tmp_path: Path) -> None:
+    def fresh() -> kew.task.TaskStore:
+        if kind == "memory":
+            return MemoryTaskStore()
+        return SqliteTaskStore(tmp_path / f"s{_suffix()}.sqlite3")
+
+    life = [
+        TaskEvent("t1", "q", "queued", 900),
+        ev("running", 1, 100, 1000),
+        ev("output", 1, 100, 1001, text="a1\n"),
+        ev("retry-scheduled", 1, 100, 1002, error="E1", next_at=2000),
+        ev("running", 2, 200, 2000),
+        ev("output", 2, 200, 2001, text="a2\n"),
+        ev("output", 2, 200, 2002, seq=1, text="b2\n"),
+        ev("succeeded", 2, 200, 2003),
+    ]
+    expected_text = "a1\n--- attempt 2 ---\na2\nb2\n"
+    orders = [life, list(reversed(life)), life[3:] + life[:3], life + life[2:5]]
+    for order in orders:
+        s = fresh()
+        for e in order:  # one by one, and again as one batch: same result
+            s.apply([e])
+        s.apply(order)
+        r = s.get("t1")
+        assert r is not None
+        assert (r.status, r.attempt, r.created_at, r.finished_at) == ("succeeded", 2, 900, 2003)
+        assert r.last_error == "E1"
+        assert s.output("t1") == (expected_text, len(expected_text))
+        s.close()
+    # a rerun of the same attempt (worker died) after a final status reopens it
+    s = fresh()
+    s.apply(life)
+    s.apply([ev("running", 2, 300, 3000), ev("output", 2, 300, 3001, text="again\n")])
+    assert s.get("t1").status == "running"  # type: ignore[union-attr]
+    assert s.output("t1")[0].endswith(
+        "b2\n--- attempt 2 (run again: its last run was interrupted) ---\nagain\n"
+    )
+    # a handed-back run goes back to queued; a late event of it changes nothing
+    s.apply([ev("released", 2, 300, 3002)])
+    assert s.get("t1").status == "queued"  # type: ignore[union-attr]
+    s.apply([ev("running", 2, 300, 3000)])
+    assert s.get("t1").status == "queued"  # type: ignore[union-attr]
+    s.apply([ev("running", 2, 400, 4000), ev("failed", 2, 400, 4001, error="E2")])
+    r = s.get("t1")
+    assert r is not None and (r.status, r.last_error) == ("failed", "E2")
+    s.apply([ev("released", 2, 400, 4002)])  # only a running run can be released
+    assert s.get("t1").status == "failed"  # type: ignore[union-attr]
+    # workers and retention
+    s.apply([TaskEvent("", "", "worker", 5000, worker="w1", text="q")])
+    assert [(w.id, w.last_seen) for w in s.workers()] == [("w1", 5000)]
+    s.apply([TaskEvent("t2", "q", "queued", 4500)])
+    assert s.prune(4001) == 0  # finished at 4001: not before
+    assert s.prune(4002) == 1
+    assert s.get("t1") is None and s.output("t1") == ("", 0)
+    assert [r.id for r in s.recent()] == ["t2"]  # not final: kept
+    assert s.workers()  # seen at 5000
+    s.close()
+
+
+STORE_READER = r"""
+import sys
+from kew.task import open_store
+s = open_store(sys.argv[1])
+r = s.get(sys.argv[2])
+print(r.status, r.attempt)
+print(s.output(sys.argv[2])[0], end="")
+"""
+
+
+def test_status_and_output_readable_from_another_process(tmp_path: Path) -> None:
+    store_url = f"sqlite:///{tmp_path}/shared-tasks.sqlite3"
+    app = App(f"sqlite:///{tmp_path}/q.sqlite3?lease=2", store=store_url)
+
+    @app.task(retry=Intervals([0.05]))
+    def flaky(n: int) -> None:
+        ctx = current()
+        ctx.log(f"n={n} attempt={ctx.attempt}")
+        if ctx.attempt == 1:
+            raise Retry("once more")
+
+    w = app.worker(concurrency=1, record=True).start()
+    try:
+        tid = flaky.submit(3)
+        final(app, tid)
+    finally:
+        w.stop(5)
+    out = subprocess.run(
+        [sys.executable, "-c", STORE_READER, store_url, tid],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert out.splitlines() == [
+        "succeeded 2",
+        "n=3 attempt=1",
+        "[kew] attempt 1 failed: once more",
+        "--- attempt 2 ---",
+        "n=3 attempt=2",
+    ]
+    app.close()
+
+
+def test_open_store_urls(tmp_path: Path) -> None:
+    from kew.task import open_store
+
+    assert isinstance(open_store("memory://"), MemoryTaskStore)
+    s = open_store(f"sqlite:///{tmp_path}/x.sqlite3")
+    assert isinstance(s, SqliteTaskStore) and s.path == tmp_path / "x.sqlite3"
+    with pytest.raises(ValueError, match="unknown task store URL"):
+        open_store("postgres://x")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_store(f"sqlite:///{tmp_path}/missing/dir/x.sqlite3")
+    assert now_ms() > 0
