@@ -265,7 +265,7 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         "what there is now.",
         raises=[NotFoundException, *AUTH_ERRORS],
         tags=["tasks"],
-        media_type="text/plain; charset=utf-8",
+        media_type="text/plain",
     )
     async def task_output(task_id: str, follow: bool = True) -> Stream:
         await _thread(_record, task_id)
@@ -289,7 +289,7 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
 
         return Stream(
             chunks(),
-            media_type="text/plain; charset=utf-8",
+            media_type="text/plain",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -382,7 +382,6 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         opt={"scope": "public"},
         tags=["monitoring"],
         responses={503: _spec(Health, "the broker is unreachable")},
-        security=[],
     )
     async def health() -> Response[Health]:
         h, code = await _thread(health_sync)
@@ -393,11 +392,11 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         summary="Prometheus metrics",
         raises=AUTH_ERRORS,
         tags=["monitoring"],
-        media_type="text/plain; version=0.0.4; charset=utf-8",
+        media_type="text/plain; version=0.0.4",
         sync_to_thread=True,
     )
     def metrics() -> Response[bytes]:
-        return Response(_render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(_render_metrics(), media_type="text/plain; version=0.0.4")
 
     # -- application ----------------------------------------------------------------------
 
@@ -432,7 +431,7 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
     return Litestar(
         route_handlers=handlers,
         guards=[guard],
-        exception_handlers={LoginRequired: _to_login},
+        exception_handlers={LoginRequired: _to_login, HTTPException: _problem},
         request_max_body_size=config.max_body_bytes,
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
@@ -441,7 +440,6 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
             version="1",
             path="/schema",
             components=components,
-            security=[{"bearer": []}],
             render_plugins=[SwaggerRenderPlugin()],
         ),
     )
@@ -451,6 +449,17 @@ def _to_login(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     from litestar.response import Redirect
 
     return Redirect("/ui/login")
+
+
+def _problem(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """Errors as JSON whatever the route's own media type (Litestar's shape:
+    status_code, detail, extra)."""
+    body: dict[str, Any] = {"status_code": exc.status_code, "detail": exc.detail}
+    if exc.extra:
+        body["extra"] = exc.extra
+    return Response(
+        body, status_code=exc.status_code, headers=exc.headers, media_type="application/json"
+    )
 
 
 def _spec(tp: Any, description: str) -> Any:
@@ -485,6 +494,11 @@ def _complete_openapi(asgi: Litestar, app: TaskApp) -> None:
         )
 
     paths = doc.paths or {}
+    for path, path_item in paths.items():  # every operation needs a token but /health
+        ops = (path_item.get, path_item.post, path_item.delete, path_item.head)
+        for op in ops:
+            if op is not None and path != "/health":
+                op.security = [{"bearer": []}]
     for name, tq in app.queues.items():
         item = paths.get(f"/queues/{name}/tasks")
         if item is not None and item.post is not None:
