@@ -6,6 +6,7 @@ embedded SQLite broker and on the machine's Redis."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ import pytest
 
 from examples.omero_import.config import ConfigError, load_config
 from examples.omero_import.local import LocalStack, request
+from examples.omero_import.request import ImportTask
 from examples.omero_import.smtp_sink import text_of
 from kew.qchan import new_id
-from kew.qchan.spi import QueueStats
+from kew.qchan.spi import QueueStats, now_ms
+from kew.task.model import Outcome
 from kew.testing.util import port_open, require, wait_for
 
 KEY = "s3cr3t-session-key-42"
@@ -109,6 +112,7 @@ def test_batch_of_three(stack: LocalStack, tmp_path: Path) -> None:
     }
     text = httpx.get(answer[0]["statusUri"])
     assert text.headers["X-Kew-Status"] == "succeeded"
+    assert text.headers["Content-Type"] == "text/plain; charset=utf-8"
     assert "IMPORT_DONE Imported file:" in text.text
     assert "stand-in failure" in status[TARGETS["once"]]["output"]
     for d in status.values():
@@ -149,6 +153,27 @@ def test_batch_of_three(stack: LocalStack, tmp_path: Path) -> None:
     mq = svc.mail.queue.browser()
     wait_for(lambda: _empty(mq.stats()), 30, what="an empty mail queue")
     assert len(stack.smtp.received()) == 2
+
+    # a redelivered final outcome (same task, same batch) changes nothing
+    batch_id = re.search(r"Batch ([0-9a-f]+)\.", ann)
+    assert batch_id is not None and svc.imports.outcomes is not None
+    task_id = answer[2]["statusUri"].rsplit("/", 1)[1]
+    data = ImportTask(
+        experimenter_email="ann@facility.example",
+        target_uri=TARGETS["always"],
+        omero_host="omero.facility.example",
+        session_key=KEY,
+        batch_id=batch_id.group(1),
+        batch_size=3,
+    )
+    oq = svc.imports.outcomes
+    oq.send(Outcome(task_id, svc.imports.name, "failed", 3, now_ms(), data, error="again"))
+    wait_for(lambda: _empty(oq.browser().stats()), 30, what="the outcome to be consumed")
+    wait_for(lambda: _empty(mq.stats()), 30, what="an empty mail queue")
+    assert len(stack.smtp.received()) == 2
+    assert [o.error for o in svc.batches.outcomes(batch_id.group(1)) if o.task_id == task_id] == [
+        status[TARGETS["always"]]["lastError"]
+    ]
 
 
 def test_invalid_batch_is_refused_with_every_reason(tmp_path: Path) -> None:

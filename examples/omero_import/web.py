@@ -74,7 +74,7 @@ def import_routes(svc: OmeroImportService, base_url: str | None = None) -> list[
                 record.id, record.status, record.attempt, text, record.last_error, record.next_at
             )
             return Response(msgspec.to_builtins(doc), headers=headers)
-        return Response(text, media_type="text/plain; charset=utf-8", headers=headers)
+        return Response(text, media_type="text/plain", headers=headers)
 
     return [submit_imports, import_status]
 
