@@ -42,6 +42,8 @@ mount_points = { "file://scope-3/data/" = "/mnt/s3" }
 
 [mail]
 port = 2525
+security = "starttls"
+username = "omero-import"
 admin = "admin@lab.example"
 """,
     )
@@ -82,6 +84,14 @@ admin = "admin@lab.example"
         ('[kew]\nencryption_keys = "k1:xx"\n', {}, "kew.encryption_keys: encryption key 'k1'"),
         ('[kew]\nurl = "nope"\n', {}, "kew.url: 'nope' is not a broker URL"),
         ('[mail]\nadmin = "nobody"\n', {}, "mail.admin: not an e-mail address"),
+        ('[web]\ntokens = {"short" = "admin"}\n', {}, "web.tokens: a admin token is too short"),
+        (
+            '[web]\ntokens = {"0123456789abcdefgh" = "root"}\n',
+            {},
+            "web.tokens[...]: Invalid enum value 'root'",
+        ),
+        ('[mail]\nusername = "u"\n', {}, "mail: username and password go together"),
+        ('[mail]\nsender = "x@y"\nhost = "a b"\n', {}, "mail: host must be a host name"),
         ("", {"KEW_OMERO_MAIL_PORT": "abc"}, "KEW_OMERO_MAIL_PORT (environment): mail.port"),
         ("", {"KEW_OMERO_MAIL_PORTX": "1"}, "KEW_OMERO_MAIL_PORTX: no such setting [mail] portx"),
         ("", {"KEW_OMERO_NOPE": "1"}, "KEW_OMERO_NOPE: unknown section"),

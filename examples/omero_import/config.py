@@ -285,5 +285,32 @@ def check(config: Config) -> None:
                 f"kew.url: {redact(config.kew.url)!r} is not a broker URL "
                 f"(schemes: {', '.join(sorted(kew.known_schemes()))})"
             )
+    for token, scope in config.web.tokens.items():
+        if not token.startswith("sha256:") and len(token) < 16:
+            problems.append(f"web.tokens: a {scope} token is too short: use at least 16 characters")
+    if config.mail.enabled:
+        try:
+            smtp_config(config)
+        except kew.ConfigError as e:
+            problems.append(f"mail: {e}")
     if problems:
         raise ConfigError("bad configuration: " + "; ".join(problems))
+
+
+def smtp_config(config: Config) -> Any:
+    """The kew.task.mail.SmtpConfig of ``[mail]`` (raises kew.ConfigError)."""
+    from kew.task.mail import SmtpConfig
+
+    m = config.mail
+    return SmtpConfig(
+        host=m.host,
+        port=m.port,
+        security=m.security,
+        username=m.username,
+        password=m.password,
+        sender=m.sender,
+        timeout=m.timeout,
+        ca_file=m.ca_file,
+        verify=m.verify,
+        allow_plain_login=m.allow_plain_login,
+    )

@@ -36,7 +36,7 @@ from kew.task.retry import Intervals
 
 from .batches import BatchStore
 from .command import import_argv, local_path, redacted, session_args
-from .config import Config, load_config
+from .config import Config, load_config, smtp_config
 from .report import admin_letter, experimenter_letters
 from .request import ImportTask, parse_batch, with_batch
 
@@ -103,20 +103,9 @@ class OmeroImportService:
             self.app.consumer(self.keepalive, self._on_keepalive, concurrency=2)
         self.mail: TaskQueue[Any] | None = None
         if c.mail.enabled:
-            from kew.task.mail import SmtpConfig, mail_queue
+            from kew.task.mail import mail_queue
 
-            smtp = SmtpConfig(
-                host=c.mail.host,
-                port=c.mail.port,
-                security=c.mail.security,
-                username=c.mail.username,
-                password=c.mail.password,
-                sender=c.mail.sender,
-                timeout=c.mail.timeout,
-                ca_file=c.mail.ca_file,
-                verify=c.mail.verify,
-                allow_plain_login=c.mail.allow_plain_login,
-            )
+            smtp = smtp_config(c)
             self.mail = mail_queue(
                 self.app, smtp, name=c.mail.queue, retry=Intervals.minutes(*c.mail.retry_minutes)
             )
