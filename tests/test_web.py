@@ -114,9 +114,12 @@ def test_queues_lists_depths(admin: httpx.Client) -> None:
     r = admin.get("/queues")
     assert r.status_code == 200
     by_name = {q["name"]: q for q in r.json()}
-    assert {"thumbs", "slow", "kew.task-events"} <= set(by_name)
+    assert {"thumbs", "thumbs.outcomes", "slow", "kew.task-events"} <= set(by_name)
     assert by_name["thumbs"]["kind"] == "task"
     assert by_name["thumbs"]["type"] == "Thumbnail"
+    assert by_name["thumbs.outcomes"]["kind"] == "outcomes"
+    assert by_name["thumbs.outcomes"]["type"] == "Outcome[Thumbnail]"
+    assert by_name["kew.task-events"]["kind"] == "events"
     for q in by_name.values():
         assert {"ready", "in_flight", "delayed", "dead"} <= set(q)
 

@@ -152,15 +152,21 @@ class Backend:
         return name in self.app.queue_names()
 
     def kind(self, name: str) -> tuple[QueueKind, str]:
+        """What a queue is to the app, and the name of its message type."""
         tq = self.app.queues.get(name)
         if tq is not None:
             return "task", type_label(tq.type)
-        if name.endswith(".outcomes") and name[: -len(".outcomes")] in self.app.queues:
-            return "outcomes", "Outcome"
-        events = getattr(self.app, "events_queue", None)
-        events_name = getattr(events, "name", events)
-        if name == events_name or name == "kew.task-events":
+        for tq in self.app.queues.values():
+            outcomes = getattr(tq, "outcomes", None)
+            if outcomes is not None and getattr(outcomes, "name", None) == name:
+                return "outcomes", f"Outcome[{type_label(tq.type)}]"
+        events = getattr(self.app, "events", None)
+        if getattr(events, "name", None) == name:
             return "events", "TaskEvent"
+        for consumer in getattr(self.app, "consumers", ()):
+            queue = consumer[0] if isinstance(consumer, tuple) else consumer
+            if getattr(queue, "name", None) == name:
+                return "queue", type_label(getattr(queue, "type", ""))
         return "queue", ""
 
     def queue_infos(self, names: Sequence[str] | None = None) -> list[QueueInfo]:

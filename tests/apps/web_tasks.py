@@ -39,7 +39,7 @@ class Job(msgspec.Struct):
     name: str
 
 
-@app.task("thumbs", retry=Intervals([0.2]))
+@app.task("thumbs", retry=Intervals([0.2]), notify=True)
 def thumbs(t: Thumbnail) -> None:
     ctx = current()
     ctx.log(f"rendering image {t.image_id} at {t.size}px\n")
@@ -57,3 +57,9 @@ def slow(job: Job) -> None:
     while not gate.exists() and not every.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     ctx.log(f"job {job.name} released\n")
+
+
+# An extra consumer on the outcomes (what a notifier would be): counts them.
+OUTCOMES: list[str] = []
+assert thumbs.outcomes is not None
+app.consumer(thumbs.outcomes, lambda o: OUTCOMES.append(o.kind))
