@@ -59,6 +59,8 @@ class ImportSection(_Section):
     queue: str = "omero.import"
     command: Command = msgspec.field(default_factory=lambda: ["omero", "import"])
     """The importer; the arguments follow it: ``-s HOST -p PORT -k KEY ... PATH``."""
+    env: dict[str, str] = {}
+    """Extra environment variables of the importer and the session commands."""
     retry_minutes: list[NonNegative] = msgspec.field(
         default_factory=lambda: [10, 10, 120, 1440, 1440, 1440]
     )

@@ -11,7 +11,6 @@ through real HTTP.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 import threading
@@ -38,6 +37,10 @@ def stand_in_settings(workdir: Path, *, smtp_port: int, web_port: int) -> dict[s
             "retry_minutes": [0.01, 0.01],  # 0.6 s: three attempts at most
             "timeout": 60,
             "concurrency": 3,
+            "env": {
+                "FAKE_OMERO_LOG": str(workdir / "omero-calls.jsonl"),
+                "FAKE_OMERO_DELAY": "0.02",
+            },
             "mount_points": {"file://scope-3/data/": str(workdir / "scope-3")},
         },
         "session": {
@@ -89,8 +92,6 @@ class LocalStack:
 
         from .web import create_web
 
-        os.environ["FAKE_OMERO_LOG"] = str(self.calls_log)
-        os.environ.setdefault("FAKE_OMERO_DELAY", "0.02")
         self.smtp.start()
         svc = self.service = OmeroImportService(self.config)
         self._worker = svc.app.worker(concurrency=self._worker_concurrency, record=True)

@@ -21,6 +21,7 @@ both read the configuration named by ``KEW_OMERO_CONFIG``.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -156,7 +157,9 @@ class OmeroImportService:
     def _build_command(self, task: ImportTask) -> CommandSpec:
         c = self.config.import_
         path = local_path(task.target_uri, c.mount_points, c.relative_root)
-        return CommandSpec(import_argv(c.command, task, path), timeout=c.timeout, nice=c.nice)
+        return CommandSpec(
+            import_argv(c.command, task, path), env=c.env or None, timeout=c.timeout, nice=c.nice
+        )
 
     def _on_outcome(self, outcome: Outcome[ImportTask]) -> None:
         if outcome.kind == "attempt-failed":
@@ -218,6 +221,7 @@ class OmeroImportService:
                 text=True,
                 timeout=self.config.session.timeout,
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.config.import_.env} if self.config.import_.env else None,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
             log.warning("session command %s failed: %s", redacted(argv), e)
