@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,19 +17,38 @@ import pytest
 
 import kew
 from kew.qchan.spi import Message
-from kew.testing.util import wait_for
+from kew.testing.util import port_open, require, wait_for
 from tests.apps.web_server import MAX_BODY, WebServer
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
-    s = WebServer(tmp_path_factory.mktemp("web")).start()
+REDIS_DB = "redis://127.0.0.1:6379/14"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WebServer]:
+    """The server on the embedded SQLite broker, and on the machine's Redis
+    (under a key prefix of its own, deleted afterwards)."""
+    url = None
+    prefix = f"kew-webtest-{os.getpid()}-{secrets.token_hex(4)}"
+    if request.param == "redis":
+        require(port_open("127.0.0.1", 6379), "Redis is not reachable on 127.0.0.1:6379")
+        url = f"{REDIS_DB}?prefix={prefix}&lease=5"
+    s = WebServer(tmp_path_factory.mktemp("web"), url=url).start()
     try:
         yield s
     finally:
         s.stop()
+        if url is not None:
+            import redis
+
+            r = redis.Redis.from_url(REDIS_DB)
+            for key in r.scan_iter(match=f"{prefix}:*"):
+                r.delete(key)
+            r.close()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +76,7 @@ def _final(c: httpx.Client, task_id: str, timeout: float = 30) -> dict[str, Any]
 
 def _raw_send(server: WebServer, queue: str, body: bytes) -> str:
     """Put a raw (possibly bad) message on a queue of the server's broker."""
-    conn = kew.connect(f"sqlite:///{server.dir / 'queues.sqlite3'}")
+    conn = kew.connect(server.url)
     try:
         p = conn.producer(queue)
         msg_id = "raw" + kew.qchan.new_id()[:20]

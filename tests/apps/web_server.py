@@ -22,8 +22,9 @@ class WebServer:
     """``kew serve`` of the test app with a 2-thread worker in the process;
     stop it with :meth:`stop` (by its pid)."""
 
-    def __init__(self, directory: Path, *, worker: int = 2) -> None:
+    def __init__(self, directory: Path, *, worker: int = 2, url: str | None = None) -> None:
         self.dir = directory
+        self.url = url or f"sqlite:///{directory / 'queues.sqlite3'}"
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.admin = "admin-" + secrets.token_hex(16)
@@ -36,6 +37,7 @@ class WebServer:
         env = {
             **os.environ,
             "KEW_WEB_TEST_DIR": str(self.dir),
+            "KEW_WEB_TEST_URL": self.url,
             "KEW_WEB_ADMIN_TOKENS": self.admin,
             "KEW_WEB_READ_TOKENS": self.read,
             "KEW_WEB_MAX_BODY_BYTES": str(MAX_BODY),

@@ -1,7 +1,8 @@
 """The task app the web tests serve: ``kew serve tests/apps/web_tasks.py:app``.
 
-Queues and store live in ``$KEW_WEB_TEST_DIR`` (SQLite), so each test run
-has its own.  ``slow`` tasks wait for a file ``release-<name>`` (or
+The task store lives in ``$KEW_WEB_TEST_DIR`` (SQLite), and the queues too
+unless ``$KEW_WEB_TEST_URL`` names another broker, so each test run has its
+own.  ``slow`` tasks wait for a file ``release-<name>`` (or
 ``release-all``) in that directory: a test holds one running while it
 follows its output.
 """
@@ -19,8 +20,10 @@ from kew.task.retry import Intervals
 
 DIR = Path(os.environ.get("KEW_WEB_TEST_DIR", "."))
 
+URL = os.environ.get("KEW_WEB_TEST_URL") or f"sqlite:///{DIR / 'queues.sqlite3'}"
+
 app = App(
-    f"sqlite:///{DIR / 'queues.sqlite3'}",
+    URL,
     name="webtest",
     store=f"sqlite:///{DIR / 'tasks.sqlite3'}",
 )
