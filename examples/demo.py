@@ -20,6 +20,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -70,6 +71,10 @@ def _follow(client: httpx.Client, uris: dict[str, str], timeout: float = 120) ->
                 _say(f"  {name:<24} = {doc['status'].upper()} after {doc['attempt']} attempt(s)")
         time.sleep(0.2)
     return status
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> int:
@@ -165,6 +170,7 @@ def run(workdir: Path, url: str | None, no_wait: bool) -> int:
         if no_wait:
             return 0
         _say("\nLeaving it up for you to look at; Ctrl-C to stop.")
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             while True:
                 time.sleep(3600)
