@@ -376,6 +376,10 @@ def test_page_login_sets_a_session_cookie(server: WebServer) -> None:
         page = c.get("/ui")
         assert page.status_code == 200
         assert "thumbs" in page.text and "kew.task-events" in page.text
+        dead = c.get("/ui/queues/thumbs/dead")
+        assert dead.status_code == 200 and "Dead letters of" in dead.text
+        assert c.get("/ui/queues/nope/dead").status_code == 404
+        assert c.get("/ui/overview").status_code == 200
         # A cookie authenticates reads, never writes.
         assert c.get("/queues").status_code == 200
         assert c.post("/queues/thumbs/tasks", json={"image_id": 1}).status_code == 401
