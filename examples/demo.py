@@ -34,6 +34,7 @@ import httpx  # noqa: E402
 
 from examples.omero_import.local import LocalStack, request  # noqa: E402
 from examples.omero_import.smtp_sink import text_of  # noqa: E402
+from kew.qchan.crypto import new_key  # noqa: E402
 from kew.testing.util import wait_for  # noqa: E402
 
 TARGETS = {
@@ -106,7 +107,10 @@ def run(workdir: Path, url: str | None, no_wait: bool) -> int:
         local = workdir / "scope-3" / target.split("data/", 1)[1]
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(b"not really an image")
-    settings = {"kew": {"url": url}} if url else None
+    # session keys travel in the import and keep-alive messages: encrypt those queues
+    settings: dict[str, dict[str, object]] = {"kew": {"encryption_keys": f"demo:{new_key()}"}}
+    if url:
+        settings["kew"]["url"] = url
 
     _say("kew demo: the OMERO import service on the embedded SQLite broker")
     _say(f"  working directory: {workdir}")
@@ -117,6 +121,7 @@ def run(workdir: Path, url: str | None, no_wait: bool) -> int:
         logging.getLogger().setLevel(logging.WARNING)
         _say(f"  broker: {svc.app.connector.url}")
         _say(f"  web front end: {stack.base_url}   SMTP sink: 127.0.0.1:{stack.smtp.port}")
+        _say("  import and keep-alive queues encrypted (AES-GCM): they carry OMERO session keys")
         _say("  retry intervals (demo): 0.6 s, 0.6 s; session keep-alive every 0.4 s\n")
 
         batch = [request(t, name=t.rsplit("/", 1)[-1]) for t in TARGETS]
