@@ -117,8 +117,12 @@ class Subscription:
                         self._run(delivery)
                 else:
                     with self._cond:
-                        self._pending.extend(batch)
-                        self._cond.notify_all()
+                        if not self._stopping:
+                            self._pending.extend(batch)
+                            self._cond.notify_all()
+                            batch = []
+                    for late in batch:  # stop() came while fetching: hand these back
+                        self._settle_safely(self._consumer.release, late)
         finally:
             self._closed.set()
 
