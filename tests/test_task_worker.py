@@ -159,8 +159,8 @@ def test_sigkill_mid_task_runs_again_on_another_worker(
     os.kill(a.pid, signal.SIGKILL)
     a.wait()
     workers.start("--concurrency", "1")
-    both = wait_for(lambda: len(started_by(tmp_path)) == 2 and started_by(tmp_path), 30)
-    second = next(w for w in both if w != first)
+    wait_for(lambda: len(started_by(tmp_path)) == 2, 30, what="worker B to start the task")
+    second = next(w for w in started_by(tmp_path) if w != first)
     (tmp_path / "gate").touch()
     r = wait_status(app, tid, "succeeded")
     assert r.attempt == 1  # a crash is not a failed attempt: the same attempt ran again
