@@ -39,7 +39,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
         s.stop()
 
 
-def test_monitoring_page(server: WebServer) -> None:
+def test_monitoring_page(server: WebServer, capsys: pytest.CaptureFixture[str]) -> None:
     require(
         Path(CHROMIUM).exists() or shutil.which("chromium") is not None,
         f"no chromium at {CHROMIUM} (scripts/install-test-tools installs it)",
@@ -103,4 +103,6 @@ def test_monitoring_page(server: WebServer) -> None:
         finally:
             browser.close()
     assert overview.stat().st_size > 10_000
-    print(f"\nscreenshots: {overview} {task_shot}")
+    line = f"monitoring page screenshots: {overview} {task_shot}"
+    with capsys.disabled():  # shown even when output is captured
+        print(f"\n{line}")
