@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import signal
 import sys
@@ -337,6 +338,14 @@ app_option = click.option(
     metavar="SECONDS",
     help="On SIGTERM/SIGINT: time to finish running tasks before handing them back.",
 )
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    envvar="KEW_LOG_LEVEL",
+    default="info",
+    show_default=True,
+    help="Logging level (stderr).",
+)
 def worker(
     app_spec: str,
     concurrency: int,
@@ -345,6 +354,7 @@ def worker(
     metrics_port: int | None,
     metrics_addr: str,
     grace: float,
+    log_level: str,
 ) -> None:
     """Run the task queues of MODULE:APP until SIGTERM or SIGINT.
 
@@ -352,10 +362,10 @@ def worker(
     --grace seconds (then hands them back); a second hands everything back
     and exits at once.  Exit code 0 after a graceful stop.
     """
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = load_app(app_spec)
-    for q in queues:
-        if q not in app.queues:
-            fail(f"the app has no task queue {q!r} (its task queues: {', '.join(app.queues)})")
     if metrics_port is not None:
         from kew.task import metrics
 
@@ -702,7 +712,7 @@ def _open_store(app_spec: str | None, store_url: str | None) -> tuple[Any, Calla
     if app_spec:
         app = load_app(app_spec)
         return app.store, app.close
-    open_store = importlib.import_module("kew.task.store").open_store
+    from kew.task.store import open_store
 
     url = store_url or DEFAULT_STORE
     with clear_errors(f"cannot open the task store {redact(url)}"):
@@ -740,11 +750,7 @@ def _follow(store: Any, task_id: str, poll: float, timeout: float | None) -> Non
         with clear_errors("task store"):
             record = store.get(task_id)
             text, offset_next = store.output(task_id, offset)
-        if text:
-            click.echo(text, nl=False)
-            sys.stdout.flush()
-        offset = offset_next
-        if record is not None and record.status != status:
+        if record is not None and record.status != status and not record.final:
             status = record.status
             line = f"[kew] task {task_id}: {status}"
             if record.attempt:
@@ -752,12 +758,19 @@ def _follow(store: Any, task_id: str, poll: float, timeout: float | None) -> Non
             if status == "retry-scheduled" and record.next_at:
                 line += f", next attempt at {fmt_time(record.next_at)}"
             click.echo(line, err=True)
+        if text:
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+        offset = offset_next
         if record is not None and record.final:
             # The last output may land just after the final status: read once more.
             with clear_errors("task store"):
                 text, offset = store.output(task_id, offset)
             if text:
                 click.echo(text, nl=False)
+            sys.stdout.flush()
+            line = f"[kew] task {task_id}: {record.status} (attempt {record.attempt})"
+            click.echo(line, err=True)
             if record.status == "failed":
                 if record.last_error:
                     click.echo(f"[kew] error: {_first_line(record.last_error, 500)}", err=True)

@@ -12,8 +12,9 @@ text exposition for a web ``/metrics`` endpoint):
   (final failures), ``kew_tasks_retried_total{queue}`` (attempts that failed
   and were rescheduled)
 - ``kew_task_duration_seconds{queue,outcome}``: handler time of each attempt
-  (``outcome`` = succeeded | retried | failed), measured from the attempt's
-  ``running`` event to its end event as this process saw them
+  (``outcome`` = succeeded | retried | failed): from the time stamp of the
+  attempt's ``running`` event to that of its end event, both seen in this
+  process (the worker's)
 - ``kew_queue_depth{queue,state}``: ready / in_flight / delayed / dead of
   every queue the app declares, read from the broker at scrape time (a count
   the broker cannot tell is left out)
@@ -95,8 +96,8 @@ class TaskMetrics:
     def __init__(self, app: Any) -> None:
         self.app = app
         self._lock = threading.Lock()
-        #: (task id, attempt) -> monotonic time its running event was seen
-        self._started: dict[tuple[str, int], float] = {}
+        #: (task id, attempt) -> epoch ms of its running event
+        self._started: dict[tuple[str, int], int] = {}
         self._last_sweep = time.monotonic()
 
     def on_event(self, event: TaskEvent) -> None:
@@ -112,22 +113,23 @@ class TaskMetrics:
             return
         counter.labels(event.queue).inc()
         key = (event.task_id, event.attempt)
-        now = time.monotonic()
         if event.kind == "running":
+            now = time.monotonic()
             with self._lock:
-                self._started[key] = now
+                self._started[key] = event.at
                 if now - self._last_sweep > 600:
-                    self._sweep(now)
+                    self._last_sweep = now
+                    self._sweep(event.at)
             return
         with self._lock:
             started = self._started.pop(key, None)
         if started is not None:
-            DURATION.labels(event.queue, _ENDS[event.kind]).observe(max(0.0, now - started))
+            seconds = max(0, event.at - started) / 1000
+            DURATION.labels(event.queue, _ENDS[event.kind]).observe(seconds)
 
-    def _sweep(self, now: float) -> None:
-        self._last_sweep = now
+    def _sweep(self, now_ms: int) -> None:
         for key, t in list(self._started.items()):
-            if now - t > _STALE_S:
+            if now_ms - t > _STALE_S * 1000:
                 del self._started[key]
 
     @property

@@ -1,0 +1,1 @@
+"""Small kew.task apps that tests run in worker subprocesses."""

@@ -1,0 +1,193 @@
+"""``kew send``, ``kew worker``, ``kew task [--follow]`` run as a user runs them,
+on SQLite in a tmp dir, with the small app of tests/apps/cli_app.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kew.testing.util import wait_for
+from tests.test_task_cli import ROOT, run_kew, table_rows
+
+APP = "tests.apps.cli_app:app"
+
+
+class Env:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.url = f"sqlite:///{tmp / 'q.sqlite3'}"
+        self.store_url = f"sqlite:///{tmp / 'tasks.sqlite3'}"
+        self.vars = {"CLI_APP_URL": self.url, "CLI_APP_STORE": self.store_url}
+
+    def kew(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return run_kew(*args, env=self.vars, cwd=ROOT, timeout=timeout)
+
+    def worker(self, *args: str, command: str = "worker") -> subprocess.Popen[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEW_")}
+        env.update({"PYTHONPATH": str(ROOT), **self.vars})
+        return subprocess.Popen(
+            [sys.executable, "-m", "kew.cli", command, APP, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def status(self, task_id: str) -> str:
+        from kew.task.store import open_store
+
+        store = open_store(self.store_url)
+        try:
+            r = store.get(task_id)
+            return r.status if r is not None else ""
+        finally:
+            store.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"worker did not stop on SIGTERM within {timeout}s:\n{err}") from None
+    return proc.returncode, err
+
+
+@pytest.fixture
+def worker(env: Env) -> Iterator[subprocess.Popen[str]]:
+    proc = env.worker("--record", "--concurrency", "2", "--grace", "10")
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def test_send_validates_against_the_queue_type(env: Env) -> None:
+    r = env.kew("send", "--app", APP, "greet", '{"name": "ann", "times": 2}')
+    assert r.returncode == 0, r.stderr
+    task_id = r.stdout.strip()
+    assert ID.match(task_id), r.stdout
+
+    r = env.kew("send", "--app", APP, "greet", '{"name": 3}')
+    assert r.returncode == 2
+    assert "invalid task for queue 'greet' (Greeting)" in r.stderr
+    assert "Expected `str`, got `int` - at `$.name`" in r.stderr
+    assert "Traceback" not in r.stderr
+
+    r = env.kew("send", "--app", APP, "greet", '{"name": ')
+    assert r.returncode == 2
+    assert "invalid task for queue 'greet'" in r.stderr
+
+    r = env.kew("send", "--app", APP, "nosuch", "{}")
+    assert r.returncode == 2
+    assert "no task queue 'nosuch'" in r.stderr
+
+    # stdin, and a file path as MODULE:APP
+    r = run_kew(
+        "send",
+        "--app",
+        "tests/apps/cli_app.py:app",
+        "greet",
+        "-",
+        input='{"name": "bob"}',
+        env=env.vars,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+
+    # Only the two valid tasks are on the queue.
+    r = env.kew("queues", "--app", APP)
+    assert r.returncode == 0, r.stderr
+    rows = table_rows(r.stdout)
+    assert rows["greet"] == ["2", "0", "0", "0"]
+    assert rows["flaky"] == ["0", "0", "0", "0"]
+    assert "kew.task-events" in rows  # every queue the app declares
+
+
+def test_worker_runs_tasks_and_task_follow_tails_them(
+    env: Env, worker: subprocess.Popen[str]
+) -> None:
+    r = env.kew("send", "--app", APP, "greet", '{"name": "ann", "times": 5, "pause": 0.2}')
+    task_id = r.stdout.strip()
+    f = env.kew("task", task_id, "--follow", "--app", APP, "--timeout", "20", "--poll", "0.1")
+    assert f.returncode == 0, f.stderr
+    assert f.stdout.splitlines() == [f"hello ann #{i}" for i in range(1, 6)]
+    assert f"[kew] task {task_id}: succeeded" in f.stderr
+
+    r = env.kew("task", task_id, "--store", env.store_url)
+    assert r.returncode == 0, r.stderr
+    rows = table_rows(r.stdout)
+    assert rows["status"] == ["succeeded"]
+    assert rows["queue"] == ["greet"]
+    assert rows["attempt"] == ["1"]
+    assert "hello ann #5" in r.stdout.split("output:", 1)[1]
+
+    # A retried task: follow shows the retry, then success; output of both attempts.
+    task_id = env.kew("send", "--app", APP, "flaky", '{"name": "cy"}').stdout.strip()
+    f = env.kew("task", task_id, "--follow", "--store", env.store_url, "--timeout", "60")
+    assert f.returncode == 0, f.stderr
+    assert "RuntimeError: first attempt for cy fails" in f.stdout
+    assert f.stdout.index("first attempt for cy fails") < f.stdout.index("second attempt for cy")
+    assert f"[kew] task {task_id}: succeeded (attempt 2)" in f.stderr
+
+    # A task that fails for good: exit code 1 and the error.
+    task_id = env.kew("send", "--app", APP, "doomed", '{"name": "di"}').stdout.strip()
+    f = env.kew("task", task_id, "--follow", "--store", env.store_url, "--timeout", "60")
+    assert f.returncode == 1, (f.stdout, f.stderr)
+    assert "di can never work" in f.stderr
+    r = env.kew("task", task_id, "--store", env.store_url)
+    assert table_rows(r.stdout)["status"] == ["failed"]
+
+    r = env.kew("task", "0" * 32, "--store", env.store_url)
+    assert r.returncode == 2
+    assert "no task" in r.stderr
+
+    code, err = stop(worker)
+    assert code == 0, err
+
+
+def test_worker_sigterm_finishes_the_running_task_and_exits_0(env: Env) -> None:
+    # The events go through a separate `kew recorder`, as in production.
+    recorder = env.worker(command="recorder")
+    proc = env.worker("--grace", "30")
+    try:
+        r = env.kew("send", "--app", APP, "greet", '{"name": "eve", "times": 3, "pause": 0.5}')
+        task_id = r.stdout.strip()
+        wait_for(lambda: env.status(task_id) == "running", 30, what="the task to run")
+        code, err = stop(proc)
+        assert code == 0, err
+        assert "Traceback" not in err
+        # Finished within the grace period: not lost, not left running.
+        wait_for(lambda: env.status(task_id) == "succeeded", 30, what="the task's success")
+        code, err = stop(recorder)
+        assert code == 0, err
+    finally:
+        for p in (proc, recorder):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    r = env.kew("task", task_id, "--store", env.store_url)
+    assert r.stdout.rstrip().endswith("hello eve #3")
+    r = env.kew("queues", "--app", APP)
+    assert table_rows(r.stdout)["greet"] == ["0", "0", "0", "0"]
