@@ -112,7 +112,8 @@ def run(workdir: Path, url: str | None, no_wait: bool) -> int:
     if url:
         settings["kew"]["url"] = url
 
-    _say("kew demo: the OMERO import service on the embedded SQLite broker")
+    where = "the embedded SQLite broker" if not url else "the broker at --url"
+    _say(f"kew demo: the OMERO import service on {where}")
     _say(f"  working directory: {workdir}")
     with LocalStack(workdir, settings=settings) as stack:
         svc = stack.service

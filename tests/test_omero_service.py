@@ -47,6 +47,12 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalStack
         settings["kew"]["url"] = "redis://127.0.0.1:6379/0"
     with LocalStack(tmp_path, settings=settings) as s:
         yield s
+        if request.param == "redis":  # leave nothing on the shared Redis
+            assert s.service is not None
+            conn = s.service.app.connector
+            for name in s.service.app.queue_names():
+                conn.browser(name).purge()
+                conn.browser(name).purge_dead(None)
 
 
 def _key() -> str:
