@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from typing import Any, Literal, TypeVar
 
+import anyio
 import anyio.to_thread
 import msgspec
 from litestar import Litestar, Request, Response, get, post
@@ -359,22 +360,14 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
 
     # -- health and metrics ------------------------------------------------------------
 
-    def health_sync() -> tuple[Health, int]:
-        broker, detail = True, ""
-        try:
-            names = app.queue_names()
-            if names:
-                backend.queue_infos(names[:1])
-        except Exception as e:
-            broker, detail = False, f"broker unreachable: {type(e).__name__}"
-        seen: list[WorkerRecord] = []
-        try:
-            horizon = int(time.time() * 1000 - config.worker_window * 1000)
-            seen = [w for w in backend.store(lambda s: s.workers()) if w.last_seen >= horizon]
-        except Exception as e:
-            detail = detail or f"task store unreadable: {type(e).__name__}"
-        status: Literal["ok", "unavailable"] = "ok" if broker else "unavailable"
-        return Health(status, broker, seen, detail), 200 if broker else 503
+    def broker_check() -> None:
+        names = app.queue_names()
+        if names:
+            backend.queue_infos(names[:1])
+
+    def workers_seen() -> list[WorkerRecord]:
+        horizon = int(time.time() * 1000 - config.worker_window * 1000)
+        return [w for w in backend.store(lambda s: s.workers()) if w.last_seen >= horizon]
 
     @get(
         "/health",
@@ -384,8 +377,25 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         responses={503: _spec(Health, "the broker is unreachable")},
     )
     async def health() -> Response[Health]:
-        h, code = await _thread(health_sync)
-        return Response(h, status_code=code, headers={"Cache-Control": "no-cache"})
+        broker, detail = False, ""
+        with anyio.move_on_after(config.health_timeout):
+            try:
+                await _thread(broker_check)
+                broker = True
+            except Exception as e:
+                detail = f"broker unreachable: {type(e).__name__}"
+        if not broker and not detail:
+            detail = f"broker did not answer within {config.health_timeout:g} s"
+        seen: list[WorkerRecord] = []
+        with anyio.move_on_after(config.health_timeout):
+            try:
+                seen = await _thread(workers_seen)
+            except Exception as e:
+                detail = detail or f"task store unreadable: {type(e).__name__}"
+        h = Health("ok" if broker else "unavailable", broker, seen, detail)
+        return Response(
+            h, status_code=200 if broker else 503, headers={"Cache-Control": "no-cache"}
+        )
 
     @get(
         "/metrics",

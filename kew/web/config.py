@@ -105,6 +105,8 @@ class WebConfig:
     follow_timeout: float = 3600.0
     #: A worker counts as seen by /health when its heartbeat is this recent.
     worker_window: float = 30.0
+    #: /health reports the broker unavailable when it does not answer within this (s).
+    health_timeout: float = 5.0
     #: Hours a monitoring-page login lasts.
     session_hours: float = 12.0
     #: Page title.
@@ -133,6 +135,7 @@ class _FileConfig(msgspec.Struct, forbid_unknown_fields=True):
     worker_concurrency: int = 0
     follow_timeout: float = 3600.0
     worker_window: float = 30.0
+    health_timeout: float = 5.0
     session_hours: float = 12.0
     title: str = "kew"
 
@@ -206,6 +209,7 @@ def load_config(
         worker_concurrency=fc.worker_concurrency,
         follow_timeout=fc.follow_timeout,
         worker_window=fc.worker_window,
+        health_timeout=fc.health_timeout,
         session_hours=fc.session_hours,
         title=fc.title,
     )
