@@ -250,3 +250,43 @@ def test_bad_configuration_stops_start_up(tmp_path: Path) -> None:
     assert "import.retry_minutes[1]: Expected `float`, got `str`" in r.stderr
     with pytest.raises(ConfigError):
         load_config(cfg, env={})
+
+
+def test_a_report_claimed_by_a_dead_worker_is_sent_by_another(tmp_path: Path) -> None:
+    """A worker claimed a finished batch's report and died before sending it;
+    the outcome, redelivered, is put back until the claim runs out, then the
+    e-mail goes out once."""
+    settings: dict[str, dict[str, Any]] = {
+        "kew": {"url": f"sqlite:///{tmp_path / 'kew.sqlite3'}"},
+        "batches": {"report_lease": 0.5},
+        "mail": {"admin": None},
+    }
+    with LocalStack(tmp_path, settings=settings, worker_concurrency=2) as stack:
+        svc = stack.service
+        assert svc is not None and svc.imports.outcomes is not None
+        data = ImportTask(
+            experimenter_email="ann@facility.example",
+            target_uri="/data/plate.tif",
+            omero_host="omero.facility.example",
+            session_key=KEY,
+            batch_id="b-dead",
+            batch_size=1,
+        )
+        # what the dead worker did: recorded the outcome, claimed the report
+        assert svc.batches.record(
+            "b-dead", 1, "t1", target=data.target_uri, email=data.experimenter_email,
+            status="succeeded",
+        )  # fmt: skip
+        assert svc.batches.claim_report("b-dead", lease_s=1.0)
+        # its outcome message comes back (it was never acked)
+        svc.imports.outcomes.send(Outcome("t1", svc.imports.name, "succeeded", 1, now_ms(), data))
+        (mail,) = stack.smtp.wait(1, 30)
+        assert str(mail["To"]) == "ann@facility.example"
+        assert "1 of 1 imported" in str(mail["Subject"])
+        assert svc.batches.is_reported("b-dead")
+        oq = svc.imports.outcomes.browser()
+        wait_for(lambda: _empty(oq.stats()), 30, what="no outcome left")
+        assert svc.mail is not None
+        mq = svc.mail.queue.browser()
+        wait_for(lambda: _empty(mq.stats()), 30, what="an empty mail queue")
+        assert len(stack.smtp.received()) == 1

@@ -124,6 +124,8 @@ class WebSection(_Section):
 class BatchSection(_Section):
     store: str = "omero-batches.sqlite3"
     """SQLite file of the batch bookkeeping (shared by the workers of one site)."""
+    report_lease: Seconds = 120.0
+    """Seconds a worker may take to send a batch's e-mails before another takes over."""
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -177,12 +177,26 @@ class OmeroImportService:
             error=outcome.error,
             attempt=outcome.attempt,
         )
-        if complete:
-            self._report(t.batch_id)
-
-    def _report(self, batch_id: str) -> None:
-        if not self.batches.claim_report(batch_id):
+        if not complete:
             return
+        try:
+            reported = self._report(t.batch_id)
+        except Exception:
+            log.warning("cannot report batch %s yet; trying again", t.batch_id, exc_info=True)
+            reported = False
+        if not reported:
+            # Another worker is reporting it (and might die doing so), or the
+            # mail queue was out of reach: look again once a claim would have
+            # run out.  The outcome counts once however often it comes back.
+            assert self.imports.outcomes is not None
+            again = kew.qchan.spi.now_ms() + int(self.config.batches.report_lease * 1000)
+            self.imports.outcomes.post(outcome, deliver_at=again)
+
+    def _report(self, batch_id: str) -> bool:
+        """Send the batch's e-mails unless that is done; False if another
+        process holds the job now."""
+        if not self.batches.claim_report(batch_id, lease_s=self.config.batches.report_lease):
+            return self.batches.is_reported(batch_id)
         try:
             outcomes = self.batches.outcomes(batch_id)
             letters = experimenter_letters(batch_id, outcomes, status_url=self._status_url)
@@ -211,6 +225,7 @@ class OmeroImportService:
         except BaseException:
             self.batches.release_claim(batch_id)
             raise
+        return True
 
     def _session_command(self, command: Sequence[str], k: KeepAlive) -> bool:
         argv = [*command, *session_args(k.omero_host, k.omero_port, k.session_key)]
