@@ -380,6 +380,9 @@ def test_page_login_sets_a_session_cookie(server: WebServer) -> None:
         assert dead.status_code == 200 and "Dead letters of" in dead.text
         assert c.get("/ui/queues/nope/dead").status_code == 404
         assert c.get("/ui/overview").status_code == 200
+        only_slow = c.get("/ui/overview", params={"queue": "slow"}).text
+        assert "Recent tasks of" in only_slow
+        assert '<td class="mono">thumbs</td>' not in only_slow.split("Recent tasks")[1]
         # A cookie authenticates reads, never writes.
         assert c.get("/queues").status_code == 200
         assert c.post("/queues/thumbs/tasks", json={"image_id": 1}).status_code == 401

@@ -52,10 +52,13 @@ def page_routes(backend: Backend, config: WebConfig, sessions: Sessions) -> list
             headers={"Cache-Control": "no-store"},
         )
 
-    def overview_context() -> dict[str, Any]:
+    def overview_context(queue: str | None) -> dict[str, Any]:
+        if queue is not None and queue not in backend.app.queues:
+            queue = None
         return {
             "queues": backend.queue_infos(),
-            "tasks": backend.store(lambda s: list(s.recent(limit=50))),
+            "tasks": backend.store(lambda s: list(s.recent(limit=50, queue=queue))),
+            "only": queue,
         }
 
     @get("/", include_in_schema=False, opt=PAGE)
@@ -63,12 +66,12 @@ def page_routes(backend: Backend, config: WebConfig, sessions: Sessions) -> list
         return Redirect("/ui")
 
     @get("/ui", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def index() -> Response[str]:
-        return render("index.html", heading="Overview", **overview_context())
+    def index(queue: str | None = None) -> Response[str]:
+        return render("index.html", heading="Overview", **overview_context(queue))
 
     @get("/ui/overview", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def overview() -> Response[str]:
-        return render("_overview.html", **overview_context())
+    def overview(queue: str | None = None) -> Response[str]:
+        return render("_overview.html", **overview_context(queue))
 
     def task_record(task_id: str) -> Any:
         rec = backend.store(lambda s: s.get(task_id))
