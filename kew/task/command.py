@@ -6,8 +6,8 @@ runs ``build(data)`` (a :class:`CommandSpec` or an argv list):
 * the command runs in its own session and process group, so a time limit
   (or a worker handing the task back) kills the whole group: SIGTERM first,
   SIGKILL after ``kill_grace`` seconds if anything is left;
-* stdout and stderr are read line by line as they come, merged into one
-  stream, and appended to the task's output (each stream keeps its order);
+* stdout and stderr go to one pipe (as ``2>&1`` does), read line by line
+  as they come and appended to the task's output in the order written;
 * the exit code decides: ``exit_codes`` maps codes to ``"success"``,
   ``"retry"`` or ``"permanent"``; by default 0 is success and anything
   else (a signal too) retries.  A time limit reached retries.
@@ -82,15 +82,10 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _pump(stream: IO[bytes], ctx: TaskContext, prefix: str, lock: threading.Lock) -> None:
+def _pump(stream: IO[bytes], ctx: TaskContext) -> None:
     with stream:
         for raw in iter(stream.readline, b""):
-            text = raw.decode("utf-8", errors="replace")
-            with lock:
-                ctx.write(prefix + text if prefix else text)
-            if not text.endswith("\n"):
-                with lock:
-                    ctx.write("\n")
+            ctx.log(raw.decode("utf-8", errors="replace"))
 
 
 def run_command(
@@ -100,7 +95,6 @@ def run_command(
     timeout: float | None = None,
     nice: int | None = None,
     kill_grace: float = KILL_GRACE,
-    stderr_prefix: str = "",
 ) -> CommandResult:
     """Run ``spec`` to its end (or its time limit, or the task's
     cancellation), streaming its output into ``ctx``."""
@@ -122,7 +116,7 @@ def run_command(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             env=env,
             cwd=spec.cwd,
             start_new_session=True,
@@ -134,14 +128,9 @@ def run_command(
     except OSError as e:
         raise Retry(f"cannot start {argv[0]!r}: {e}") from None
     pgid = proc.pid  # a new session: the group id is the leader's pid
-    lock = threading.Lock()
-    assert proc.stdout is not None and proc.stderr is not None
-    pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, ctx, "", lock), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, ctx, stderr_prefix, lock), daemon=True),
-    ]
-    for t in pumps:
-        t.start()
+    assert proc.stdout is not None
+    pump = threading.Thread(target=_pump, args=(proc.stdout, ctx), daemon=True)
+    pump.start()
     deadline = None if limit is None else started + limit
     timed_out = cancelled = False
     while True:
@@ -168,8 +157,7 @@ def run_command(
         break
     # Whatever the leader left behind in its group goes too.
     _kill_group(pgid, signal.SIGKILL)
-    for t in pumps:
-        t.join(5.0)
+    pump.join(5.0)
     return CommandResult(
         tuple(argv), proc.returncode, timed_out, cancelled, time.monotonic() - started
     )

@@ -86,6 +86,7 @@ class Worker:
                 )
         self.queues: list[str] = list(queues) if queues is not None else known
         self.subscriptions: list[Subscription] = []
+        self._recorder: Subscription | None = None  # stopped last: records the hand-backs
         self._started = False
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -120,7 +121,7 @@ class Worker:
                 if queue.name in self.queues:
                     self.subscriptions.append(queue.sink(handler, concurrency=n))
             if self.record:
-                self.subscriptions.append(app.recorder())
+                self._recorder = app.recorder()
         except BaseException:
             for sub in self.subscriptions:
                 sub.stop(0)
@@ -153,7 +154,8 @@ class Worker:
         app sends events) a heartbeat got through recently."""
         if not self._started or self._stopping.is_set():
             return False
-        if not all(s.alive for s in self.subscriptions):
+        subs = self.subscriptions + ([self._recorder] if self._recorder else [])
+        if not all(s.alive for s in subs):
             return False
         return (
             not self.app.events_enabled
@@ -195,6 +197,8 @@ class Worker:
             self.app._hand_back(left)
         for t in threads:
             t.join()
+        if self._recorder is not None:
+            self._recorder.stop(5.0)
         self._stopped.set()
         if self.health_file is not None:
             with contextlib.suppress(OSError):
@@ -209,6 +213,8 @@ class Worker:
             self.app._hand_back(left)
         for sub in self.subscriptions:
             sub.stop(0)
+        if self._recorder is not None:
+            self._recorder.stop(1.0)
         self._stopped.set()
 
     # -- blocking run with signals ---------------------------------------------------
