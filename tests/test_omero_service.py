@@ -5,6 +5,7 @@ embedded SQLite broker and on the machine's Redis."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -290,3 +291,91 @@ def test_a_report_claimed_by_a_dead_worker_is_sent_by_another(tmp_path: Path) ->
         mq = svc.mail.queue.browser()
         wait_for(lambda: _empty(mq.stats()), 30, what="an empty mail queue")
         assert len(stack.smtp.received()) == 1
+
+
+def test_front_end_and_worker_as_separate_processes(tmp_path: Path) -> None:
+    """``python -m examples.omero_import serve`` and ``kew worker ...:app``,
+    sharing only the broker and the stores: a POSTed import runs on the
+    worker, its status reaches the front end, the e-mail goes out, and both
+    stop cleanly on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    from examples.omero_import.local import FAKE_OMERO
+    from examples.omero_import.smtp_sink import SmtpSink
+    from kew.testing.util import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    fake = [sys.executable, FAKE_OMERO]
+    with SmtpSink() as smtp:
+        config = tmp_path / "omero.toml"
+        config.write_text(
+            f"""
+[kew]
+url = "sqlite:///{tmp_path / "kew.sqlite3"}"
+store = "sqlite:///{tmp_path / "tasks.sqlite3"}"
+[import]
+command = {json.dumps([*fake, "import"])}
+env = {{ FAKE_OMERO_LOG = "{tmp_path / "calls.jsonl"}", FAKE_OMERO_DELAY = "0" }}
+[session]
+keepalive_command = {json.dumps([*fake, "sessions", "keepalive"])}
+close_command = {json.dumps([*fake, "sessions", "logout"])}
+interval = 0.3
+[mail]
+host = "127.0.0.1"
+port = {smtp.port}
+security = "none"
+admin = "omero-admin@facility.example"
+[web]
+port = {port}
+[batches]
+store = "{tmp_path / "batches.sqlite3"}"
+"""
+        )
+        env = {**os.environ, "KEW_OMERO_CONFIG": str(config)}
+        kew_cli = str(Path(sys.executable).parent / "kew")
+        procs = [
+            subprocess.Popen(
+                [kew_cli, "worker", "examples.omero_import.service:app", "--record"],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+            subprocess.Popen(
+                [sys.executable, "-m", "examples.omero_import", "serve"],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+        ]
+        try:
+            base = f"http://127.0.0.1:{port}"
+
+            def up() -> bool:
+                try:
+                    return httpx.get(f"{base}/health", timeout=2).status_code in (200, 503)
+                except httpx.TransportError:
+                    return False
+
+            wait_for(up, 60, what="the front end")
+            r = httpx.post(f"{base}/ome/import", json=[request("/data/plate.tif", session_key=KEY)])
+            assert r.status_code == 200, r.text
+            uri = r.json()[0]["statusUri"]
+            assert httpx.get(uri).status_code == 200  # known at once
+            (mail,) = smtp.wait(1, 60)
+            assert "1 of 1 imported" in str(mail["Subject"])
+            assert uri in text_of(mail)  # the log's URI, from [web] host and port
+            wait_for(lambda: httpx.get(uri).headers["X-Kew-Status"] == "succeeded", 30)
+            assert "IMPORT_DONE" in httpx.get(uri).text
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            outs = [p.communicate(timeout=60)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert all(KEY not in out for out in outs)

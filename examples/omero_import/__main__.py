@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from .config import ConfigError, load_config
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             worker.start()
         else:
             recorder = svc.app.recorder()  # task status and output reach the store
+        # uvicorn stops on SIGTERM/SIGINT, then raises the signal again for
+        # the previous handler: make that one a no-op so we clean up, exit 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: None)
         uvicorn.run(create_web(svc), host=config.web.host, port=config.web.port)
         if recorder is not None:
             recorder.stop()
