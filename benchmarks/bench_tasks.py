@@ -50,8 +50,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 URLS = {
-    "redis": "redis://127.0.0.1:6379/12",
-    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
+    "redis": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
+    "rabbitmq": os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
 }
 SYSTEMS = ("kew", "dramatiq", "celery")
 THREADS = 8
