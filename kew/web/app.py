@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -140,8 +140,15 @@ def _base(request: Request[Any, Any, Any]) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
-    """The Litestar application serving ``app``'s queues and tasks."""
+def create_app(
+    app: TaskApp, config: WebConfig | None = None, *, routes: Sequence[Any] = ()
+) -> Litestar:
+    """The Litestar application serving ``app``'s queues and tasks.
+
+    ``routes``: more Litestar route handlers (or routers) to serve, behind the
+    same tokens: a handler's ``opt={"scope": ...}`` says which it needs,
+    ``"read"`` (the default), ``"admin"`` or ``"public"`` (no token).
+    ``Litestar.register`` adds one later the same way."""
     config = config or WebConfig()
     backend = Backend(app)
     sessions = Sessions(config.session_hours * 3600)
@@ -227,7 +234,9 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         raises=[NoSuchQueue, *AUTH_ERRORS],
         tags=["tasks"],
     )
-    async def submit_unknown(queue: str) -> Submitted:
+    async def submit_unknown(
+        queue: Annotated[str, Parameter(description="queue name")],
+    ) -> Submitted:
         raise NoSuchQueue(detail=f"no task queue named {queue!r}")
 
     @get(
@@ -256,7 +265,7 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         tags=["tasks"],
         sync_to_thread=True,
     )
-    def task_status(task_id: str) -> TaskRecord:
+    def task_status(task_id: Annotated[str, Parameter(description="task id")]) -> TaskRecord:
         return _record(task_id)
 
     @get(
@@ -268,7 +277,10 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         tags=["tasks"],
         media_type="text/plain",
     )
-    async def task_output(task_id: str, follow: bool = True) -> Stream:
+    async def task_output(
+        task_id: Annotated[str, Parameter(description="task id")],
+        follow: Annotated[bool, Parameter(description="follow until final")] = True,
+    ) -> Stream:
         await _thread(_record, task_id)
 
         async def chunks() -> AsyncIterator[str]:
@@ -319,7 +331,8 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         sync_to_thread=True,
     )
     def dead_letters(
-        queue: str, limit: int = Parameter(default=100, ge=1, le=1000)
+        queue: Annotated[str, Parameter(description="queue name")],
+        limit: int = Parameter(default=100, ge=1, le=1000),
     ) -> list[DeadLetterOut]:
         return backend.dead_letters(_known(queue), limit)
 
@@ -340,7 +353,9 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         tags=["queues"],
         opt={"scope": "admin"},
     )
-    async def requeue(queue: str, request: Request[Any, Any, Any]) -> Count:
+    async def requeue(
+        queue: Annotated[str, Parameter(description="queue name")], request: Request[Any, Any, Any]
+    ) -> Count:
         _known(queue)
         ids = await _ids(request)
         return Count(await _thread(backend.requeue, queue, ids))
@@ -353,7 +368,9 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         tags=["queues"],
         opt={"scope": "admin"},
     )
-    async def purge(queue: str, request: Request[Any, Any, Any]) -> Count:
+    async def purge(
+        queue: Annotated[str, Parameter(description="queue name")], request: Request[Any, Any, Any]
+    ) -> Count:
         _known(queue)
         ids = await _ids(request)
         return Count(await _thread(backend.purge, queue, ids))
@@ -425,6 +442,7 @@ def create_app(app: TaskApp, config: WebConfig | None = None) -> Litestar:
         health,
         metrics,
         *page_routes(backend, config, sessions),
+        *routes,
     ]
     components = Components(
         security_schemes={

@@ -4,12 +4,13 @@ to refresh the overview and follow a task's output live."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any
 
 import jinja2
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.exceptions import NotFoundException
+from litestar.params import Parameter
 from litestar.response import Redirect
 
 from kew.web.auth import Sessions, bearer_scope
@@ -66,11 +67,15 @@ def page_routes(backend: Backend, config: WebConfig, sessions: Sessions) -> list
         return Redirect("/ui")
 
     @get("/ui", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def index(queue: str | None = None) -> Response[str]:
+    def index(
+        queue: Annotated[str | None, Parameter(description="only this queue")] = None,
+    ) -> Response[str]:
         return render("index.html", heading="Overview", **overview_context(queue))
 
     @get("/ui/overview", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def overview(queue: str | None = None) -> Response[str]:
+    def overview(
+        queue: Annotated[str | None, Parameter(description="only this queue")] = None,
+    ) -> Response[str]:
         return render("_overview.html", **overview_context(queue))
 
     def task_record(task_id: str) -> Any:
@@ -80,15 +85,15 @@ def page_routes(backend: Backend, config: WebConfig, sessions: Sessions) -> list
         return rec
 
     @get("/ui/tasks/{task_id:str}", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def task_page(task_id: str) -> Response[str]:
+    def task_page(task_id: Annotated[str, Parameter()]) -> Response[str]:
         return render("task.html", heading=f"task {task_id}", task=task_record(task_id))
 
     @get("/ui/tasks/{task_id:str}/status", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def task_status(task_id: str) -> Response[str]:
+    def task_status(task_id: Annotated[str, Parameter()]) -> Response[str]:
         return render("_task.html", task=task_record(task_id))
 
     @get("/ui/queues/{queue:str}/dead", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def dead_page(queue: str) -> Response[str]:
+    def dead_page(queue: Annotated[str, Parameter()]) -> Response[str]:
         if not backend.known(queue):
             raise NotFoundException(detail=f"no queue named {queue!r}")
         return render(
