@@ -11,7 +11,10 @@ tasks:
 2. a worker process is started the way a user starts it, on that full queue:
    - kew:      ``kew worker bench_tasks:app --concurrency 8`` (prefetch 8; each
                task is acked only after its handler returned; the task layer's
-               status events are sent as usual)
+               status events are sent as usual: queued, running and succeeded,
+               each durable before the ack)
+   - kew-bare: the same with ``App(events=False)``: no status or output
+               tracking, like Dramatiq and Celery without a result backend
    - Dramatiq: ``dramatiq bench_tasks --processes 1 --threads 8`` (acks after
                the actor returns; its default prefetch of 2 x threads)
    - Celery:   ``celery -A bench_tasks worker -P threads -c 8`` with
@@ -53,7 +56,7 @@ URLS = {
     "redis": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
     "rabbitmq": os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
 }
-SYSTEMS = ("kew", "dramatiq", "celery")
+SYSTEMS = ("kew", "kew-bare", "dramatiq", "celery")
 THREADS = 8
 
 # -- worker side: the no-op task of each system ------------------------------------
@@ -80,7 +83,7 @@ def noop(n: int = 0) -> None:
 
 def _build(system: str, broker: str, queue: str) -> dict[str, Any]:
     url = URLS[broker]
-    if system == "kew":
+    if system.startswith("kew"):
         import msgspec
 
         from kew.task import App
@@ -88,7 +91,13 @@ def _build(system: str, broker: str, queue: str) -> dict[str, Any]:
         class Noop(msgspec.Struct):
             n: int = 0
 
-        app = App(url, store="memory://", events_queue=f"{queue}.events", name="bench")
+        app = App(
+            url,
+            store="memory://",
+            events_queue=f"{queue}.events",
+            name="bench",
+            events=system == "kew",
+        )
         tq = app.task_queue(queue, Noop, lambda job: noop(job.n))
         return {"app": app, "task": tq}
     if system == "dramatiq":
@@ -137,7 +146,7 @@ def enqueue(n: int) -> float:
     """Enqueue n tasks with the current BENCH_SYSTEM; returns tasks/s."""
     system = os.environ["BENCH_SYSTEM"]
     t0 = time.perf_counter()
-    if system == "kew":
+    if system.startswith("kew"):
         data = task.type(0)
         for _ in range(n):
             task.submit(data)
@@ -151,7 +160,7 @@ def enqueue(n: int) -> float:
 
 
 def cleanup(system: str, broker: str, queue: str) -> None:
-    if system == "kew":
+    if system.startswith("kew"):
         import kew
 
         url = URLS[broker]
@@ -183,7 +192,7 @@ def cleanup(system: str, broker: str, queue: str) -> None:
 
 def worker_cmd(system: str) -> list[str]:
     bin_dir = Path(sys.executable).parent
-    if system == "kew":
+    if system.startswith("kew"):
         return [
             sys.executable,
             "-m",
@@ -310,7 +319,8 @@ def main() -> None:
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}, {platform.node()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        "kew worker --concurrency 8; Dramatiq --processes 1 --threads 8; "
+        "kew worker --concurrency 8 (kew-bare: App(events=False)); "
+        "Dramatiq --processes 1 --threads 8; "
         "Celery -P threads -c 8, acks_late. tasks/s = drain rate of a full queue.",
         "",
         "| broker | system | tasks/s | vs Dramatiq | enqueue/s |",
