@@ -196,6 +196,17 @@ def test_invalid_batch_is_refused_with_every_reason(tmp_path: Path) -> None:
         r = httpx.post(f"{stack.base_url}/ome/import", content=b"{nope")
         assert r.status_code == 400 and r.json()["errors"][0].startswith("the body is not JSON")
         assert httpx.get(f"{stack.base_url}/ome/import/{new_id()}").status_code == 404
+        # the OpenAPI document says what to send and that no token is needed
+        auth = {"Authorization": f"Bearer {stack.admin_token}"}
+        doc = httpx.get(f"{stack.base_url}/schema/openapi.json", headers=auth).json()
+        post = doc["paths"]["/ome/import"]["post"]
+        assert post["security"] == [] and set(post["responses"]) == {"200", "400"}
+        item = post["requestBody"]["content"]["application/json"]["schema"]["items"]
+        assert item["$ref"].endswith("/OmeroImportRequest")
+        props = doc["components"]["schemas"]["OmeroImportRequest"]["properties"]
+        assert {"experimenterEmail", "omeroPort", "datasetId", "textAnnotations"} <= set(props)
+        assert doc["paths"]["/ome/import/{task_id}"]["get"]["security"] == []
+        assert httpx.get(f"{stack.base_url}/queues").status_code == 401  # kew.web's still need one
         svc = stack.service
         assert svc is not None
         assert _empty(svc.imports.queue.browser().stats())  # nothing queued

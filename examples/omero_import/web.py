@@ -79,6 +79,99 @@ def import_routes(svc: OmeroImportService, base_url: str | None = None) -> list[
     return [submit_imports, import_status]
 
 
+_INT_OR_STRING: dict[str, Any] = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string"}]}
+SCHEMAS: dict[str, Any] = {
+    "OmeroImportRequest": {
+        "type": "object",
+        "description": "One import (Smuggler's fields; any value may be sent as a string)",
+        "required": ["experimenterEmail", "targetUri", "omeroHost", "sessionKey"],
+        "additionalProperties": False,
+        "properties": {
+            "experimenterEmail": {"type": "string", "description": "who is told the outcome"},
+            "targetUri": {
+                "type": "string",
+                "description": "file:// URI (mount points apply), absolute or relative path",
+            },
+            "omeroHost": {"type": "string"},
+            "omeroPort": {**_INT_OR_STRING, "description": "default 4064"},
+            "sessionKey": {"type": "string", "description": "an OMERO session key (secret)"},
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "datasetId": {**_INT_OR_STRING, "description": "not with screenId"},
+            "screenId": {**_INT_OR_STRING, "description": "not with datasetId"},
+            "textAnnotations": {
+                "oneOf": [
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "minItems": 2,
+                            "maxItems": 2,
+                        },
+                    },
+                    {"type": "string"},
+                ],
+                "description": "[[namespace, text], ...]",
+            },
+            "annotationIds": {
+                "oneOf": [{"type": "array", "items": _INT_OR_STRING}, {"type": "string"}]
+            },
+        },
+    },
+    "OmeroImportQueued": {
+        "type": "object",
+        "required": ["statusUri", "targetUri"],
+        "properties": {"statusUri": {"type": "string"}, "targetUri": {"type": "string"}},
+    },
+    "OmeroImportErrors": {
+        "type": "object",
+        "required": ["errors"],
+        "properties": {"errors": {"type": "array", "items": {"type": "string"}}},
+    },
+}
+
+
+def _document(asgi: Litestar) -> None:
+    """The OpenAPI document: the import routes' bodies, and no token needed."""
+    from litestar.openapi.spec import (
+        OpenAPIMediaType,
+        OpenAPIResponse,
+        OpenAPIType,
+        Reference,
+        RequestBody,
+        Schema,
+    )
+
+    def json_of(name: str, *, array: bool = False) -> dict[str, OpenAPIMediaType]:
+        ref = Reference(ref=f"#/components/schemas/{name}")
+        schema: Reference | Schema = Schema(type=OpenAPIType.ARRAY, items=ref) if array else ref
+        return {"application/json": OpenAPIMediaType(schema=schema)}
+
+    doc = asgi.openapi_schema
+    doc.components.schemas.update(SCHEMAS)
+    paths = doc.paths or {}
+    post = paths["/ome/import"].post
+    if post is not None:
+        post.security = []
+        post.request_body = RequestBody(
+            content=json_of("OmeroImportRequest", array=True),
+            required=True,
+            description="the imports of one batch",
+        )
+        post.responses = {
+            "200": OpenAPIResponse(
+                "one per request, in order", content=json_of("OmeroImportQueued", array=True)
+            ),
+            "400": OpenAPIResponse(
+                "every reason the batch is refused", content=json_of("OmeroImportErrors")
+            ),
+        }
+    get_ = paths["/ome/import/{task_id}"].get
+    if get_ is not None:
+        get_.security = []
+
+
 def create_web(svc: OmeroImportService, *, base_url: str | None = None) -> Litestar:
     """kew.web's app for the service's task app (monitoring API and page,
     behind the configured tokens) with the import routes added (public)."""
@@ -88,6 +181,7 @@ def create_web(svc: OmeroImportService, *, base_url: str | None = None) -> Lites
     asgi = create_app(svc.app, WebConfig(tokens=tokens, title="OMERO import"))
     for route in import_routes(svc, base_url):
         asgi.register(route)
+    asgi.on_startup.append(_document)
     base_url = base_url or svc.config.web.base_url
     if base_url:
         svc.status_url(base_url)
