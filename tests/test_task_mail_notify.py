@@ -96,12 +96,13 @@ def test_requester_and_admin_mails_over_starttls(
         )
         mail = mail_queue(app, config, retry=Intervals([0.1, 0.1]))
 
-        @app.task("jobs", retry=Intervals([0.05, 0.05]), notify=True)
-        def job(j: Job) -> None:
+        def run_job(j: Job) -> None:
             if j.n == 1:
                 raise Permanent(f"bad input {j.n} (session {j.session})")
             if j.n == 2:
                 raise RuntimeError(f"flaky {j.n}; password={SECRET}")
+
+        job = app.task_queue("jobs", Job, run_job, retry=Intervals([0.05, 0.05]), notify=True)
 
         MailNotifier(
             app,
@@ -193,15 +194,17 @@ def test_refusing_server_is_retried_then_delivers(url: str) -> None:
         with running(app):
             tid = mail.submit(Mail(to=["ann@example.org"], subject="hello", body="hi\n"))
             (got,) = server.wait_for(1, timeout=20)
-            record = wait_for(
-                lambda: (r := app.status(tid)) is not None and r.final and r,
+            wait_for(
+                lambda: (r := app.status(tid)) is not None and r.final,
                 10,
                 what="the mail task's final status",
             )
+            record = app.status(tid)
             assert mail.queue.dead.list() == []
         assert server.refusals == ["451 4.3.0 greylisted, try again later"] * 2
         assert got["Subject"] == "hello"
         assert got["Message-ID"] == f"<{tid}@example.org>"
+        assert record is not None
         assert record.status == "succeeded" and record.attempt == 3
 
 
@@ -223,9 +226,8 @@ def test_mail_that_cannot_be_sent_is_dead_mail_and_can_be_requeued(url: str) -> 
         with running(app):
             temp = mail.submit(Mail(to=["temp@example.org"], subject="t", body="temporary\n"))
             perm = mail.submit(Mail(to=["perm@example.org"], subject="p", body="permanent\n"))
-            dead = wait_for(
-                lambda: len(d := mail.queue.dead.list()) == 2 and d, 20, what="two dead mails"
-            )
+            wait_for(lambda: len(mail.queue.dead.list()) == 2, 20, what="two dead mails")
+            dead = mail.queue.dead.list()
             by_id = {d.id: d for d in dead}
             assert set(by_id) == {temp, perm}
             assert "451 4.3.0 try later" in by_id[temp].reason
@@ -292,7 +294,8 @@ def test_wrong_ca_never_falls_back_to_plain_text(certs: dict[str, str], tmp_path
         mail = mail_queue(app, config, retry=Intervals([0.05]))
         with running(app):
             tid = mail.submit(Mail(to=["ann@example.org"], subject="s", body="b\n"))
-            (dead,) = wait_for(lambda: mail.queue.dead.list(), 20, what="the dead mail")
+            wait_for(lambda: mail.queue.dead.list(), 20, what="the dead mail")
+            (dead,) = mail.queue.dead.list()
         assert dead.id == tid
         assert "TLS certificate not trusted" in dead.reason
         assert "never sent in clear" in dead.reason
