@@ -117,6 +117,18 @@ def test_submit_then_status_and_output(server: WebServer, admin: httpx.Client) -
     assert doc["id"] in [t["id"] for t in recent]
 
 
+def test_submit_with_a_delay(admin: httpx.Client) -> None:
+    r = admin.post("/queues/thumbs/tasks", params={"delay": "3600"}, json={"image_id": 9})
+    assert r.status_code == 202
+    doc = admin.get(r.json()["status_url"]).json()
+    assert doc["status"] == "queued"
+    assert doc["next_at"] >= doc["created_at"] + 3_599_000
+    queues = {q["name"]: q for q in admin.get("/queues").json()}
+    assert queues["thumbs"]["delayed"] >= 1
+    bad = admin.post("/queues/thumbs/tasks", params={"delay": "-1"}, json={"image_id": 9})
+    assert bad.status_code == 400
+
+
 def test_failed_task_reports_its_error(admin: httpx.Client) -> None:
     r = admin.post("/queues/thumbs/tasks", json={"image_id": 1, "note": "fail"})
     assert r.status_code == 202
