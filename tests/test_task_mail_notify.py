@@ -326,3 +326,29 @@ def test_the_smtp_password_is_scrubbed_from_mails_and_logs(
         assert got["Subject"] == "pw ***"
         assert "the password is ***" in body_of(got)
     assert SECRET not in caplog.text
+
+
+def test_a_refused_login_leaves_no_password_in_store_dead_letters_or_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with SmtpServer(mode="plain", users={"kew": "the-right-one"}) as server:
+        app = App(fresh_memory(), name="mailtest", store="memory://")
+        config = plain(server, username="kew", password=SECRET, allow_plain_login=True)
+        mail = mail_queue(app, config, retry=Intervals([0.05]))
+        with running(app):
+            tid = mail.submit(Mail(to=["ann@example.org"], subject="s", body="b\n"))
+            wait_for(lambda: mail.queue.dead.list(), 20, what="the dead mail")
+            wait_for(
+                lambda: (r := app.status(tid)) is not None and r.final, 10, what="final status"
+            )
+            (dead,) = mail.queue.dead.list()
+            record = app.status(tid)
+            output, _ = app.output(tid)
+        assert record is not None and record.status == "failed" and record.attempt == 1
+        assert "login as 'kew' refused: 535" in dead.reason  # 5xx: no retry
+        assert "535" in record.last_error
+        for text in (dead.reason, record.last_error, output, caplog.text):
+            for form in config.secret_forms():  # the password, and as AUTH sends it
+                assert form not in text
+        assert server.messages == []
