@@ -14,12 +14,13 @@ admin page) are kew.web's, on the same server, behind its bearer tokens.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
+from litestar.params import Parameter
 
 from .request import InvalidRequest
 from .service import OmeroImportService
@@ -59,7 +60,12 @@ def import_routes(svc: OmeroImportService, base_url: str | None = None) -> list[
         opt={"scope": "public"},
         tags=["omero"],
     )
-    async def import_status(task_id: str, format: str = "text") -> Response[Any]:
+    async def import_status(
+        task_id: Annotated[str, Parameter(description="the import's id (from its statusUri)")],
+        format: Annotated[
+            Literal["text", "json"], Parameter(description="text: the log; json: status and log")
+        ] = "text",
+    ) -> Response[Any]:
         record = await anyio.to_thread.run_sync(svc.app.status, task_id)
         if record is None:
             return Response(
@@ -178,9 +184,11 @@ def create_web(svc: OmeroImportService, *, base_url: str | None = None) -> Lites
     from kew.web import Token, WebConfig, create_app
 
     tokens = [Token.parse(scope, token) for token, scope in svc.config.web.tokens.items()]
-    asgi = create_app(svc.app, WebConfig(tokens=tokens, title="OMERO import"))
-    for route in import_routes(svc, base_url):
-        asgi.register(route)
+    asgi = create_app(
+        svc.app,
+        WebConfig(tokens=tokens, title="OMERO import"),
+        routes=import_routes(svc, base_url),
+    )
     asgi.on_startup.append(_document)
     base_url = base_url or svc.config.web.base_url
     if base_url:
