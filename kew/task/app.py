@@ -385,7 +385,7 @@ class TaskQueue(Generic[T]):
             data=data,
             emit=app._emit if self.track else None,
         )
-        running = ctx.event("running")
+        running = ctx.event("running", at=ctx.run)
         app._tell(running)
         if self.track:
             ctx.add_pending(running)
@@ -420,8 +420,12 @@ class TaskQueue(Generic[T]):
             app._ended(ctx)
 
     def _events(self, ctx: TaskContext, final: TaskEvent) -> None:
-        """Send the attempt's last output and its end event (one batch)."""
+        """Send the attempt's last output and its end event (one batch).
+        A "running" event not sent yet (a short attempt) is left out: the
+        end event says as much (its ``run`` is when the attempt started)."""
         events = ctx.take()
+        if events and events[0].kind == "running":
+            del events[0]
         for e in events:
             if e.kind == "output":
                 self.app._tell(e)

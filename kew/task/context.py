@@ -105,12 +105,12 @@ class TaskContext:
 
     # -- for the runner -------------------------------------------------------
 
-    def event(self, kind: EventKind, **fields: Any) -> TaskEvent:
+    def event(self, kind: EventKind, at: int | None = None, **fields: Any) -> TaskEvent:
         return TaskEvent(
             self.id,
             self.queue,
             kind,
-            _now_ms(),
+            _now_ms() if at is None else at,
             attempt=self.attempt,
             run=self.run,
             worker=self.worker,

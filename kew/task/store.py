@@ -129,6 +129,7 @@ def transition(row: _Row | None, ev: TaskEvent) -> _Row | None:
     elif ev.kind == "retry-scheduled":
         rec = replace(
             rec,
+            started_at=_started(rec, row, ev),
             status="retry-scheduled",
             attempt=ev.attempt,
             next_at=ev.next_at,
@@ -139,6 +140,7 @@ def transition(row: _Row | None, ev: TaskEvent) -> _Row | None:
     elif ev.kind in FINAL_STATUSES:
         rec = replace(
             rec,
+            started_at=_started(rec, row, ev),
             status="succeeded" if ev.kind == "succeeded" else "failed",
             attempt=ev.attempt,
             finished_at=ev.at,
@@ -157,6 +159,14 @@ def transition(row: _Row | None, ev: TaskEvent) -> _Row | None:
         )
     assert rec.status == status
     return _Row(rec, ev.run, STATUS_RANK[ev.kind])
+
+
+def _started(rec: TaskRecord, row: _Row, ev: TaskEvent) -> int | None:
+    """When the run that ``ev`` ends started: its ``run`` (a short attempt
+    sends no "running" event of its own)."""
+    if (rec.attempt, row.run) == (ev.attempt, ev.run) and rec.started_at is not None:
+        return rec.started_at
+    return ev.run or rec.started_at
 
 
 def join_output(chunks: Iterable[tuple[int, int, str]]) -> str:
