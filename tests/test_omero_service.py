@@ -390,3 +390,26 @@ store = "{tmp_path / "batches.sqlite3"}"
             outs = [p.communicate(timeout=60)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs
         assert all(KEY not in out for out in outs)
+
+
+def test_an_import_past_its_time_limit_is_killed_and_retried(tmp_path: Path) -> None:
+    settings: dict[str, dict[str, Any]] = {
+        "kew": {"url": f"sqlite:///{tmp_path / 'kew.sqlite3'}"},
+        "import": {"timeout": 1.0, "retry_minutes": [0.005]},
+        "session": {"enabled": False},
+    }
+    with LocalStack(tmp_path, settings=settings, worker_concurrency=2) as stack:
+        r = httpx.post(f"{stack.base_url}/ome/import", json=[request("/data/hang.tif")])
+        assert r.status_code == 200, r.text
+        uri = r.json()[0]["statusUri"]
+        mails = stack.smtp.wait(2, 60)  # the experimenter's and the administrator's
+        assert all("timed out after 1.0 s" in text_of(m) for m in mails)
+        doc = wait_for(
+            lambda: (
+                (d := httpx.get(uri, params={"format": "json"}).json())["status"] == "failed" and d
+            ),
+            30,
+        )
+        assert doc["attempt"] == 2
+        assert doc["output"].count("time limit of 1.0 s reached") == 2
+        assert len(_imports(stack.calls(), "hang.tif")) == 2
