@@ -21,7 +21,7 @@ from kew.task.errors import Permanent
 from kew.task.mail import Mail, MailNotifier, SmtpConfig, mail_queue
 from kew.task.retry import Intervals
 from kew.task.worker import Worker
-from kew.testing.util import wait_for
+from kew.testing.util import port_open, require, wait_for
 from tests.brokers.tls import make_certs
 from tests.smtp import IGNORE_AUTH_WARNING, SmtpServer, body_of, raw_of
 
@@ -43,11 +43,23 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return make_certs(tmp_path_factory.mktemp("smtp-certs"))
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "memory":
-        return fresh_memory()
-    return f"sqlite:///{tmp_path / 'kew.sqlite3'}"
+        yield fresh_memory()
+    elif request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'kew.sqlite3'}"
+    else:
+        require(port_open("127.0.0.1", 6379), "no Redis on 127.0.0.1:6379")
+        import redis
+
+        prefix = f"mailtest-{os.urandom(4).hex()}"  # keys of this test's own
+        yield f"redis://127.0.0.1:6379/0?prefix={prefix}"
+        client = redis.Redis(host="127.0.0.1", port=6379, db=0)
+        keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 def fresh_memory() -> str:
