@@ -399,7 +399,8 @@ def test_an_import_past_its_time_limit_is_killed_and_retried(tmp_path: Path) -> 
         "session": {"enabled": False},
     }
     with LocalStack(tmp_path, settings=settings, worker_concurrency=2) as stack:
-        r = httpx.post(f"{stack.base_url}/ome/import", json=[request("/data/hang.tif")])
+        target = f"/data/{new_id()}/hang.tif"
+        r = httpx.post(f"{stack.base_url}/ome/import", json=[request(target)])
         assert r.status_code == 200, r.text
         uri = r.json()[0]["statusUri"]
         mails = stack.smtp.wait(2, 60)  # the experimenter's and the administrator's
@@ -413,3 +414,12 @@ def test_an_import_past_its_time_limit_is_killed_and_retried(tmp_path: Path) -> 
         assert doc["attempt"] == 2
         assert doc["output"].count("time limit of 1.0 s reached") == 2
         assert len(_imports(stack.calls(), "hang.tif")) == 2
+        # the killed importers are gone, process group and all
+        alive = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if target.encode() in cmdline.read_bytes():
+                    alive.append(cmdline.parent.name)
+            except OSError:
+                continue
+        assert alive == []
