@@ -158,6 +158,17 @@ def test_worker_runs_tasks_and_task_follow_tails_them(
     assert "di can never work" in f.stderr
     r = env.kew("task", task_id, "--store", env.store_url)
     assert table_rows(r.stdout)["status"] == ["failed"]
+    # Its message is kept in the queue's dead letters, with the reason.
+    r = env.kew("dead", "list", "doomed", "--app", APP)
+    assert r.returncode == 0, r.stderr
+    (row,) = table_rows(r.stdout).items()
+    assert row[0] == task_id
+    assert "permanent failure in attempt 1: di can never work" in " ".join(row[1])
+    r = env.kew("dead", "show", "doomed", task_id, "--app", APP)
+    assert '{"name":"di"' in r.stdout.split("body:", 1)[1].replace(" ", "")
+    r = env.kew("dead", "list", "nosuch", "--app", APP)
+    assert r.returncode == 2
+    assert "no queue 'nosuch'" in r.stderr
 
     r = env.kew("task", "0" * 32, "--store", env.store_url)
     assert r.returncode == 2

@@ -80,3 +80,36 @@ def _up(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_render_in_process_counts_an_apps_tasks() -> None:
+    """``install`` + ``render`` (the web /metrics endpoint's path), with a
+    real App and Worker in this process on memory://."""
+    import msgspec
+
+    from kew.task import App, metrics
+
+    class Job(msgspec.Struct):
+        n: int
+
+    app = App("memory://", store="memory://", name="metrics-test")
+    seen: list[int] = []
+    jobs = app.task_queue("metrics-jobs", Job, lambda j: seen.append(j.n))
+    assert metrics.install(app) is metrics.install(app)  # idempotent
+    before = sample(metrics.render().decode(), "kew_tasks_succeeded_total", queue="metrics-jobs")
+    worker = app.worker(concurrency=2).start()
+    try:
+        ids = [jobs.submit(Job(i)) for i in range(5)]
+        wait_for(lambda: len(seen) == 5, 15, what="5 jobs")
+
+        def rendered() -> str | None:
+            text = metrics.render().decode()
+            n = sample(text, "kew_tasks_succeeded_total", queue="metrics-jobs")
+            return text if n == (before or 0) + 5 else None
+
+        text = wait_for(rendered, 10, what="5 successes counted")
+        assert sample(text, "kew_queue_depth", queue="metrics-jobs", state="ready") == 0
+        assert len(ids) == 5
+    finally:
+        worker.stop(5)
+        app.close()
