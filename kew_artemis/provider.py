@@ -26,21 +26,30 @@ order, exponential backoff, ``retries`` rounds); a consumer's own thread
 resubscribes, and deliveries of the lost connection are never settled (the
 broker redelivers them).  Heartbeats both ways.
 
-Options: ``dialect`` (artemis|activemq|rabbitmq), ``heartbeat`` (ms, default
-10000, 0 off), ``retries`` (connection rounds before BrokerUnavailable,
-default 10), ``receipt_timeout`` (s, default 30), ``connect_timeout`` (s, default
-10: TCP connect, TLS handshake and CONNECTED frame), ``window_bytes`` (Artemis:
-consumer-window-size per prefetched message, default 1: one message in
-flight per prefetch credit), ``browse_idle`` (s, default 0.3: how long a
-drain waits for one more message where the broker cannot say the queue is
+Options: ``dialect`` (artemis|activemq|rabbitmq), ``heartbeat`` (ms,
+default 10000, 0 off), ``retries`` (connection rounds before
+BrokerUnavailable, default 10), ``receipt_timeout`` (s, default 30),
+``connect_timeout`` (s, default 10: TCP connect, TLS handshake, CONNECTED),
+``window_bytes`` (Artemis: consumer-window-size per prefetched message,
+default 1, so at most ``prefetch`` messages are in flight; raise it to about
+the message size for throughput), ``batch`` (how ``send_many`` stores a
+batch: ``pipeline`` = every SEND receipted, all receipts awaited together;
+``tx`` = the SENDs inside a STOMP transaction whose one receipted COMMIT
+stores the whole batch (a SEND in a transaction is only stored at COMMIT,
+so its own receipt would promise nothing); ``auto``, the default, is ``tx``
+on ActiveMQ, which stores plain receipted SENDs one at a time, and
+``pipeline`` elsewhere), ``browse_idle`` (s, default 0.3: how long a drain
+waits for one more message where the broker cannot say the queue is
 empty), ``max_message_size`` (bytes, default 64 MiB), ``vhost`` (the
-CONNECT host header), ``ca_certs``, ``certfile``, ``keyfile`` (stomp+ssl).
+CONNECT host header; default the host name, ``/`` on RabbitMQ),
+``ca_certs``, ``certfile``, ``keyfile`` (stomp+ssl).
 Login and passcode come from the URL's user info.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import queue as queue_mod
@@ -114,6 +123,7 @@ class Options:
     receipt_timeout: float
     connect_timeout: float
     window_bytes: int
+    batch: str
     browse_idle: float
     max_message_size: int
 
@@ -142,10 +152,14 @@ class Options:
             receipt_timeout=p.get_float("receipt_timeout", 30.0, minimum=0.1),
             connect_timeout=p.get_float("connect_timeout", 10.0, minimum=0.1),
             window_bytes=p.get_int("window_bytes", 1, minimum=1),
+            batch=p.get_choice("batch", "auto", ("auto", "pipeline", "tx")),
             browse_idle=p.get_float("browse_idle", 0.3, minimum=0.01),
             max_message_size=p.get_int("max_message_size", 64 * 1024 * 1024, minimum=1),
         )
         p.finish()
+        if options.batch == "auto":  # ActiveMQ syncs its journal per plain SEND
+            batch = "tx" if options.dialect == "activemq" else "pipeline"
+            options = dataclasses.replace(options, batch=batch)
         return options
 
 
@@ -375,9 +389,14 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
             raise _Lost(self.lost or "not connected")
         # stomp.py reads a socket timeout as a closed connection: the timeout
         # bounds connecting only; heartbeats watch the connection from now on.
+        # No Nagle: a pipelined batch ends with a small frame that would
+        # otherwise wait for the broker's delayed ACK (~40 ms a batch).
         transport = conn.transport
-        if transport.socket is not None and transport.blocking:
-            transport.socket.settimeout(None)
+        if transport.socket is not None:
+            with contextlib.suppress(OSError):
+                transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if transport.blocking:
+                transport.socket.settimeout(None)
 
     def _explain(self, host: tuple[str, int], e: BaseException) -> str:
         """Why a connection failed; stomp.py hides TLS errors, so probe."""
@@ -575,9 +594,20 @@ class StompProducer:
                         self._link = _Link(o, self._c.url).open()
                     link = self._link
                     receipts = []
+                    tx = None
+                    if o.batch == "tx" and len(frames) > 1:
+                        tx = link.new_receipt()
+                        link.frame(link.conn.begin, tx)
                     for body, headers in frames:
+                        if tx is not None:  # stored at COMMIT; its receipt covers it
+                            link.send(self._dest, body, {**headers, "transaction": tx}, None)
+                            continue
                         rid = link.new_receipt()
                         link.send(self._dest, body, headers, rid)
+                        receipts.append(rid)
+                    if tx is not None:  # one journal sync for the batch
+                        rid = link.new_receipt()
+                        link.frame(link.conn.commit, tx, headers={"receipt": rid})
                         receipts.append(rid)
                     link.wait(receipts, o.receipt_timeout)
                     return

@@ -61,7 +61,7 @@ class ActiveMQServer:
         self._make_keystore()
         self.data.mkdir(exist_ok=True)
         args = [
-            "java", "-Xms64m", "-Xmx384m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            "java", "-Xms64m", "-Xmx384m", "-XX:+UseSerialGC",
             "-Xshare:auto",
             f"-Dactivemq.home={HOME}", f"-Dactivemq.base={self.dir}",
             f"-Dactivemq.conf={CONFIG.parent}", f"-Dactivemq.data={self.data}",
