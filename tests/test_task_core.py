@@ -484,3 +484,35 @@ def test_open_store_urls(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_store(f"sqlite:///{tmp_path}/missing/dir/x.sqlite3")
     assert now_ms() > 0
+
+
+def test_worker_prefetch_heartbeat_health_and_untracked(tmp_path: Path) -> None:
+    app = App("memory://", store=MemoryTaskStore())
+    ran: list[int] = []
+    fast = app.task_queue("fast", int, ran.append, track=False)
+    app.task_queue("own", int, print, concurrency=3)
+    got: list[str] = []
+    extra: kew.Queue[str] = kew.Queue(app.connector, "extra", str)
+    app.consumer(extra, got.append)
+    health = tmp_path / "healthy"
+    w = app.worker(concurrency=2, record=True)
+    assert not w.healthy()  # not started
+    w.heartbeat = 0.1
+    w.health_file = health
+    w.start()
+    try:
+        assert {s.name: s.prefetch for s in w.subscriptions} == {"fast": 2, "own": 3, "extra": 1}
+        assert w.healthy()
+        wait_for(health.exists, 5, what="the health file")
+        seen = wait_for(lambda: [x for x in app.store.workers() if x.id == w.id], 5)
+        assert seen[0].queues == "fast,own,extra"
+        first = seen[0].last_seen
+        wait_for(lambda: app.store.workers()[0].last_seen > first, 5, what="a later heartbeat")
+        tid = fast.submit(1)
+        extra.send("hello")
+        wait_for(lambda: ran == [1] and got == ["hello"], 5)
+        assert app.status(tid) is None  # untracked: no events at all
+    finally:
+        assert w.stop(5)
+    assert not w.healthy() and not health.exists()
+    app.close()
