@@ -8,7 +8,7 @@ dialect       queue addressing            delayed delivery             prefetch
 ============  ==========================  ===========================  ==================
 artemis       ``<q>`` + ANYCAST headers   ``AMQ_SCHEDULED_TIME``       consumer-window-size
 activemq      ``/queue/<q>``              ``AMQ_SCHEDULED_DELAY``      activemq.prefetchSize
-rabbitmq      ``/queue/<q>``              refused (no scheduler)       prefetch-count
+rabbitmq      ``/queue/<q>``              TTL delay queues             prefetch-count
 ============  ==========================  ===========================  ==================
 
 Durable send: ``persistent:true`` and a RECEIPT awaited before ``send``
@@ -38,7 +38,8 @@ batch: ``pipeline`` = every SEND receipted, all receipts awaited together;
 stores the whole batch (a SEND in a transaction is only stored at COMMIT,
 so its own receipt would promise nothing); ``auto``, the default, is ``tx``
 on ActiveMQ, which stores plain receipted SENDs one at a time, and
-``pipeline`` elsewhere), ``browse_idle`` (s, default 0.3: how long a drain
+``pipeline`` elsewhere), ``delay_granularity`` (ms, default 100: RabbitMQ's
+delay queues round a delay up to this), ``browse_idle`` (s, default 0.3: how long a drain
 waits for one more message where the broker cannot say the queue is
 empty), ``max_message_size`` (bytes, default 64 MiB), ``vhost`` (the
 CONNECT host header; default the host name, ``/`` on RabbitMQ),
@@ -124,6 +125,7 @@ class Options:
     connect_timeout: float
     window_bytes: int
     batch: str
+    delay_granularity: int
     browse_idle: float
     max_message_size: int
 
@@ -153,6 +155,7 @@ class Options:
             connect_timeout=p.get_float("connect_timeout", 10.0, minimum=0.1),
             window_bytes=p.get_int("window_bytes", 1, minimum=1),
             batch=p.get_choice("batch", "auto", ("auto", "pipeline", "tx")),
+            delay_granularity=p.get_int("delay_granularity", 100, minimum=1),
             browse_idle=p.get_float("browse_idle", 0.3, minimum=0.01),
             max_message_size=p.get_int("max_message_size", 64 * 1024 * 1024, minimum=1),
         )
@@ -220,10 +223,45 @@ def send_headers(
             h["AMQ_SCHEDULED_DELAY"] = str(message.deliver_at - now)
         else:
             raise SendError(
-                "RabbitMQ's STOMP plugin cannot delay a message and kew never delivers "
-                "one early: delayed sends are refused on dialect=rabbitmq"
+                "RabbitMQ's STOMP plugin cannot schedule a message: route it with "
+                "send_frame, which uses a TTL delay queue (kew never delivers one early)"
             )
     return h
+
+
+def send_frame(
+    dialect: str,
+    queue: str,
+    message: Message,
+    *,
+    now: int,
+    granularity: int = 100,
+    extra: Mapping[str, str | int] | None = None,
+) -> tuple[str, dict[str, str]]:
+    """(destination, headers) of the SEND frame that puts ``message`` on ``queue``.
+
+    Artemis and ActiveMQ schedule with headers.  RabbitMQ has no scheduler:
+    a message due in d ms goes to the durable queue ``<q>.delay.<D>`` (D = d
+    rounded *up* to ``granularity``), declared by this very SEND with
+    ``x-message-ttl=D`` and dead-lettering into ``<q>`` through the default
+    exchange; the queue expires when unused.  Every message of a delay queue
+    has the same TTL, so they expire in order, and never early.
+    """
+    due = message.deliver_at is not None and message.deliver_at > now
+    if dialect != "rabbitmq" or not due or message.deliver_at is None:
+        return destination(dialect, queue), send_headers(dialect, message, extra, now=now)
+    delay = message.deliver_at - now
+    bucket = -(-delay // granularity) * granularity
+    headers = send_headers(dialect, dataclasses.replace(message, deliver_at=None), extra, now=now)
+    headers.update(
+        {
+            "x-message-ttl": str(bucket),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue,
+            "x-expires": str(bucket + 60_000),
+        }
+    )
+    return destination(dialect, f"{queue}.delay.{bucket}"), headers
 
 
 def subscribe_headers(dialect: str, prefetch: int, window_bytes: int = 1) -> dict[str, str]:
@@ -507,11 +545,6 @@ class StompConnector:
         self.max_message_size = self.options.max_message_size
         self.dialect = self.options.dialect
         self.lacks: dict[Capability, str] = {}
-        if self.dialect == "rabbitmq":
-            self.lacks[Capability.DELAYED_DELIVERY] = (
-                "RabbitMQ's STOMP plugin has no scheduled delivery; kew refuses delayed "
-                "sends rather than deliver them early"
-            )
         if self.dialect != "activemq":
             self.lacks[Capability.BROWSE] = (
                 f"STOMP has no browse on {self.dialect}; reading without taking would "
@@ -570,20 +603,21 @@ class StompProducer:
     def __init__(self, connector: StompConnector, queue: str) -> None:
         self._c = connector
         self._queue = queue
-        self._dest = connector.dest(queue)
         self._lock = threading.Lock()
         self._link: _Link | None = None
 
-    def _frames(self, messages: Sequence[Message]) -> list[tuple[bytes, dict[str, str]]]:
+    def _frames(self, messages: Sequence[Message]) -> list[tuple[str, bytes, dict[str, str]]]:
         now = now_ms()
+        g = self._c.options.delay_granularity
         out = []
         for m in messages:
             if len(m.body) > self._c.max_message_size:
                 raise MessageTooLarge(len(m.body), self._c.max_message_size, self._queue)
-            out.append((m.body, send_headers(self._c.dialect, m, now=now)))
+            dest, headers = send_frame(self._c.dialect, self._queue, m, now=now, granularity=g)
+            out.append((dest, m.body, headers))
         return out
 
-    def _send(self, frames: list[tuple[bytes, dict[str, str]]]) -> None:
+    def _send(self, frames: list[tuple[str, bytes, dict[str, str]]]) -> None:
         o = self._c.options
         with self._lock:
             for attempt in (1, 2, 3):
@@ -598,12 +632,12 @@ class StompProducer:
                     if o.batch == "tx" and len(frames) > 1:
                         tx = link.new_receipt()
                         link.frame(link.conn.begin, tx)
-                    for body, headers in frames:
+                    for dest, body, headers in frames:
                         if tx is not None:  # stored at COMMIT; its receipt covers it
-                            link.send(self._dest, body, {**headers, "transaction": tx}, None)
+                            link.send(dest, body, {**headers, "transaction": tx}, None)
                             continue
                         rid = link.new_receipt()
-                        link.send(self._dest, body, headers, rid)
+                        link.send(dest, body, headers, rid)
                         receipts.append(rid)
                     if tx is not None:  # one journal sync for the batch
                         rid = link.new_receipt()

@@ -8,6 +8,7 @@ from kew_artemis.provider import (
     Options,
     _from_frame,
     destination,
+    send_frame,
     send_headers,
     subscribe_headers,
 )
@@ -48,9 +49,18 @@ def test_due_message_is_not_scheduled() -> None:
         assert not any(k.startswith("AMQ_SCHEDULED") for k in h)
 
 
-def test_rabbitmq_refuses_a_delayed_send() -> None:
-    with pytest.raises(SendError, match="never delivers one early"):
-        send_headers("rabbitmq", Message("m", b"", deliver_at=NOW + 1), now=NOW)
+def test_rabbitmq_delays_through_a_ttl_queue_rounded_up() -> None:
+    m = Message("m", b"", deliver_at=NOW + 1234)
+    dest, h = send_frame("rabbitmq", "jobs", m, now=NOW, granularity=100)
+    assert dest == "/queue/jobs.delay.1300"
+    assert h["x-message-ttl"] == "1300" and h["x-dead-letter-routing-key"] == "jobs"
+    assert h["x-dead-letter-exchange"] == "" and int(h["x-expires"]) > 1300
+    assert not any(k.startswith("AMQ_") for k in h)
+    assert send_frame("rabbitmq", "jobs", Message("n", b""), now=NOW)[0] == "/queue/jobs"
+    # the other dialects keep the queue and schedule with headers
+    assert send_frame("activemq", "jobs", m, now=NOW)[0] == "/queue/jobs"
+    with pytest.raises(SendError):  # headers alone cannot delay on RabbitMQ
+        send_headers("rabbitmq", m, now=NOW)
 
 
 def test_prefetch_headers_per_dialect() -> None:
