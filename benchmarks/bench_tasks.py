@@ -240,7 +240,9 @@ def run_one(system: str, broker: str, n: int, tmp: Path) -> dict[str, float]:
         "BENCH_QUEUE": queue,
         "BENCH_N": str(n),
         "BENCH_OUT": str(out),
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
     }
     log = (tmp / f"{queue}.log").open("w")
     try:
