@@ -288,7 +288,10 @@ class TaskQueue(Generic[T]):
         if self.track:
             event = TaskEvent(task_id, self.name, "queued", now_ms(), next_at=deliver_at)
             self.app._tell(event)
-            self.app._emit([event])
+            try:
+                self.app._emit([event])
+            except Exception:  # the task is queued: its status shows once it runs
+                log.exception("kew: task %s is queued but its 'queued' event failed", task_id)
         return task_id
 
     def decode_json(self, body: bytes | str) -> T:
@@ -390,20 +393,8 @@ class TaskQueue(Generic[T]):
         if self.track:
             ctx.add_pending(running)
         app._started(ctx, delivery)
-        error: BaseException | None = None
-        token = set_current(ctx)
         try:
-            self.handler(data)
-        except Exception as e:
-            error = e
-            if isinstance(e, (Permanent, Retry)):
-                ctx.log(f"[kew] attempt {attempt} failed: {_error_text(e)}")
-            else:
-                tb = e.__traceback__.tb_next if e.__traceback__ else None  # not kew's frame
-                ctx.write("".join(traceback.format_exception(type(e), e, tb)))
-        finally:
-            reset_current(token)
-        try:
+            error = self._call(ctx, data)
             if ctx.cancelled.is_set() and app._abandoned(ctx):
                 return  # handed back already (worker shutdown): the next run records itself
             if error is None:
@@ -418,6 +409,22 @@ class TaskQueue(Generic[T]):
                 self._reschedule(consumer, delivery, ctx, error, delay)
         finally:
             app._ended(ctx)
+
+    def _call(self, ctx: TaskContext, data: T) -> Exception | None:
+        """Run the handler in ``ctx``; what it raised, written to the output."""
+        token = set_current(ctx)
+        try:
+            self.handler(data)
+            return None
+        except Exception as e:
+            if isinstance(e, (Permanent, Retry)):
+                ctx.log(f"[kew] attempt {ctx.attempt} failed: {_error_text(e)}")
+            else:
+                tb = e.__traceback__.tb_next if e.__traceback__ else None  # not kew's frame
+                ctx.write("".join(traceback.format_exception(type(e), e, tb)))
+            return e
+        finally:
+            reset_current(token)
 
     def _events(self, ctx: TaskContext, final: TaskEvent) -> None:
         """Send the attempt's last output and its end event (one batch).
