@@ -352,7 +352,10 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
             self._cond.notify_all()
 
     def on_error(self, frame: Any) -> None:
-        message = frame.headers.get("message", "") or _text(frame.body)
+        message = frame.headers.get("message", "")
+        detail = _text(frame.body)[:300]
+        if detail and detail not in message:
+            message = f"{message}: {detail}" if message else detail
         with self._cond:
             rid = frame.headers.get("receipt-id")
             if rid:
@@ -391,8 +394,13 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
                 except ConfigError:
                     raise
                 except (StompException, OSError, _Lost) as e:
+                    refused = (self.lost or "").startswith("broker error")
                     last = self._explain(host, e)
                     self._close_quietly()
+                    if refused:  # an ERROR frame answered CONNECT: login, vhost ...
+                        raise BrokerUnavailable(
+                            f"STOMP broker at {self.url} refused the connection: {last}"
+                        ) from None
                     if "certificate" in last.lower():
                         raise BrokerUnavailable(f"STOMP broker at {self.url}: {last}") from None
             if attempt < o.retries:

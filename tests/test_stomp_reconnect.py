@@ -10,7 +10,7 @@ import time
 import pytest
 
 import kew
-from kew.testing.util import free_port, wait_for
+from kew.testing.util import free_port, port_open, require, wait_for
 from tests.brokers.activemq import ActiveMQServer
 
 
@@ -106,3 +106,12 @@ def test_unreachable_broker_is_a_clear_error() -> None:
     conn = kew.connect(f"stomp://127.0.0.1:{port}/?retries=1")
     with pytest.raises(kew.BrokerUnavailable, match=f"127.0.0.1:{port}.*unreachable|unreachable"):
         kew.Queue(conn, "nowhere", str)
+
+
+def test_wrong_login_is_refused_clearly_without_the_password() -> None:
+    require(port_open("127.0.0.1", 61613), "RabbitMQ STOMP is not reachable on 127.0.0.1:61613")
+    conn = kew.connect("stomp://guest:n0t-the-pw@127.0.0.1:61613/?dialect=rabbitmq&retries=5")
+    with pytest.raises(kew.BrokerUnavailable, match="refused the connection") as e:
+        kew.Queue(conn, "nowhere", str)
+    assert "Access refused" in str(e.value)
+    assert "n0t-the-pw" not in str(e.value) and "n0t-the-pw" not in repr(conn)
