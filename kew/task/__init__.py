@@ -11,6 +11,8 @@ def resize(job: Resize) -> None:
 resize.submit(Resize(path="a.png"))           # -> task id
 """
 
+from typing import TYPE_CHECKING, Any
+
 from kew.task.app import DEFAULT_STORE, App, TaskQueue
 from kew.task.command import CommandResult, CommandSpec, ExitAction, run_command
 from kew.task.context import TaskContext, current
@@ -26,7 +28,6 @@ from kew.task.model import (
 )
 from kew.task.retry import DEFAULT_RETRY, Exponential, Intervals, NoRetry, RetryPolicy
 from kew.task.store import MemoryTaskStore, SqliteTaskStore, TaskStore, open_store
-from kew.task.worker import Worker
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -58,3 +59,16 @@ __all__ = [
     "open_store",
     "run_command",
 ]
+
+if TYPE_CHECKING:
+    from kew.task.worker import Worker
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that ``python -m kew.task.worker`` does not
+    # find the module imported already by its package.
+    if name == "Worker":
+        from kew.task.worker import Worker
+
+        return Worker
+    raise AttributeError(f"module 'kew.task' has no attribute {name!r}")
