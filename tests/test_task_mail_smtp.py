@@ -305,3 +305,18 @@ def test_some_recipients_refused() -> None:
         with pytest.raises(MailTemporaryError, match="every recipient refused") as info:
             sender.send(mail(to=["gone@example.org"], cc=["full@example.org"]))
         assert info.value.code == 452
+
+
+def test_system_cas_refuse_a_test_certificate_unless_verify_is_off(
+    certs: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with SmtpServer(mode="starttls", certs=certs) as server:
+        base = {"sender": "kew@example.org", "host": server.host, "port": server.port}
+        with pytest.raises(MailTemporaryError, match="checked against the system's CAs"):
+            SmtpSender(SmtpConfig(**base, timeout=10)).send(mail())  # type: ignore[arg-type]
+        assert server.messages == []
+        caplog.set_level(logging.WARNING)
+        unverified = SmtpSender(SmtpConfig(**base, timeout=10, verify=False))  # type: ignore[arg-type]
+        assert "verification is OFF" in caplog.text
+        unverified.send(mail(body="unverified but encrypted\n"))
+        assert body_of(server.wait_for(1)[0]) == "unverified but encrypted\n"
