@@ -516,3 +516,23 @@ def test_worker_prefetch_heartbeat_health_and_untracked(tmp_path: Path) -> None:
         assert w.stop(5)
     assert not w.healthy() and not health.exists()
     app.close()
+
+
+def test_recorder_drops_tasks_past_retention(tmp_path: Path) -> None:
+    app = App("memory://", store=SqliteTaskStore(tmp_path / "t.sqlite3"), retention_days=1 / 86400)
+    app.prune_interval = 0.1
+    tq = app.task_queue("short-lived", int, lambda n: current().log(f"n={n}"))
+    w = app.worker(concurrency=1, record=True)
+    w.heartbeat = 0.1  # heartbeats keep the recorder applying batches
+    w.start()
+    try:
+        tid = tq.submit(1)
+        done = final(app, tid)
+        assert app.output(tid)[0] == "n=1\n"
+        # a second later (the retention), the recorder has dropped it with its output
+        wait_for(lambda: app.status(tid) is None, 10, what="the task pruned")
+        assert now_ms() - (done.finished_at or 0) >= 1000
+        assert app.output(tid) == ("", 0)
+    finally:
+        w.stop(5)
+    app.close()

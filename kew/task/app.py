@@ -577,6 +577,8 @@ class App:
         if not retention_days > 0:
             raise ValueError(f"retention_days must be positive, not {retention_days!r}")
         self.retention_days = retention_days
+        #: Seconds between the recorder's retention passes.
+        self.prune_interval = 3600.0
         self.events_enabled = events
         self._store: TaskStore | None = store if not isinstance(store, (str, type(None))) else None
         self._store_url = (
@@ -757,8 +759,9 @@ class App:
 
     def recorder(self, *, concurrency: int = 1) -> Subscription:
         """Consume the events queue into :attr:`store` (batches of up to
-        512 events per transaction); also drops tasks older than
-        ``retention_days`` once an hour.  ``concurrency`` is accepted for
+        512 events per transaction); also drops final tasks older than
+        ``retention_days``, with their output, once an hour
+        (:attr:`prune_interval`).  ``concurrency`` is accepted for
         the CLI; one batch loop serves any load a store can take."""
         store = self.store
         decode = self.events.codec.decode
@@ -777,7 +780,7 @@ class App:
             store.apply(events)
             for d in good:
                 consumer.ack(d)
-            if time.monotonic() - last_prune[0] > 3600:
+            if time.monotonic() - last_prune[0] > self.prune_interval:
                 last_prune[0] = time.monotonic()
                 try:
                     n = store.prune(now_ms() - retention_ms)
