@@ -202,3 +202,20 @@ def test_worker_sigterm_finishes_the_running_task_and_exits_0(env: Env) -> None:
     assert r.stdout.rstrip().endswith("hello eve #3")
     r = env.kew("queues", "--app", APP)
     assert table_rows(r.stdout)["greet"] == ["0", "0", "0", "0"]
+
+
+def test_worker_with_record_records_the_last_task_before_exiting(env: Env) -> None:
+    """With --record the worker's own recorder stops last: a task finished
+    during the grace period is recorded before the process exits."""
+    proc = env.worker("--record", "--grace", "30")
+    try:
+        r = env.kew("send", "--app", APP, "greet", '{"name": "fay", "times": 2, "pause": 0.5}')
+        task_id = r.stdout.strip()
+        wait_for(lambda: env.status(task_id) == "running", 30, what="the task to run")
+        code, err = stop(proc)
+        assert code == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert env.status(task_id) == "succeeded"
