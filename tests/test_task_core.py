@@ -33,6 +33,7 @@ from kew.task import (
 from kew.testing.util import port_open, require, wait_for
 
 REDIS = "redis://127.0.0.1:6379/0?lease=2"
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -45,12 +46,15 @@ def _suffix() -> str:
     return os.urandom(4).hex()
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "rabbitmq"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "memory":
         return "memory://"
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/q.sqlite3?lease=2"
+    if request.param == "rabbitmq":
+        require(port_open("127.0.0.1", 5672), "RabbitMQ is not running on 127.0.0.1:5672")
+        return RABBITMQ
     require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
     return REDIS
 
@@ -65,7 +69,7 @@ def app(url: str, tmp_path: Path) -> Iterator[App]:
     yield a
     names = a.queue_names()
     a.close()
-    if url.startswith("redis"):
+    if url.startswith(("redis", "amqp")):
         c = kew.connect(url)
         for name in names:
             c.delete(name)
@@ -139,11 +143,13 @@ def test_retry_intervals_honoured_then_exceeded_once(app: App) -> None:
         assert text.index("--- attempt 3 ---") < text.index("job 2 attempt 3")
         assert "ValueError: job 2 failed in attempt 3" in text
         # the failed task stays in the dead letters, with the reason
-        dead = tq.queue.dead.list()
+        dead = wait_for(lambda: tq.queue.dead.list(), 10, what="the dead letter")
         assert [d.id for d in dead] == [bad]
         assert "failed after 3 attempts" in dead[0].reason
         assert tq.outcomes is not None
-        kinds = [(o.task_id, o.kind, o.attempt) for o in tq.outcomes.browser().peek()]
+        outcomes = tq.outcomes
+        wait_for(lambda: len(outcomes.browser().peek()) == 6, 10, what="3 outcomes each")
+        kinds = [(o.task_id, o.kind, o.attempt) for o in outcomes.browser().peek()]
         assert sorted(k for k in kinds if k[0] == bad) == sorted(
             [(bad, "attempt-failed", 1), (bad, "attempt-failed", 2), (bad, "failed", 3)]
         )
