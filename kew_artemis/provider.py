@@ -826,6 +826,10 @@ class StompConsumer:
 
     def close(self) -> None:
         self._closed.set()
+        link = self._link
+        if link is not None:
+            with link._cond:  # wake the connection thread now
+                link._cond.notify_all()
         self._thread.join(10)
         link = self._link
         if link is not None:
