@@ -3,6 +3,7 @@ on SQLite in a tmp dir, with the small app of tests/apps/cli_app.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -183,9 +184,10 @@ def test_worker_sigterm_finishes_the_running_task_and_exits_0(env: Env) -> None:
     recorder = env.worker(command="recorder")
     proc = env.worker("--grace", "30")
     try:
-        r = env.kew("send", "--app", APP, "greet", '{"name": "eve", "times": 3, "pause": 0.5}')
-        task_id = r.stdout.strip()
-        wait_for(lambda: env.status(task_id) == "running", 30, what="the task to run")
+        mark = env.tmp / "eve.started"
+        body = json.dumps({"name": "eve", "times": 3, "pause": 0.5, "mark": str(mark)})
+        task_id = env.kew("send", "--app", APP, "greet", body).stdout.strip()
+        wait_for(mark.exists, 30, what="the task to start")
         code, err = stop(proc)
         assert code == 0, err
         assert "Traceback" not in err
@@ -209,9 +211,10 @@ def test_worker_with_record_records_the_last_task_before_exiting(env: Env) -> No
     during the grace period is recorded before the process exits."""
     proc = env.worker("--record", "--grace", "30")
     try:
-        r = env.kew("send", "--app", APP, "greet", '{"name": "fay", "times": 2, "pause": 0.5}')
-        task_id = r.stdout.strip()
-        wait_for(lambda: env.status(task_id) == "running", 30, what="the task to run")
+        mark = env.tmp / "fay.started"
+        body = json.dumps({"name": "fay", "times": 3, "pause": 0.5, "mark": str(mark)})
+        task_id = env.kew("send", "--app", APP, "greet", body).stdout.strip()
+        wait_for(mark.exists, 30, what="the task to start")
         code, err = stop(proc)
         assert code == 0, err
     finally:

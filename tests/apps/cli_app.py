@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import msgspec
 
@@ -16,6 +17,7 @@ class Greeting(msgspec.Struct):
     name: str
     times: int = 1
     pause: float = 0.0
+    mark: str = ""  # a file the handler creates when it starts (tests wait for it)
 
 
 app = App(
@@ -29,6 +31,8 @@ app = App(
 def greet(g: Greeting) -> None:
     """Logs a line per time; ``pause`` seconds of work between lines."""
     ctx = current()
+    if g.mark:
+        Path(g.mark).touch()
     for i in range(g.times):
         if i and g.pause:
             time.sleep(g.pause)  # the task's own work, not a test waiting
