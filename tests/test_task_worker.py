@@ -186,7 +186,7 @@ def test_sigterm_lets_a_running_task_finish(app: App, workers: Workers, tmp_path
     tid = tq.submit("finishing")
     wait_for(lambda: started_by(tmp_path), 30, what="the task to start")
     os.kill(w.pid, signal.SIGTERM)
-    wait_for(lambda: "stopping (grace" in workers.logs(), 10, what="the signal seen")
+    wait_for(lambda: "taking no more work" in workers.logs(), 10, what="the signal seen")
     second = tq.submit("not taken")  # a stopping worker takes no new work
     assert w.poll() is None, "the worker should wait for its running task"
     (tmp_path / "gate").touch()

@@ -184,6 +184,9 @@ class Worker:
         ]
         for t in threads:
             t.start()
+        while any(s.alive for s in self.subscriptions) and time.monotonic() < deadline:
+            time.sleep(0.005)  # each subscription has flagged itself stopping
+        log.info("kew worker %s: taking no more work", self.id)
         while self._mine() and time.monotonic() < deadline and not self._stopped.is_set():
             time.sleep(0.02)
         left = self._mine()
