@@ -19,6 +19,7 @@ the same TTL, so they expire in order, and never early.
 
 Options: ``queue_type`` (classic|quorum), ``heartbeat`` (s, default 30),
 ``retries`` (reconnects before BrokerUnavailable, default 10),
+``connection_name`` (shown by the management tools, default ``kew``),
 ``delay_granularity`` (ms, default 100), ``max_message_size`` (bytes,
 default 64 MiB), ``ca_certs``, ``certfile``, ``keyfile`` (amqps://).
 The URL path is the virtual host.
@@ -84,6 +85,7 @@ class Options:
                 context.load_cert_chain(files["certfile"], files.get("keyfile"))
             ssl_options = pika.SSLOptions(context)
         heartbeat = p.get_int("heartbeat", 30)
+        connection_name = p.get_str("connection_name", "kew") or "kew"
         credentials = pika.PlainCredentials(p.username or "guest", p.password or "guest")
         params = [
             pika.ConnectionParameters(
@@ -95,6 +97,7 @@ class Options:
                 ssl_options=ssl_options,
                 blocked_connection_timeout=60,
                 connection_attempts=1,
+                client_properties={"connection_name": connection_name},
             )
             for host, port in (p.hosts or [("127.0.0.1", None)])
         ]
