@@ -464,7 +464,14 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
                 return f"{where}: TLS failed: {tls_error}"
             except OSError as os_error:
                 return f"{where}: {os_error}"
-        return f"{where}: {type(e).__name__} {e}".strip()
+        else:
+            try:
+                with socket.create_connection(host, timeout=o.connect_timeout):
+                    pass
+            except OSError as os_error:
+                return f"{where}: {os_error}"
+        detail = str(e) or self.lost or "no CONNECTED frame"
+        return f"{where}: {type(e).__name__}: {detail}"
 
     def _close_quietly(self) -> None:
         conn, self.conn = self.conn, None
@@ -731,9 +738,10 @@ class StompConsumer:
                 )
                 link.wait([rid], self._c.options.receipt_timeout)
             except (_Lost, SendError) as e:
+                refused = (link.lost or "").startswith("broker error")
                 link.close()
-                if not self._ready.is_set() and isinstance(e, SendError):
-                    self._failed = e
+                if not self._ready.is_set() and (isinstance(e, SendError) or refused):
+                    self._failed = e  # the broker refused the subscription
                     self._ready.set()
                     return
                 self._closed.wait(delay)
