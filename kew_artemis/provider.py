@@ -278,8 +278,9 @@ def subscribe_headers(dialect: str, prefetch: int, window_bytes: int = 1) -> dic
 
 def _from_frame(headers: Mapping[str, str], body: bytes) -> tuple[Message, int]:
     """(message, delivery count) from a MESSAGE frame."""
-    try:
-        ints = set(json.loads(headers.get(H_INTS, "[]")))
+    try:  # a foreign or damaged header must not stop the consumer
+        listed = json.loads(headers.get(H_INTS, "[]"))
+        ints = {x for x in listed if isinstance(x, str)} if isinstance(listed, list) else set()
     except ValueError:
         ints = set()
     out: dict[str, str | int] = {}

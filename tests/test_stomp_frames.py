@@ -127,3 +127,10 @@ def test_url_options() -> None:
     with pytest.raises(ConfigError) as e:
         Options.from_url("stomp://u:s3cret@h/?retries=x")
     assert "s3cret" not in str(e.value)
+
+
+@pytest.mark.parametrize("ints", ["5", "{", '{"a": 1}', "[1, null]", '["n"]'])
+def test_damaged_kew_ints_never_break_reading(ints: str) -> None:
+    m, count = _from_frame({"kew-id": "m", "kew-ints": ints, "n": "x7"}, b"body")
+    assert m.id == "m" and m.body == b"body" and count == 1
+    assert m.headers["n"] == "x7"  # listed as int but not a number: kept as text
