@@ -50,6 +50,7 @@ from kew.qchan.spi import (
     QueueStats,
     now_ms,
 )
+from kew.qchan.spi.dedupe import ClaimResult
 
 SCHEMES = ("redis", "rediss")
 GROUP = "kew"
@@ -223,6 +224,10 @@ class RedisConnector:
     def delete(self, queue: str) -> None:
         k = self.keys(queue)
         _guard(self.url, lambda: self.redis.delete(k.stream, k.dead, k.delayed))
+
+    def dedupe_store(self, namespace: str) -> RedisDedupeStore:
+        """Records for ``kew.idempotency`` on this Redis (one key each)."""
+        return RedisDedupeStore(self, namespace)
 
     def close(self) -> None:
         self.redis.close()
@@ -492,6 +497,117 @@ class RedisBrowser:
             pipe.xdel(self._keys.stream, *[e[0] for e in entries])
         delayed = _guard(self._c.url, pipe.execute)[0]
         return len(entries) + int(delayed)
+
+    def close(self) -> None:
+        pass
+
+
+# -- dedupe store (kew.idempotency) ------------------------------------------
+
+# One key per record: "d" (done; PX retention, or no expiry) or "c:<token>"
+# (claimed; PX lease).  Expiry does the clean-up.
+_ONCE_CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if v == 'd' then return 'done' end
+if v and v ~= ARGV[1] then return 'held' end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 'claimed'
+"""
+_ONCE_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_ONCE_COMPLETE = """
+local v = redis.call('GET', KEYS[1])
+if ARGV[1] == '' then redis.call('SET', KEYS[1], 'd')
+else redis.call('SET', KEYS[1], 'd', 'PX', ARGV[1]) end
+if (not v) or v == ARGV[2] then return 1 end
+return 0
+"""
+_ONCE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisDedupeStore:
+    """Records as keys ``<prefix>:once:{<namespace>}:<key>``, changed by Lua
+    scripts (atomic), removed by expiry.  ``atomic_once`` gives its effect a
+    redis-py pipeline in MULTI: the commands the effect queues on it run in
+    one MULTI/EXEC with the done mark (WATCHed, so a concurrent or retried
+    run sees the mark and does not repeat the effect).  The hash tag puts a
+    namespace in one Cluster slot; tag the effect's keys alike."""
+
+    def __init__(self, connector: RedisConnector, namespace: str) -> None:
+        self.namespace = namespace
+        self._c = connector
+        self._r = connector.redis
+        self._base = f"{connector.options.prefix}:once:{{{namespace}}}:"
+        self._claim = self._r.register_script(_ONCE_CLAIM)
+        self._extend = self._r.register_script(_ONCE_EXTEND)
+        self._complete = self._r.register_script(_ONCE_COMPLETE)
+        self._release = self._r.register_script(_ONCE_RELEASE)
+
+    def __repr__(self) -> str:
+        return f"RedisDedupeStore({self.namespace!r}, {self._c.url!r})"
+
+    def key(self, key: str) -> str:
+        return self._base + key
+
+    def claim(self, key: str, token: str, lease_ms: int) -> ClaimResult:
+        k = self.key(key)
+        got = _guard(self._c.url, lambda: self._claim(keys=[k], args=["c:" + token, lease_ms]))
+        return ClaimResult(_text(got))
+
+    def extend(self, key: str, token: str, lease_ms: int) -> bool:
+        k = self.key(key)
+        return bool(
+            _guard(self._c.url, lambda: self._extend(keys=[k], args=["c:" + token, lease_ms]))
+        )
+
+    def complete(self, key: str, token: str, retain_ms: int | None) -> bool:
+        k, retain = self.key(key), "" if retain_ms is None else str(retain_ms)
+        return bool(
+            _guard(self._c.url, lambda: self._complete(keys=[k], args=[retain, "c:" + token]))
+        )
+
+    def release(self, key: str, token: str) -> None:
+        k = self.key(key)
+        _guard(self._c.url, lambda: self._release(keys=[k], args=["c:" + token]))
+
+    def atomic_once(self, key: str, effect: Callable[[Any], object], retain_ms: int | None) -> bool:
+        k = self.key(key)
+
+        def attempt() -> bool:
+            with self._r.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        pipe.watch(k)
+                        if pipe.get(k) == b"d":
+                            return False
+                        pipe.multi()
+                        effect(pipe)
+                        pipe.set(k, "d", px=retain_ms)
+                        pipe.execute()
+                        return True
+                    except redis.WatchError:
+                        continue  # changed, or the connection died while watching: look again
+
+        return _guard(self._c.url, attempt)
+
+    def state(self, key: str) -> str | None:
+        v = _guard(self._c.url, lambda: self._r.get(self.key(key)))
+        if v is None:
+            return None
+        return "done" if v == b"d" else "claimed"
+
+    def forget(self, key: str) -> None:
+        _guard(self._c.url, lambda: self._r.delete(self.key(key)))
+
+    def purge_expired(self) -> int:
+        return -1  # Redis expires the keys itself
 
     def close(self) -> None:
         pass

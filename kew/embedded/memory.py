@@ -11,7 +11,7 @@ import heapq
 import itertools
 import threading
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from kew.qchan.spi import (
@@ -25,6 +25,7 @@ from kew.qchan.spi import (
     QueueStats,
     now_ms,
 )
+from kew.qchan.spi.dedupe import ClaimResult
 
 SCHEMES = ("memory",)
 
@@ -63,6 +64,8 @@ class _Broker:
         self.queues: dict[str, _Queue] = {}
         self.tags = itertools.count(1)
         self.seq = itertools.count()
+        #: dedupe records: namespace -> key -> (done, token, until)
+        self.once: dict[str, dict[str, tuple[bool, str | None, int | None]]] = {}
 
     def queue(self, name: str) -> _Queue:
         try:
@@ -133,6 +136,10 @@ class MemoryConnector:
     def delete(self, queue: str) -> None:
         with self._broker.lock:
             self._broker.queues.pop(queue, None)
+
+    def dedupe_store(self, namespace: str) -> MemoryDedupeStore:
+        """Records for ``kew.idempotency`` in this process's memory."""
+        return MemoryDedupeStore(self._broker, namespace)
 
     def close(self) -> None:
         pass
@@ -275,6 +282,91 @@ class MemoryBrowser:
             q.ready.clear()
             q.delayed.clear()
             return n
+
+    def close(self) -> None:
+        pass
+
+
+# -- dedupe store (kew.idempotency) ------------------------------------------
+
+
+class MemoryDedupeStore:
+    """Records in a dict of the broker, under its lock.  ``atomic_once``
+    runs its effect (given ``None``) under that lock, then marks the key."""
+
+    def __init__(self, broker: _Broker, namespace: str) -> None:
+        self.namespace = namespace
+        self._lock = broker.lock
+        # (done, token, until): done and until None = for ever
+        with broker.lock:
+            self._records = broker.once.setdefault(namespace, {})
+
+    def _live(self, key: str) -> tuple[bool, str | None, int | None] | None:
+        r = self._records.get(key)
+        if r is not None and r[2] is not None and r[2] <= now_ms():
+            del self._records[key]
+            return None
+        return r
+
+    def claim(self, key: str, token: str, lease_ms: int) -> ClaimResult:
+        with self._lock:
+            r = self._live(key)
+            if r is not None and r[0]:
+                return ClaimResult.DONE
+            if r is not None and r[1] != token:
+                return ClaimResult.HELD
+            self._records[key] = (False, token, now_ms() + lease_ms)
+            return ClaimResult.CLAIMED
+
+    def extend(self, key: str, token: str, lease_ms: int) -> bool:
+        with self._lock:
+            r = self._live(key)
+            if r is None or r[0] or r[1] != token:
+                return False
+            self._records[key] = (False, token, now_ms() + lease_ms)
+            return True
+
+    def _done(self, key: str, retain_ms: int | None) -> None:
+        self._records[key] = (True, None, None if retain_ms is None else now_ms() + retain_ms)
+
+    def complete(self, key: str, token: str, retain_ms: int | None) -> bool:
+        with self._lock:
+            r = self._live(key)
+            self._done(key, retain_ms)
+            return r is None or (not r[0] and r[1] == token)
+
+    def release(self, key: str, token: str) -> None:
+        with self._lock:
+            r = self._live(key)
+            if r is not None and not r[0] and r[1] == token:
+                del self._records[key]
+
+    def atomic_once(
+        self, key: str, effect: Callable[[None], object], retain_ms: int | None
+    ) -> bool:
+        with self._lock:
+            r = self._live(key)
+            if r is not None and r[0]:
+                return False
+            effect(None)
+            self._done(key, retain_ms)
+            return True
+
+    def state(self, key: str) -> str | None:
+        with self._lock:
+            r = self._live(key)
+        return None if r is None else "done" if r[0] else "claimed"
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._records.pop(key, None)
+
+    def purge_expired(self) -> int:
+        with self._lock:
+            before = len(self._records)
+            for key in list(self._records):
+                self._live(key)
+            return before - len(self._records)
 
     def close(self) -> None:
         pass
