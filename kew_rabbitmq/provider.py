@@ -118,6 +118,15 @@ def _connect(options: Options, url: str) -> pika.BlockingConnection:
     for attempt in range(options.retries + 1):
         try:
             return pika.BlockingConnection(options.params)
+        except ssl.SSLError as e:
+            # a certificate or protocol mismatch does not heal by retrying;
+            # and there is no falling back to plain text
+            hint = ""
+            if isinstance(e, ssl.SSLCertVerificationError):
+                hint = " (the server's certificate is not trusted: check ca_certs)"
+            raise BrokerUnavailable(
+                f"TLS handshake with RabbitMQ at {url} failed{hint}: {e}"
+            ) from None
         except AMQPConnectionError as e:
             if attempt == options.retries:
                 raise BrokerUnavailable(f"RabbitMQ at {url} is unreachable: {e!r}") from None
