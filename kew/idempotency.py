@@ -193,8 +193,10 @@ class IdempotencyStore:
         the same backend transaction; True if it ran.  ``handle``: SQLite, the
         ``sqlite3.Connection`` in the transaction (write to this database;
         do not commit); Redis, a pipeline in MULTI (queue commands; they run
-        with the mark in one MULTI/EXEC, so no reads); memory, ``None``.
-        If ``effect`` raises, nothing is written and the error propagates."""
+        with the mark in one MULTI/EXEC, so no reads); memory, ``None`` (the
+        effect runs under the store's lock; memory has nothing to roll back).
+        If ``effect`` raises, the key is not marked, its transaction's writes
+        are discarded (SQLite, Redis), and the error propagates."""
         return self.backend.atomic_once(_check_key(key), effect, self._retain_ms)
 
     def _claim(self, key: str, token: str, wait: float) -> bool:
