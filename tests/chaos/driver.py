@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -113,7 +114,12 @@ def run_chaos(
     restarts: int = 2,
     cuts: int = 2,
     timeout: float = 240.0,
+    worker_module: str = "tests.chaos.worker",
+    worker_args: Sequence[str] = (),
 ) -> Summary:
+    """``worker_module`` runs as ``python -m MODULE URL QUEUE WORKDIR *worker_args``
+    (``tests.chaos.worker`` by default; ``tests.chaos.idem_worker`` adds
+    idempotent side effects)."""
     rng = random.Random(seed)
     queue = f"chaos-{seed}-{os.urandom(3).hex()}"
     log = workdir / "processes.log"
@@ -131,7 +137,7 @@ def run_chaos(
         return max(sent) + 1 if sent else 0
 
     def worker() -> subprocess.Popen[bytes]:
-        return _spawn("tests.chaos.worker", broker.url, queue, str(workdir), log=log)
+        return _spawn(worker_module, broker.url, queue, str(workdir), *worker_args, log=log)
 
     conn = kew.connect(broker.url)
     conn.declare(queue)
