@@ -110,7 +110,7 @@ class MemoryConnector:
 
     def __init__(self, url: str) -> None:
         self.options = Options.from_url(url)
-        self.url = url
+        self.url = ProviderURL.parse(url, SCHEMES).redacted  # no password in repr or errors
         self.max_message_size = self.options.max_message_size
         self._broker = _broker(self.options.name)
 

@@ -171,7 +171,7 @@ class SqliteConnector:
 
     def __init__(self, url: str) -> None:
         self.options = Options.from_url(url)
-        self.url = url
+        self.url = ProviderURL.parse(url, SCHEMES).redacted  # no password in repr or errors
         self.max_message_size = self.options.max_message_size
         self._db = _Db(self.options)
         with self._db.lock:
