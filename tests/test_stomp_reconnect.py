@@ -104,7 +104,7 @@ def test_long_handler_keeps_its_connection(activemq: ActiveMQServer) -> None:
 def test_unreachable_broker_is_a_clear_error() -> None:
     port = free_port()
     conn = kew.connect(f"stomp://127.0.0.1:{port}/?retries=1")
-    with pytest.raises(kew.BrokerUnavailable, match=f"127.0.0.1:{port}.*unreachable|unreachable"):
+    with pytest.raises(kew.BrokerUnavailable, match=rf"unreachable: 127\.0\.0\.1:{port}: "):
         kew.Queue(conn, "nowhere", str)
 
 
