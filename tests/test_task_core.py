@@ -279,6 +279,13 @@ def test_submit_json_validates_and_names_the_problem(app: App) -> None:
     with pytest.raises(kew.DecodeError, match="not a valid Job"):
         tq.submit_json(b"{not json")
     assert tq.queue.browser().stats().ready == 0  # nothing sent
+    with pytest.raises(
+        kew.DecodeError, match=r"not a valid Job: Expected `int`, got `str` - at `\$.n`"
+    ):
+        tq.submit(Job("eight"))  # type: ignore[arg-type]
+    with pytest.raises(kew.DecodeError, match=r"not a valid Job: Expected `object`, got `str`"):
+        tq.submit("eight")  # type: ignore[arg-type]
+    assert tq.queue.browser().stats().ready == 0
     tid = tq.submit_json(b'{"n": 8}')
     assert tq.queue.browser().peek() == [Job(8)]
     assert len(tid) == 32

@@ -77,6 +77,9 @@ DEFAULT_STORE = "sqlite:///kew-tasks.sqlite3"
 RECORDER_BATCH = 512
 
 
+_JSON = msgspec.json.Encoder()
+
+
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(2).hex()}"
 
@@ -278,7 +281,12 @@ class TaskQueue(Generic[T]):
     # -- submitting -----------------------------------------------------------
 
     def submit(self, data: T, *, delay: float | None = None, id: str | None = None) -> str:
-        """Queue a task (to run after ``delay`` seconds) and return its id."""
+        """Queue a task (to run after ``delay`` seconds) and return its id.
+
+        ``data`` is checked against the queue's type first (a worker could
+        not decode it): kew.DecodeError says what is wrong, and nothing is
+        sent."""
+        self.validate(data)
         deliver_at = None
         if delay is not None:
             if not delay >= 0:
@@ -293,6 +301,14 @@ class TaskQueue(Generic[T]):
             except Exception:  # the task is queued: its status shows once it runs
                 log.exception("kew: task %s is queued but its 'queued' event failed", task_id)
         return task_id
+
+    def validate(self, data: T) -> None:
+        """Raise kew.DecodeError if ``data`` would not decode as the
+        queue's type on a worker (a wrong type, a field of the wrong type)."""
+        try:
+            self._json.decode(_JSON.encode(data))
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as e:
+            raise DecodeError(f"not a valid {self._type_label()}: {e}") from None
 
     def decode_json(self, body: bytes | str) -> T:
         """``body`` (JSON) as a ``T``; raises kew.DecodeError saying why not."""
