@@ -53,11 +53,11 @@ class Worker:
     def __init__(
         self,
         app: App,
-        *,
         concurrency: int = 4,
         queues: Sequence[str] | None = None,
         record: bool = False,
         metrics_port: int | None = None,
+        *,
         grace: float = 30.0,
         heartbeat: float = HEARTBEAT,
         health_file: str | os.PathLike[str] | None = None,
