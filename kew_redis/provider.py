@@ -54,12 +54,15 @@ from kew.qchan.spi.dedupe import ClaimResult
 
 SCHEMES = ("redis", "rediss")
 GROUP = "kew"
+#: How often (ms) a busy consumer moves due delayed messages and reclaims idle entries.
+HOUSEKEEPING_MS = 250
 R = TypeVar("R")
 
 _encode_headers = msgspec.json.Encoder().encode
 _decode_headers = msgspec.json.Decoder(dict[str, str | int]).decode
 
-# Move due delayed messages into the stream.  A delayed message is packed as
+# Move due delayed messages into the stream; returns the due time (epoch ms)
+# of the next delayed message, or nil.  A delayed message is packed as
 # "<len(id)>:<id><len(headers)>:<headers><body>" (see _pack).
 _MOVE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
@@ -74,7 +77,9 @@ for _, s in ipairs(due) do
   redis.call('XADD', KEYS[2], '*', 'id', id, 'body', body, 'headers', headers)
   redis.call('ZREM', KEYS[1], s)
 end
-return #due
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if first[2] then return first[2] end
+return false
 """
 
 
@@ -279,6 +284,8 @@ class RedisConsumer:
         self._held: dict[str, Delivery] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._housekeeping_at = 0  # epoch ms: next run of the mover and the reclaim
+        self._next_due: int | None = None  # epoch ms of the next delayed message
         self._keeper = threading.Thread(
             target=self._keep_leases, name="kew-redis-lease", daemon=True
         )
@@ -331,18 +338,30 @@ class RedisConsumer:
         return []
 
     def _next(self, room: int, deadline: float) -> list[Delivery]:
+        # One round trip per fetch while the queue is busy: the delayed-message
+        # mover and the reclaim of idle (crashed or handed back) entries run at
+        # most every HOUSEKEEPING seconds, and whenever a known delayed message
+        # is due.
         r = self._redis
         now = now_ms()
-        self._c._move_due(keys=[self._keys.delayed, self._keys.stream], args=[now], client=r)
-        got = self._reclaim(room)
-        if got:
-            return got
-        # Block for new entries, but wake for the next delayed one (never late by more than 0.5 s).
+        if now >= self._housekeeping_at or (self._next_due is not None and now >= self._next_due):
+            due = self._c._move_due(
+                keys=[self._keys.delayed, self._keys.stream], args=[now], client=r
+            )
+            self._next_due = None if due is None else int(float(_text(due)))
+            self._housekeeping_at = now + HOUSEKEEPING_MS
+            got = self._reclaim(room)
+            if got:
+                return got
+        # Block for new entries, but wake for the next delayed one and the next
+        # housekeeping (never late by more than HOUSEKEEPING seconds).
         block = max(0.0, deadline - time.monotonic())
-        first = r.zrange(self._keys.delayed, 0, 0, withscores=True)
-        if first:
-            block = min(block, max(0.0, (first[0][1] - now) / 1000))
-        block = min(block, 0.5, self._lease / 3000)
+        wake = (
+            self._housekeeping_at
+            if self._next_due is None
+            else min(self._housekeeping_at, self._next_due)
+        )
+        block = min(block, max(0.0, (wake - now) / 1000), self._lease / 3000)
         reply = r.xreadgroup(
             GROUP,
             self._name,
@@ -359,7 +378,9 @@ class RedisConsumer:
     def ack(self, delivery: Delivery) -> None:
         if not self._forget(delivery):
             return
-        pipe = self._redis.pipeline(transaction=True)
+        # No MULTI: XACK settles; the XDEL that follows on the same connection
+        # only keeps the stream short (an acked entry is never delivered again).
+        pipe = self._redis.pipeline(transaction=False)
         pipe.xack(self._keys.stream, GROUP, delivery.tag)
         pipe.xdel(self._keys.stream, delivery.tag)
         _guard(self._c.url, pipe.execute)
