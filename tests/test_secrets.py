@@ -169,8 +169,9 @@ def test_a_stomp_passcode_never_shows(debug_logs: pytest.LogCaptureFixture) -> N
     require(port_open("127.0.0.1", 61613), "no STOMP broker at 127.0.0.1:61613")
     wrong = planted("stomp-pw")
     with pytest.raises(kew.BrokerUnavailable) as refused:
-        conn = kew.connect(f"stomp://guest:{wrong}@127.0.0.1:61613?retries=0")
+        conn = kew.connect(f"stomp://guest:{wrong}@127.0.0.1:61613/?dialect=rabbitmq&retries=0")
         kew.Queue(conn, "secrets-stomp", int).send(1)
+    assert "access refused" in str(refused.value).lower()
     assert any("sending frame" in r.getMessage() for r in debug_logs.records)
     assert "passcode:***" in debug_logs.text
     assert_absent(wrong, error=shown(refused.value), logs=debug_logs.text)
