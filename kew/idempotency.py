@@ -55,6 +55,9 @@ R = TypeVar("R")
 #: redelivered (or a dead letter requeued) later than that runs again.
 DEFAULT_RETENTION = 7 * 24 * 3600.0
 
+#: Records past their retention are dropped after every this many done marks.
+PURGE_EVERY = 1000
+
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 _MAX_KEY = 1000
 
@@ -146,6 +149,7 @@ class IdempotencyStore:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._keeper: threading.Thread | None = None
+        self._marks = 0
 
     def __repr__(self) -> str:
         return (
@@ -179,6 +183,7 @@ class IdempotencyStore:
             raise
         self._unhold(key)
         self.backend.complete(key, token, self._retain_ms)
+        self._upkeep()
 
     def run_once(self, key: str, fn: Callable[[], object], *, wait: float | None = None) -> bool:
         """Call ``fn()`` unless ``key`` is done; True if it was called.
@@ -197,7 +202,9 @@ class IdempotencyStore:
         effect runs under the store's lock; memory has nothing to roll back).
         If ``effect`` raises, the key is not marked, its transaction's writes
         are discarded (SQLite, Redis), and the error propagates."""
-        return self.backend.atomic_once(_check_key(key), effect, self._retain_ms)
+        ran = self.backend.atomic_once(_check_key(key), effect, self._retain_ms)
+        self._upkeep()
+        return ran
 
     def _claim(self, key: str, token: str, wait: float) -> bool:
         deadline = time.monotonic() + wait
@@ -213,6 +220,15 @@ class IdempotencyStore:
                 raise StillClaimed(self.namespace, key, wait)
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.5)
+
+    def _upkeep(self) -> None:
+        """Every PURGE_EVERY marks, drop the records past their retention."""
+        with self._lock:
+            self._marks += 1
+            due = self._marks % PURGE_EVERY == 0
+        if due:
+            with contextlib.suppress(Exception):  # upkeep never fails an effect
+                self.backend.purge_expired()
 
     # -- the lease keeper: extends the claims of effects running here -----
 
