@@ -28,10 +28,11 @@ class TestRabbitStompConformance(ProviderConformance):
         return "stomp://guest:guest@127.0.0.1:61613/?dialect=rabbitmq&max_message_size=1048576"
 
 
-@pytest.mark.skipif(not os.environ.get("KEW_ARTEMIS_URL"), reason="KEW_ARTEMIS_URL is not set")
-class TestArtemisConformance(ProviderConformance):
-    crash_redelivery_timeout = 60.0
+if os.environ.get("KEW_ARTEMIS_URL"):  # an Artemis broker of the user's: run the kit there too
 
-    @pytest.fixture
-    def url(self) -> str:
-        return os.environ["KEW_ARTEMIS_URL"]
+    class TestArtemisConformance(ProviderConformance):
+        crash_redelivery_timeout = 60.0
+
+        @pytest.fixture
+        def url(self) -> str:
+            return os.environ["KEW_ARTEMIS_URL"]
