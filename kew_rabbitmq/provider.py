@@ -1,9 +1,11 @@
 """``amqp://`` and ``amqps://``: queues on RabbitMQ, with pika.
 
 Durable queues (classic, or quorum with ``queue_type=quorum``), persistent
-messages, publisher confirms.  ``send_many`` publishes the batch in one AMQP
-transaction (``tx.select`` / ``tx.commit``): the broker answers commit-ok
-once every message of the batch is stored, so a batch costs one round trip.
+messages, publisher confirms.  ``send_many`` writes the whole batch on a
+confirm-mode channel without waiting, then waits once for all its confirms
+(``batch=pipeline``, the default), or publishes it in one AMQP transaction
+(``batch=tx``: commit-ok once every message is stored).  Either way a batch
+costs one round trip and returns only when every message is stored.
 
 pika is not thread-safe, so every connection here has one owner: a producer
 guards its connection with a lock; a consumer runs its connection on its own
@@ -21,7 +23,8 @@ Options: ``queue_type`` (classic|quorum), ``heartbeat`` (s, default 30),
 ``retries`` (reconnects before BrokerUnavailable, default 10),
 ``connection_name`` (shown by the management tools, default ``kew``),
 ``delay_granularity`` (ms, default 100), ``max_message_size`` (bytes,
-default 64 MiB), ``ca_certs``, ``certfile``, ``keyfile`` (amqps://).
+default 64 MiB), ``batch`` (pipeline|tx), ``ca_certs``, ``certfile``,
+``keyfile`` (amqps://).
 The URL path is the virtual host.
 """
 
@@ -70,6 +73,7 @@ class Options:
     retries: int
     delay_granularity: int
     max_message_size: int
+    batch: str
 
     @classmethod
     def from_url(cls, url: str) -> Options:
@@ -107,6 +111,7 @@ class Options:
             retries=p.get_int("retries", 10),
             delay_granularity=p.get_int("delay_granularity", 100, minimum=1),
             max_message_size=p.get_int("max_message_size", 64 * 1024 * 1024, minimum=1),
+            batch=p.get_choice("batch", "pipeline", ("pipeline", "tx")),
         )
         p.finish()
         return options
@@ -243,20 +248,29 @@ class RabbitProducer:
         self._conn: pika.BlockingConnection | None = None
         self._confirm: Any = None  # a channel in confirm mode, for send
         self._tx: Any = None  # a channel in transaction mode, for send_many
+        self._pipe: Pipeline | None = None  # or one with pipelined confirms
         self._delay_queues: set[str] = set()
 
     def _channels(self) -> tuple[Any, Any]:
         if self._conn is None or not self._conn.is_open:
             self._conn = _connect(self._c.options, self._c.url)
-            self._confirm = self._tx = None
+            self._confirm = self._tx = self._pipe = None
             self._delay_queues.clear()
         if self._confirm is None or not self._confirm.is_open:
             self._confirm = self._conn.channel()
             self._confirm.confirm_delivery()
-        if self._tx is None or not self._tx.is_open:
-            self._tx = self._conn.channel()
-            self._tx.tx_select()
-        return self._confirm, self._tx
+        return self._confirm, self._conn
+
+    def _batch_channel(self) -> Any:
+        assert self._conn is not None
+        if self._c.options.batch == "tx":
+            if self._tx is None or not self._tx.is_open:
+                self._tx = self._conn.channel()
+                self._tx.tx_select()
+            return self._tx
+        if self._pipe is None or not self._pipe.channel.is_open:
+            self._pipe = Pipeline(self._conn)
+        return self._pipe
 
     def _route(self, ch: Any, m: Message) -> str:
         """The queue to publish to: the target, or a delay queue feeding it."""
@@ -285,6 +299,7 @@ class RabbitProducer:
         return name
 
     def _with_retry(self, fn: Callable[[Any, Any], None]) -> None:
+        # fn(confirm channel, connection)
         with self._lock:
             for attempt in (1, 2):
                 try:
@@ -295,6 +310,9 @@ class RabbitProducer:
                         f"RabbitMQ refused a message for {self._queue!r}: {e!r}"
                     ) from None
                 except (AMQPConnectionError, AMQPChannelError) as e:
+                    if self._conn is not None and self._conn.is_open:
+                        with contextlib.suppress(Exception):
+                            self._conn.close()
                     self._conn = None  # reconnect and send again: at-least-once
                     if attempt == 2:
                         raise BrokerUnavailable(
@@ -302,17 +320,22 @@ class RabbitProducer:
                         ) from None
 
     def send(self, message: Message) -> None:
-        def publish(confirm: Any, _tx: Any) -> None:
+        def publish(confirm: Any, _conn: Any) -> None:
             route = self._route(confirm, message)
             confirm.basic_publish("", route, message.body, _properties(message), mandatory=True)
 
         self._with_retry(publish)
 
     def send_many(self, messages: Sequence[Message]) -> None:
-        def publish(_confirm: Any, tx: Any) -> None:
-            for m in messages:
-                tx.basic_publish("", self._route(tx, m), m.body, _properties(m))
-            tx.tx_commit()  # one round trip: commit-ok once all are stored
+        def publish(confirm: Any, _conn: Any) -> None:
+            routes = [self._route(confirm, m) for m in messages]  # all checked first
+            batch = self._batch_channel()
+            if isinstance(batch, Pipeline):
+                batch.publish(self._queue, list(zip(routes, messages, strict=True)))
+                return
+            for route, m in zip(routes, messages, strict=True):
+                batch.basic_publish("", route, m.body, _properties(m))
+            batch.tx_commit()  # one round trip: commit-ok once all are stored
 
         self._with_retry(publish)
 
@@ -324,7 +347,101 @@ class RabbitProducer:
             self._conn = None
 
 
+class Pipeline:
+    """A confirm-mode channel whose publishes do not wait one by one: a
+    batch is written in one go, then its confirms are awaited together
+    (the broker confirms a persistent message once it is stored).
+    BlockingChannel waits for each confirm, so this drives the channel
+    underneath it; the producer's lock makes it single-threaded."""
+
+    TIMEOUT = 120.0
+
+    def __init__(self, conn: pika.BlockingConnection) -> None:
+        self.conn = conn
+        self.channel = conn.channel()
+        self._impl = self.channel._impl
+        self._seq = 0  # delivery tags given so far on this channel
+        self._waiting: set[int] = set()
+        self._nacked: list[int] = []
+        self._returned: list[str] = []
+        ready: list[bool] = []
+        self._impl.add_on_return_callback(self._on_return)
+
+        def on_ready(_: Any) -> None:
+            ready.append(True)
+            self._wake()
+
+        self._impl.confirm_delivery(self._on_confirm, callback=on_ready)
+        self._wait(lambda: bool(ready))
+
+    def _on_confirm(self, frame: Any) -> None:
+        m = frame.method
+        done = {t for t in self._waiting if t <= m.delivery_tag} if m.multiple else {m.delivery_tag}
+        if isinstance(m, pika.spec.Basic.Nack):
+            self._nacked += sorted(done & self._waiting)
+        self._waiting -= done
+        if not self._waiting:
+            self._wake()
+
+    def _wake(self) -> None:
+        # process_data_events returns early only for its own events: post one
+        self.conn.add_callback_threadsafe(_nothing)
+
+    def _on_return(self, _ch: Any, method: Any, props: Any, _body: bytes) -> None:
+        self._returned.append(f"{props.message_id} ({method.reply_text})")
+
+    def _wait(self, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + self.TIMEOUT
+        while not done():
+            if time.monotonic() > deadline:
+                raise AMQPConnectionError("no publisher confirms in time")
+            self.conn.process_data_events(time_limit=1)
+
+    def publish(self, queue: str, batch: Sequence[tuple[str, Message]]) -> None:
+        self._nacked, self._returned = [], []
+        for route, m in batch:
+            self._impl.basic_publish("", route, m.body, _properties(m), mandatory=True)
+            self._seq += 1
+            self._waiting.add(self._seq)
+        _coalesce(self.conn)
+        self._wait(lambda: not self._waiting)
+        if self._nacked or self._returned:
+            raise SendError(
+                f"RabbitMQ refused {len(self._nacked) + len(self._returned)} of "
+                f"{len(batch)} messages for {queue!r}: "
+                f"{', '.join(self._returned) or 'nacked'}"
+            )
+
+
+def _nothing() -> None:
+    pass
+
+
+def _coalesce(conn: pika.BlockingConnection) -> None:
+    """One socket write for a batch: pika writes every frame (three per
+    message) with its own send(); join what is buffered.  An optimisation
+    only: without pika's internals as expected, nothing changes."""
+    buffers = getattr(
+        getattr(getattr(conn, "_impl", None), "_transport", None), "_tx_buffers", None
+    )
+    if buffers is not None and len(buffers) > 1:
+        joined = b"".join(buffers)
+        buffers.clear()
+        buffers.append(joined)
+
+
 # -- consumer --------------------------------------------------------------
+
+
+# Acks and requeues go through the BlockingChannel's underlying channel: the
+# frame is buffered, and the I/O loop writes every frame buffered by one
+# flush in one go (BlockingChannel.basic_ack would write each at once).
+def _ack(ch: Any, tag: int) -> None:
+    ch._impl.basic_ack(tag)
+
+
+def _requeue(ch: Any, tag: int) -> None:
+    ch._impl.basic_nack(tag, requeue=True)
 
 
 class RabbitConsumer:
@@ -337,6 +454,9 @@ class RabbitConsumer:
         self._conn: pika.BlockingConnection | None = None
         self._ready = threading.Event()
         self._closed = threading.Event()
+        self._ops_lock = threading.Lock()
+        self._ops: list[tuple[int, int, Callable[[Any, int], None]]] = []  # for the I/O thread
+        self._flush_scheduled = False
         self.reconnects = 0
         self._thread = threading.Thread(target=self._io_loop, name=f"kew-amqp-{queue}", daemon=True)
         self._thread.start()
@@ -352,6 +472,8 @@ class RabbitConsumer:
                 ch = conn.channel()
                 ch.confirm_delivery()  # dead letters are confirmed before the ack
                 ch.basic_qos(prefetch_count=self._prefetch)
+                with self._ops_lock:  # ops of the lost connection are void
+                    self._ops, self._flush_scheduled = [], False
                 self._generation += 1
                 self._conn, self._channel = conn, ch
 
@@ -369,6 +491,7 @@ class RabbitConsumer:
                 while not self._closed.is_set():
                     conn.process_data_events(time_limit=0.2)
                 with contextlib.suppress(AMQPError):
+                    self._flush_ops()  # acks queued while closing
                     conn.close()
                 return
             except (AMQPError, BrokerUnavailable, OSError):
@@ -397,6 +520,34 @@ class RabbitConsumer:
             pass
         return [d for d in out if _tag(d)[0] == self._generation]
 
+    def _on_io_soon(self, delivery: Delivery, op: Callable[[Any, int], None]) -> None:
+        """Queue ``op`` for the I/O thread and return at once: acks and
+        releases need no answer (if the connection drops first, the broker
+        requeues the message anyway).  One wake-up of the I/O thread serves
+        every op queued until it runs."""
+        generation, tag = _tag(delivery)
+        conn = self._conn
+        if generation != self._generation or conn is None or not conn.is_open:
+            return
+        with self._ops_lock:
+            self._ops.append((generation, tag, op))
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        try:
+            conn.add_callback_threadsafe(self._flush_ops)
+        except AMQPError:
+            with self._ops_lock:
+                self._flush_scheduled = False
+
+    def _flush_ops(self) -> None:
+        with self._ops_lock:
+            ops, self._ops = self._ops, []
+            self._flush_scheduled = False
+        for generation, tag, op in ops:
+            if generation == self._generation:
+                op(self._channel, tag)
+
     def _on_io(self, delivery: Delivery, op: Callable[[Any, int], None]) -> None:
         generation, tag = _tag(delivery)
         conn = self._conn
@@ -419,7 +570,7 @@ class RabbitConsumer:
             done.wait(30)
 
     def ack(self, delivery: Delivery) -> None:
-        self._on_io(delivery, lambda ch, tag: ch.basic_ack(tag))
+        self._on_io_soon(delivery, _ack)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         m = delivery.message
@@ -438,7 +589,7 @@ class RabbitConsumer:
         self._on_io(delivery, move)
 
     def release(self, delivery: Delivery) -> None:
-        self._on_io(delivery, lambda ch, tag: ch.basic_nack(tag, requeue=True))
+        self._on_io_soon(delivery, _requeue)
 
     def close(self) -> None:
         self._closed.set()
