@@ -303,6 +303,14 @@ app_option = click.option(
     help="Tasks run at once (and taken from the broker ahead: prefetch = this).",
 )
 @click.option(
+    "--prefetch",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Deliveries held per task queue (fetched ahead or running); default and minimum: "
+    "--concurrency.",
+)
+@click.option(
     "-q",
     "--queue",
     "queues",
@@ -349,6 +357,7 @@ app_option = click.option(
 def worker(
     app_spec: str,
     concurrency: int,
+    prefetch: int | None,
     queues: tuple[str, ...],
     record: bool,
     metrics_port: int | None,
@@ -365,6 +374,10 @@ def worker(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if prefetch is not None and prefetch < concurrency:
+        raise click.BadParameter(
+            f"{prefetch} is less than --concurrency ({concurrency})", param_hint="--prefetch"
+        )
     app = load_app(app_spec)
     if metrics_port is not None:
         from kew.task import metrics
@@ -373,7 +386,9 @@ def worker(
             metrics.install(app)
             metrics.serve(metrics_port, addr=metrics_addr)
     with clear_errors():
-        w = app.worker(concurrency=concurrency, queues=list(queues) or None, record=record)
+        w = app.worker(
+            concurrency=concurrency, queues=list(queues) or None, record=record, prefetch=prefetch
+        )
         _set_grace(w, grace)
         w.run()
     app.close()

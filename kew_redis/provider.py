@@ -241,6 +241,17 @@ class RedisConnector:
 # -- producer --------------------------------------------------------------
 
 
+def _add(connector: RedisConnector, pipe: Any, keys: _Keys, queue: str, m: Message) -> None:
+    """Queue the commands that store ``m`` on ``queue`` in ``pipe``."""
+    if len(m.body) > connector.max_message_size:
+        raise MessageTooLarge(len(m.body), connector.max_message_size, queue)
+    headers = _encode_headers(m.headers)
+    if m.deliver_at is not None and m.deliver_at > now_ms():
+        pipe.zadd(keys.delayed, {_pack(m.id, headers, m.body): m.deliver_at})
+    else:
+        pipe.xadd(keys.stream, {"id": m.id, "body": m.body, "headers": headers})
+
+
 class RedisProducer:
     def __init__(self, connector: RedisConnector, queue: str) -> None:
         self._c = connector
@@ -248,13 +259,7 @@ class RedisProducer:
         self._queue = queue
 
     def _add(self, pipe: Any, m: Message) -> None:
-        if len(m.body) > self._c.max_message_size:
-            raise MessageTooLarge(len(m.body), self._c.max_message_size, self._queue)
-        headers = _encode_headers(m.headers)
-        if m.deliver_at is not None and m.deliver_at > now_ms():
-            pipe.zadd(self._keys.delayed, {_pack(m.id, headers, m.body): m.deliver_at})
-        else:
-            pipe.xadd(self._keys.stream, {"id": m.id, "body": m.body, "headers": headers})
+        _add(self._c, pipe, self._keys, self._queue, m)
 
     def send(self, message: Message) -> None:
         self.send_many((message,))
@@ -384,6 +389,19 @@ class RedisConsumer:
         pipe.xack(self._keys.stream, GROUP, delivery.tag)
         pipe.xdel(self._keys.stream, delivery.tag)
         _guard(self._c.url, pipe.execute)
+
+    def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
+        """Outbox settle: XADDs (or ZADDs) and XACK + XDEL in one MULTI/EXEC
+        on this consumer's connection: one round trip, all or nothing."""
+        pipe = self._redis.pipeline(transaction=True)
+        for queue, m in sends:
+            _add(self._c, pipe, self._c.keys(queue), queue, m)
+        tags = [cast(str, d.tag) for d in acks if self._forget(d)]
+        if tags:
+            pipe.xack(self._keys.stream, GROUP, *tags)
+            pipe.xdel(self._keys.stream, *tags)
+        if sends or tags:
+            _guard(self._c.url, pipe.execute)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         if not self._forget(delivery):

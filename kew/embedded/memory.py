@@ -127,7 +127,7 @@ class MemoryConnector:
 
     def consumer(self, queue: str, prefetch: int) -> MemoryConsumer:
         self.declare(queue)
-        return MemoryConsumer(self._broker, queue, prefetch)
+        return MemoryConsumer(self._broker, queue, prefetch, self.max_message_size)
 
     def browser(self, queue: str) -> MemoryBrowser:
         self.declare(queue)
@@ -173,10 +173,13 @@ class MemoryProducer:
 
 
 class MemoryConsumer:
-    def __init__(self, broker: _Broker, queue: str, prefetch: int) -> None:
+    def __init__(
+        self, broker: _Broker, queue: str, prefetch: int, limit: int = 64 * 1024 * 1024
+    ) -> None:
         self._broker = broker
         self._queue = queue
         self._prefetch = prefetch
+        self._limit = limit
         self._mine: set[int] = set()
 
     def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
@@ -213,6 +216,19 @@ class MemoryConsumer:
     def ack(self, delivery: Delivery) -> None:
         with self._broker.lock:
             self._settle(delivery)
+
+    def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
+        """Outbox settle: the sends and the acks under one lock."""
+        for queue, m in sends:
+            if len(m.body) > self._limit:
+                raise MessageTooLarge(len(m.body), self._limit, queue)
+        with self._broker.lock:
+            for queue, m in sends:
+                self._broker.put(queue, m)
+            for d in acks:
+                if d.tag in self._mine:
+                    self._settle(d)
+            self._broker.lock.notify_all()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         with self._broker.lock:

@@ -211,6 +211,20 @@ class SqliteConnector:
 # -- producer --------------------------------------------------------------
 
 
+_INSERT = "INSERT INTO kew_message (queue, id, body, headers, avail_at) VALUES (?,?,?,?,?)"
+
+
+def _rows(queue: str, limit: int, messages: Sequence[Message]) -> list[tuple[Any, ...]]:
+    now = now_ms()
+    rows = []
+    for m in messages:
+        if len(m.body) > limit:
+            raise MessageTooLarge(len(m.body), limit, queue)
+        due = now if m.deliver_at is None else max(now, m.deliver_at)
+        rows.append((queue, m.id, m.body, _encode_headers(m.headers), due))
+    return rows
+
+
 class SqliteProducer:
     def __init__(self, connector: SqliteConnector, queue: str) -> None:
         self._db = _Db(connector.options)
@@ -219,16 +233,9 @@ class SqliteProducer:
         self._signal = connector._signal
 
     def _rows(self, messages: Sequence[Message]) -> list[tuple[Any, ...]]:
-        now = now_ms()
-        rows = []
-        for m in messages:
-            if len(m.body) > self._limit:
-                raise MessageTooLarge(len(m.body), self._limit, self._queue)
-            due = now if m.deliver_at is None else max(now, m.deliver_at)
-            rows.append((self._queue, m.id, m.body, _encode_headers(m.headers), due))
-        return rows
+        return _rows(self._queue, self._limit, messages)
 
-    _INSERT = "INSERT INTO kew_message (queue, id, body, headers, avail_at) VALUES (?,?,?,?,?)"
+    _INSERT = _INSERT
 
     def send(self, message: Message) -> None:
         self._db.execute(self._INSERT, self._rows((message,))[0])
@@ -255,6 +262,10 @@ class SqliteConsumer:
         # survive a process crash, and one lost to a power cut only means a
         # redelivery, which at-least-once allows.  Sends are always fsync'd.
         self._db = _Db(connector.options, sync="normal")
+        self._options = connector.options
+        self._limit = connector.max_message_size
+        self._outbox: _Db | None = None  # for settle(): synced like a send
+        self._outbox_lock = threading.Lock()
         self._queue = queue
         self._prefetch = prefetch
         self._lease = connector.options.lease_ms
@@ -333,6 +344,28 @@ class SqliteConsumer:
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, ("DELETE FROM kew_message WHERE seq = ? AND owner = ?", ()))
 
+    def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
+        """Outbox settle: the inserts and the deletes in one transaction,
+        synced like a send."""
+        rows = [r for queue, m in sends for r in _rows(queue, self._limit, (m,))]
+        with self._held_lock:
+            seqs = [d.tag for d in acks if d.tag in self._held]
+            self._held.difference_update(seqs)
+        if not rows and not seqs:
+            return
+        with self._outbox_lock:
+            if self._outbox is None:
+                self._outbox = _Db(self._options)
+        with self._outbox.write() as c:
+            c.executemany(_INSERT, rows)
+            c.executemany(
+                "DELETE FROM kew_message WHERE seq = ? AND owner = ?",
+                [(seq, self._owner) for seq in seqs],
+            )
+        if rows:
+            with self._signal:
+                self._signal.notify_all()
+
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         self._settle(
             delivery,
@@ -389,6 +422,9 @@ class SqliteConsumer:
                 [(seq, self._owner) for seq in held],
             )
         self._db.close()
+        with self._outbox_lock:
+            if self._outbox is not None:
+                self._outbox.close()
         with self._signal:
             self._signal.notify_all()
 

@@ -15,14 +15,91 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from kew.qchan.spi import Consumer, Delivery
+from kew.qchan.spi import Consumer, Delivery, Message, OutboxConsumer
 
 log = logging.getLogger("kew.consumer")
 
 Handler = Callable[[Consumer, Delivery], None]
 """Processes one delivery and settles it through the consumer."""
+
+SendMany = Callable[[str, Sequence[Message]], None]
+"""Sends messages to a queue (by name); returns once the broker has them."""
+
+
+class GroupSettle:
+    """Settles one consumer's deliveries together with outgoing messages
+    (an outbox), batching concurrent callers: whoever comes while a batch is
+    being committed joins the next one, and each caller returns once its own
+    messages are stored and its deliveries acked (or raises if their batch
+    failed).  N handlers finishing together cost one commit, not N.
+
+    A consumer with ``settle`` (:class:`OutboxConsumer`) commits a batch in
+    one step; for any other, the batch's messages go out first with
+    ``send_many`` (one call per queue), then each delivery is acked.  Either
+    way a delivery is never acked before the messages are stored, and a
+    caller's delivery stays held (counted against prefetch) until then.
+    """
+
+    def __init__(self, consumer: Consumer, send_many: SendMany) -> None:
+        self._consumer = consumer
+        self._send_many = send_many
+        self._outbox = consumer if isinstance(consumer, OutboxConsumer) else None
+        self._cond = threading.Condition()
+        self._acks: list[Delivery] = []
+        self._sends: list[tuple[str, Message]] = []
+        self._batch = 0  # number of the batch being filled
+        self._done = -1  # last batch committed (or failed)
+        self._committing = False
+        self._errors: dict[int, BaseException] = {}
+
+    def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
+        with self._cond:
+            self._acks.extend(acks)
+            self._sends.extend(sends)
+            mine = self._batch
+            while True:
+                if self._done >= mine:
+                    error = self._errors.get(mine)
+                    if error is not None:
+                        raise error
+                    return
+                if not self._committing:
+                    self._committing = True
+                    batch_acks, self._acks = self._acks, []
+                    batch_sends, self._sends = self._sends, []
+                    number = self._batch
+                    self._batch += 1
+                    break
+                self._cond.wait()
+        failure: BaseException | None = None
+        try:
+            self._commit(batch_acks, batch_sends)
+        except BaseException as e:
+            failure = e
+        with self._cond:
+            self._committing = False
+            self._done = number
+            if failure is not None:
+                self._errors[number] = failure
+            for old in [n for n in self._errors if n < number - 1000]:
+                del self._errors[old]
+            self._cond.notify_all()
+        if failure is not None:  # number == mine: our own batch
+            raise failure
+
+    def _commit(self, acks: list[Delivery], sends: list[tuple[str, Message]]) -> None:
+        if self._outbox is not None:
+            self._outbox.settle(acks, sends)
+            return
+        by_queue: dict[str, list[Message]] = {}
+        for queue, message in sends:
+            by_queue.setdefault(queue, []).append(message)
+        for queue, messages in by_queue.items():
+            self._send_many(queue, messages)
+        for delivery in acks:
+            self._consumer.ack(delivery)
 
 
 class Subscription:

@@ -49,6 +49,7 @@ import msgspec
 from kew.connect import connect
 from kew.qchan import H_COUNT, H_DELIVER_AT, Queue, Subscription
 from kew.qchan.codec import Codec, DecodeError
+from kew.qchan.runtime import GroupSettle
 from kew.qchan.spi import Connector, Consumer, Delivery, Message, now_ms
 from kew.task.command import CommandSpec, ExitAction, check_result, run_command
 from kew.task.context import (
@@ -344,8 +345,11 @@ class TaskQueue(Generic[T]):
 
     # -- running ----------------------------------------------------------------
 
-    def subscribe(self, worker_id: str, concurrency: int) -> Subscription:
-        """Start consuming: ``concurrency`` handlers, prefetch = concurrency."""
+    def subscribe(
+        self, worker_id: str, concurrency: int, prefetch: int | None = None
+    ) -> Subscription:
+        """Start consuming: ``concurrency`` handlers, prefetch = concurrency
+        unless given (never less than concurrency)."""
         max_deliveries = self.queue.max_deliveries
 
         def handler(consumer: Consumer, delivery: Delivery) -> None:
@@ -364,11 +368,24 @@ class TaskQueue(Generic[T]):
                     consumer, delivery, worker_id, f"cannot decode as {self._type_label()}: {e}"
                 )
                 return
-            self._run(consumer, delivery, data, attempt, worker_id)
+            self._run(consumer, delivery, data, attempt, worker_id, settler)
 
-        consumer = self.app.connector.consumer(self.name, concurrency)
+        app = self.app
+        producers = {self.name: self.queue._producer, app.events.name: app.events._producer}
+
+        def send_many(queue: str, messages: Sequence[Message]) -> None:
+            producers[queue].send_many(messages)
+
+        consumer = app.connector.consumer(self.name, prefetch or concurrency)
+        # Handlers finishing together settle together: their last events (or
+        # next attempts) and their acks in one commit (see GroupSettle).
+        settler = GroupSettle(consumer, send_many)
         return Subscription(
-            consumer, handler, name=self.name, concurrency=concurrency, prefetch=concurrency
+            consumer,
+            handler,
+            name=self.name,
+            concurrency=concurrency,
+            prefetch=prefetch or concurrency,
         )
 
     def _poison(self, consumer: Consumer, delivery: Delivery, worker_id: str, reason: str) -> None:
@@ -392,7 +409,13 @@ class TaskQueue(Generic[T]):
                 log.exception("kew: cannot record the failure of task %s", event.task_id)
 
     def _run(
-        self, consumer: Consumer, delivery: Delivery, data: T, attempt: int, worker_id: str
+        self,
+        consumer: Consumer,
+        delivery: Delivery,
+        data: T,
+        attempt: int,
+        worker_id: str,
+        settler: GroupSettle | None = None,
     ) -> None:
         app = self.app
         msg = delivery.message
@@ -414,15 +437,15 @@ class TaskQueue(Generic[T]):
             if ctx.cancelled.is_set() and app._abandoned(ctx):
                 return  # handed back already (worker shutdown): the next run records itself
             if error is None:
-                self._finish(consumer, delivery, ctx, "succeeded", None)
+                self._finish(consumer, delivery, ctx, "succeeded", None, settler)
                 return
             delay = None if isinstance(error, Permanent) else self.retry.delay(attempt)
             if delay is not None and isinstance(error, Retry) and error.after is not None:
                 delay = error.after
             if delay is None:
-                self._finish(consumer, delivery, ctx, "failed", error)
+                self._finish(consumer, delivery, ctx, "failed", error, settler)
             else:
-                self._reschedule(consumer, delivery, ctx, error, delay)
+                self._reschedule(consumer, delivery, ctx, error, delay, settler)
         finally:
             app._ended(ctx)
 
@@ -442,10 +465,11 @@ class TaskQueue(Generic[T]):
         finally:
             reset_current(token)
 
-    def _events(self, ctx: TaskContext, final: TaskEvent) -> None:
-        """Send the attempt's last output and its end event (one batch).
-        A "running" event not sent yet (a short attempt) is left out: the
-        end event says as much (its ``run`` is when the attempt started)."""
+    def _last_events(self, ctx: TaskContext, final: TaskEvent) -> list[TaskEvent]:
+        """The attempt's last output and its end event, to send in one batch
+        (none when not tracked).  A "running" event not sent yet (a short
+        attempt) is left out: the end event says as much (its ``run`` is when
+        the attempt started)."""
         events = ctx.take()
         if events and events[0].kind == "running":
             del events[0]
@@ -453,9 +477,39 @@ class TaskQueue(Generic[T]):
             if e.kind == "output":
                 self.app._tell(e)
         self.app._tell(final)
-        if self.track:
-            events.append(final)
+        if not self.track:
+            return []
+        events.append(final)
+        return events
+
+    def _events(self, ctx: TaskContext, final: TaskEvent) -> None:
+        """Send the attempt's last output and its end event (one batch)."""
+        events = self._last_events(ctx, final)
+        if events:
             self.app._emit(events)
+
+    def _settle(
+        self,
+        consumer: Consumer,
+        delivery: Delivery,
+        events: Sequence[TaskEvent],
+        settler: GroupSettle | None,
+        next_attempt: Message | None = None,
+    ) -> None:
+        """Make ``events`` (and ``next_attempt``) durable, then ack: in one
+        group commit when there is a settler, else one step after the other."""
+        app = self.app
+        if settler is not None and (not events or app.events.max_depth is None):
+            sends = [(app.events.name, app.events._message(e)) for e in events]
+            if next_attempt is not None:
+                sends.append((self.name, next_attempt))
+            settler.settle((delivery,), sends)
+            return
+        if next_attempt is not None:
+            self.queue._producer.send(next_attempt)
+        if events:
+            app._emit(events)
+        consumer.ack(delivery)
 
     def _outcome(
         self, ctx: TaskContext, kind: OutcomeKind, error: str, next_at: int | None
@@ -481,11 +535,12 @@ class TaskQueue(Generic[T]):
         ctx: TaskContext,
         kind: Literal["succeeded", "failed"],
         error: BaseException | None,
+        settler: GroupSettle | None = None,
     ) -> None:
         if kind == "succeeded":
-            self._events(ctx, ctx.event("succeeded"))
+            events = self._last_events(ctx, ctx.event("succeeded"))
             self._outcome(ctx, "succeeded", "", None)
-            consumer.ack(delivery)
+            self._settle(consumer, delivery, events, settler)
             return
         assert error is not None
         text = _error_text(error)
@@ -515,18 +570,19 @@ class TaskQueue(Generic[T]):
         ctx: TaskContext,
         error: BaseException,
         delay: float,
+        settler: GroupSettle | None = None,
     ) -> None:
         msg = delivery.message
         next_at = now_ms() + round(max(delay, 0.0) * 1000)
         headers: dict[str, str | int] = dict(msg.headers)
         headers[H_COUNT] = ctx.attempt + 1
         headers[H_DELIVER_AT] = next_at
-        # The next attempt is durable before this one is acked.
-        self.queue._producer.send(Message(msg.id, msg.body, headers, msg.durable, next_at))
+        # The next attempt is durable before (or together with) this one's ack.
+        next_attempt = Message(msg.id, msg.body, headers, msg.durable, next_at)
         text = _error_text(error)
-        self._events(ctx, ctx.event("retry-scheduled", error=text, next_at=next_at))
+        events = self._last_events(ctx, ctx.event("retry-scheduled", error=text, next_at=next_at))
         self._outcome(ctx, "attempt-failed", text, next_at)
-        consumer.ack(delivery)
+        self._settle(consumer, delivery, events, settler, next_attempt)
 
 
 # -- the app ----------------------------------------------------------------------
@@ -815,13 +871,20 @@ class App:
         queues: Sequence[str] | None = None,
         record: bool = False,
         metrics_port: int | None = None,
+        prefetch: int | None = None,
     ) -> Worker:
         """A :class:`~kew.task.worker.Worker` (not started): ``run()`` it, or
-        ``start()`` / ``stop()`` it."""
+        ``start()`` / ``stop()`` it.  ``prefetch``: deliveries held per task
+        queue (default = concurrency)."""
         from kew.task.worker import Worker
 
         return Worker(
-            self, concurrency=concurrency, queues=queues, record=record, metrics_port=metrics_port
+            self,
+            concurrency=concurrency,
+            queues=queues,
+            record=record,
+            metrics_port=metrics_port,
+            prefetch=prefetch,
         )
 
     # -- internals: events and running attempts ----------------------------------

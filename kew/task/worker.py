@@ -60,6 +60,7 @@ class Worker:
         *,
         grace: float = 30.0,
         heartbeat: float = HEARTBEAT,
+        prefetch: int | None = None,
         health_file: str | os.PathLike[str] | None = None,
     ) -> None:
         from kew.task.app import new_worker_id
@@ -70,6 +71,11 @@ class Worker:
             raise ValueError(f"grace must be a non-negative number of seconds, not {grace!r}")
         self.app = app
         self.concurrency = concurrency
+        if prefetch is not None and prefetch < concurrency:
+            raise ValueError(f"prefetch ({prefetch}) must be >= concurrency ({concurrency})")
+        #: Deliveries a task queue's subscription holds at most (default:
+        #: its concurrency; no hidden multiplier).
+        self.prefetch = prefetch
         self.record = record
         self.metrics_port = metrics_port
         self.grace = grace
@@ -116,7 +122,8 @@ class Worker:
                 tq = app.queues.get(name)
                 if tq is not None:
                     n = tq.concurrency or self.concurrency
-                    self.subscriptions.append(tq.subscribe(self.id, n))
+                    p = max(n, self.prefetch) if self.prefetch is not None else None
+                    self.subscriptions.append(tq.subscribe(self.id, n, p))
             for queue, handler, n in app.consumers:
                 if queue.name in self.queues:
                     self.subscriptions.append(queue.sink(handler, concurrency=n))

@@ -56,6 +56,7 @@ __all__ = [
     "KewError",
     "Message",
     "MessageTooLarge",
+    "OutboxConsumer",
     "Producer",
     "ProviderNotFound",
     "ProviderURL",
@@ -219,6 +220,30 @@ class Browser(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class OutboxConsumer(Protocol):
+    """Optional: a consumer that settles with an outbox.
+
+    ``settle`` sends messages to other queues *and* acks deliveries in one
+    step, atomically where the broker can (one transaction), in about one
+    round trip.  The task layer uses it to make an attempt's last status
+    events (or its next attempt) durable together with the ack, batched
+    across concurrent handlers.  A consumer without it gets the same
+    guarantee from ``send_many`` then ``ack``.
+    """
+
+    def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
+        """Store each ``(queue, message)`` durably and ack ``acks``.
+
+        Returns once every message is stored and every delivery acked; a
+        delivery this consumer no longer holds is skipped (its message is
+        still sent).  Never acks a delivery unless the sends are stored.  On
+        error, raise: any of the messages may or may not have been stored,
+        and deliveries not acked are delivered again.
+        """
+        ...
 
 
 @runtime_checkable
