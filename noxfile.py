@@ -60,3 +60,4 @@ def bench(session: nox.Session) -> None:
     _install(session, "dev,bench")
     session.run("python", "benchmarks/harness.py", *session.posargs)
     session.run("python", "benchmarks/bench_tasks.py")
+    session.run("python", "benchmarks/bench_rabbitmq.py")
