@@ -15,12 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
+from examples.omero_import.batches import report_key
 from examples.omero_import.config import ConfigError, load_config
 from examples.omero_import.local import LocalStack, request
 from examples.omero_import.request import ImportTask
 from examples.omero_import.smtp_sink import text_of
 from kew.qchan import new_id
 from kew.qchan.spi import QueueStats, now_ms
+from kew.qchan.spi.dedupe import ClaimResult
 from kew.task.model import Outcome
 from kew.testing.util import port_open, require, wait_for
 
@@ -32,6 +34,23 @@ TARGETS = {
 }
 
 
+def _broker_url(kind: str, tmp_path: Path, tag: str) -> str:
+    """The broker of a test; its batch bookkeeping is on the same backend."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'kew.sqlite3'}"
+    require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
+    return f"redis://127.0.0.1:6379/0?prefix=omero-{tag}"
+
+
+def _clean(stack: LocalStack) -> None:
+    """Leave nothing on the shared Redis: queues, dead letters, idempotency records."""
+    assert stack.service is not None
+    conn: Any = stack.service.app.connector
+    if hasattr(conn, "redis"):
+        for k in conn.redis.scan_iter(f"{conn.options.prefix}:*"):
+            conn.redis.delete(k)
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalStack]:
     tag = new_id()[:12]
@@ -41,19 +60,10 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalStack
         "mail": {"queue": f"kew.mail.{tag}"},
         "kew": {"events_queue": f"kew.task-events.{tag}", "encryption_keys": _key()},
     }
-    if request.param == "sqlite":
-        settings["kew"]["url"] = f"sqlite:///{tmp_path / 'kew.sqlite3'}"
-    else:
-        require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
-        settings["kew"]["url"] = "redis://127.0.0.1:6379/0"
+    settings["kew"]["url"] = _broker_url(str(request.param), tmp_path, tag)
     with LocalStack(tmp_path, settings=settings) as s:
         yield s
-        if request.param == "redis":  # leave nothing on the shared Redis
-            assert s.service is not None
-            conn = s.service.app.connector
-            for name in s.service.app.queue_names():
-                conn.browser(name).purge()
-                conn.browser(name).purge_dead(None)
+        _clean(s)
 
 
 def _key() -> str:
@@ -227,7 +237,6 @@ def test_session_keys_are_encrypted_on_the_broker(tmp_path: Path, encrypted: boo
                 "store": "memory://",
                 "encryption_keys": _key() if encrypted else None,
             },
-            "batches": {"store": str(tmp_path / "b.sqlite3")},
             "mail": {"enabled": False},
         },
     )
@@ -264,44 +273,94 @@ def test_bad_configuration_stops_start_up(tmp_path: Path) -> None:
         load_config(cfg, env={})
 
 
-def test_a_report_claimed_by_a_dead_worker_is_sent_by_another(tmp_path: Path) -> None:
-    """A worker claimed a finished batch's report and died before sending it;
-    the outcome, redelivered, is put back until the claim runs out, then the
-    e-mail goes out once."""
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_report_claimed_by_a_dead_worker_is_sent_by_another(kind: str, tmp_path: Path) -> None:
+    """A worker claimed a finished batch's report (``once("report:<batch>")``)
+    and died before sending it; the outcome, redelivered, is put back until
+    the claim runs out, then the e-mail goes out once."""
+    tag = new_id()[:12]
     settings: dict[str, dict[str, Any]] = {
-        "kew": {"url": f"sqlite:///{tmp_path / 'kew.sqlite3'}"},
+        "kew": {
+            "url": _broker_url(kind, tmp_path, tag),
+            "events_queue": f"kew.task-events.{tag}",
+        },
+        "import": {"queue": f"omero.import.{tag}"},
+        "session": {"queue": f"omero.keepalive.{tag}"},
         "batches": {"report_lease": 0.5},
-        "mail": {"admin": None},
+        "mail": {"admin": None, "queue": f"kew.mail.{tag}"},
     }
     with LocalStack(tmp_path, settings=settings, worker_concurrency=2) as stack:
-        svc = stack.service
-        assert svc is not None and svc.imports.outcomes is not None
-        data = ImportTask(
-            experimenter_email="ann@facility.example",
-            target_uri="/data/plate.tif",
-            omero_host="omero.facility.example",
-            session_key=KEY,
-            batch_id="b-dead",
-            batch_size=1,
+        try:
+            svc = stack.service
+            assert svc is not None and svc.imports.outcomes is not None
+            data = ImportTask(
+                experimenter_email="ann@facility.example",
+                target_uri="/data/plate.tif",
+                omero_host="omero.facility.example",
+                session_key=KEY,
+                batch_id="b-dead",
+                batch_size=1,
+            )
+            # what the dead worker did: recorded the outcome, claimed the report (a
+            # claim of its own token, which nobody renews now)
+            assert svc.batches.record(
+                "b-dead", 1, "t1", target=data.target_uri, email=data.experimenter_email,
+                status="succeeded",
+            )  # fmt: skip
+            idem = svc.batches.idempotency
+            assert idem.backend.claim(report_key("b-dead"), "dead-worker", 1000) is (
+                ClaimResult.CLAIMED
+            )
+            assert idem.state(report_key("b-dead")) == "claimed"
+            # its outcome message comes back (it was never acked)
+            svc.imports.outcomes.send(
+                Outcome("t1", svc.imports.name, "succeeded", 1, now_ms(), data)
+            )
+            (mail,) = stack.smtp.wait(1, 30)
+            assert str(mail["To"]) == "ann@facility.example"
+            assert "1 of 1 imported" in str(mail["Subject"])
+            assert svc.batches.is_reported("b-dead") and idem.is_done(report_key("b-dead"))
+            oq = svc.imports.outcomes.browser()
+            wait_for(lambda: _empty(oq.stats()), 30, what="no outcome left")
+            assert svc.mail is not None
+            mq = svc.mail.queue.browser()
+            wait_for(lambda: _empty(mq.stats()), 30, what="an empty mail queue")
+            assert len(stack.smtp.received()) == 1
+        finally:
+            _clean(stack)
+
+
+def test_a_broker_without_idempotency_records_needs_a_batches_store(tmp_path: Path) -> None:
+    """RabbitMQ keeps no idempotency records: without [batches] store the
+    service refuses to start, naming the key; with one it starts on it."""
+    from examples.omero_import.service import OmeroImportService
+
+    require(port_open("127.0.0.1", 5672), "RabbitMQ is not running on 127.0.0.1:5672")
+    tag = new_id()[:12]
+    base: dict[str, dict[str, Any]] = {
+        "kew": {
+            "url": "amqp://guest:guest@127.0.0.1:5672/",
+            "store": "memory://",
+            "events_queue": f"kew.task-events.{tag}",
+        },
+        "import": {"queue": f"omero.import.{tag}"},
+        "session": {"enabled": False},
+        "mail": {"enabled": False},
+    }
+    with pytest.raises(ConfigError, match=r"keeps no idempotency records.*\[batches\] store"):
+        OmeroImportService(load_config(env={}, overrides=base))
+    store = f"sqlite:///{tmp_path / 'batches.sqlite3'}"
+    svc = OmeroImportService(load_config(env={}, overrides={**base, "batches": {"store": store}}))
+    try:
+        assert not svc.batches.record(
+            "b1", 2, "t1", target="/x.tif", email="a@b.c", status="succeeded"
         )
-        # what the dead worker did: recorded the outcome, claimed the report
-        assert svc.batches.record(
-            "b-dead", 1, "t1", target=data.target_uri, email=data.experimenter_email,
-            status="succeeded",
-        )  # fmt: skip
-        assert svc.batches.claim_report("b-dead", lease_s=1.0)
-        # its outcome message comes back (it was never acked)
-        svc.imports.outcomes.send(Outcome("t1", svc.imports.name, "succeeded", 1, now_ms(), data))
-        (mail,) = stack.smtp.wait(1, 30)
-        assert str(mail["To"]) == "ann@facility.example"
-        assert "1 of 1 imported" in str(mail["Subject"])
-        assert svc.batches.is_reported("b-dead")
-        oq = svc.imports.outcomes.browser()
-        wait_for(lambda: _empty(oq.stats()), 30, what="no outcome left")
-        assert svc.mail is not None
-        mq = svc.mail.queue.browser()
-        wait_for(lambda: _empty(mq.stats()), 30, what="an empty mail queue")
-        assert len(stack.smtp.received()) == 1
+        assert svc.batches.record("b1", 2, "t2", target="/y.tif", email="a@b.c", status="failed")
+        assert (tmp_path / "batches.sqlite3").exists()
+    finally:
+        for name in svc.app.queue_names():
+            svc.app.connector.delete(name)
+        svc.close()
 
 
 def test_front_end_and_worker_as_separate_processes(tmp_path: Path) -> None:
@@ -342,7 +401,7 @@ admin = "omero-admin@facility.example"
 [web]
 port = {port}
 [batches]
-store = "{tmp_path / "batches.sqlite3"}"
+store = "sqlite:///{tmp_path / "batches.sqlite3"}"
 """
         )
         env = {**os.environ, "KEW_OMERO_CONFIG": str(config)}

@@ -122,10 +122,13 @@ class WebSection(_Section):
 
 
 class BatchSection(_Section):
-    store: str = "omero-batches.sqlite3"
-    """SQLite file of the batch bookkeeping (shared by the workers of one site)."""
+    store: str | None = None
+    """URL of the idempotency store of the batch bookkeeping (``sqlite:///path``,
+    ``redis://host:port``), shared by every worker; unset: the broker's own
+    backend, which SQLite and Redis brokers are (RabbitMQ and STOMP need one)."""
     report_lease: Seconds = 120.0
-    """Seconds a worker may take to send a batch's e-mails before another takes over."""
+    """Seconds a dead worker's claim on a batch's e-mails lasts before another
+    takes over (a live worker renews its claim while it sends)."""
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -288,6 +291,16 @@ def check(config: Config) -> None:
             problems.append(
                 f"kew.url: {redact(config.kew.url)!r} is not a broker URL "
                 f"(schemes: {', '.join(sorted(kew.known_schemes()))})"
+            )
+    if config.batches.store is not None:
+        from kew.qchan.spi.urls import redact
+
+        store = config.batches.store
+        scheme = store.partition("://")[0]
+        if "://" not in store or scheme not in ("sqlite", "redis", "rediss", "memory"):
+            problems.append(
+                f"batches.store: {redact(store)!r} is not the URL of an idempotency store "
+                "(sqlite:///path, redis://host:port; unset: the broker's own backend)"
             )
     for token, scope in config.web.tokens.items():
         if not token.startswith("sha256:") and len(token) < 16:

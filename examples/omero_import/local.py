@@ -57,7 +57,6 @@ def stand_in_settings(workdir: Path, *, smtp_port: int, web_port: int) -> dict[s
             "retry_minutes": [0.01, 0.05],
         },
         "web": {"host": "127.0.0.1", "port": web_port},
-        "batches": {"store": str(workdir / "omero-batches.sqlite3")},
         "kew": {"store": f"sqlite:///{workdir / 'kew-tasks.sqlite3'}"},
     }
 

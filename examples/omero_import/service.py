@@ -30,14 +30,15 @@ from typing import Any
 import msgspec
 
 import kew
+from kew.qchan.spi.dedupe import DedupeCapable
 from kew.task.app import App, TaskQueue
 from kew.task.command import CommandSpec
 from kew.task.model import Outcome, TaskEvent
 from kew.task.retry import Intervals
 
-from .batches import BatchStore
+from .batches import BatchStore, TaskOutcome
 from .command import import_argv, local_path, redacted, session_args
-from .config import Config, load_config, smtp_config
+from .config import Config, ConfigError, load_config, smtp_config
 from .report import admin_letter, experimenter_letters
 from .request import ImportTask, parse_batch, with_batch
 
@@ -81,7 +82,11 @@ class OmeroImportService:
             events_queue=c.kew.events_queue,
         )
         keys = c.kew.encryption_keys
-        self.batches = BatchStore(c.batches.store)
+        try:
+            self.batches = self._open_batches()
+        except BaseException:
+            self.app.close()
+            raise
         self.imports: TaskQueue[ImportTask] = self.app.command_task(
             c.import_.queue,
             ImportTask,
@@ -112,6 +117,22 @@ class OmeroImportService:
             )
         web = c.web.base_url or f"http://{c.web.host}:{c.web.port}"
         self._status_url = web.rstrip("/") + "/ome/import/{task_id}"
+
+    def _open_batches(self) -> BatchStore:
+        """The bookkeeping on ``[batches] store`` if set, else on the broker's
+        own backend (SQLite, Redis, memory keep idempotency records; RabbitMQ
+        and STOMP do not: then the store URL is required)."""
+        b = self.config.batches
+        if b.store is not None:
+            return BatchStore.open(b.store, lease=b.report_lease)
+        conn = self.app.connector
+        if not isinstance(conn, DedupeCapable):
+            raise ConfigError(
+                f"the broker {getattr(conn, 'url', '?')} keeps no idempotency records for the "
+                "batch bookkeeping: set [batches] store (KEW_OMERO_BATCHES_STORE) to a store "
+                "shared by every worker: sqlite:///path or redis://host:port"
+            )
+        return BatchStore.open(conn, lease=b.report_lease)
 
     # -- the front end's part -------------------------------------------
 
@@ -193,39 +214,29 @@ class OmeroImportService:
             self.imports.outcomes.post(outcome, deliver_at=again)
 
     def _report(self, batch_id: str) -> bool:
-        """Send the batch's e-mails unless that is done; False if another
-        process holds the job now."""
-        if not self.batches.claim_report(batch_id, lease_s=self.config.batches.report_lease):
-            return self.batches.is_reported(batch_id)
-        try:
-            outcomes = self.batches.outcomes(batch_id)
-            letters = experimenter_letters(batch_id, outcomes, status_url=self._status_url)
-            admin = self.config.mail.admin
-            a = (
-                admin_letter(batch_id, outcomes, admin, status_url=self._status_url)
-                if admin
-                else None
-            )
-            if a is not None:
-                letters.append(a)
-            if self.mail is not None:
-                from kew.task.mail import Mail
+        """Send the batch's e-mails once (``once("report:<batch>")``); True if
+        they are sent (now or before), False if another process holds the job."""
+        return self.batches.report(batch_id, lambda outcomes: self._send_report(batch_id, outcomes))
 
-                for letter in letters:
-                    self.mail.submit(Mail(to=[letter.to], subject=letter.subject, body=letter.body))
-            ok = sum(o.status == "succeeded" for o in outcomes)
-            log.info(
-                "batch %s finished: %d imported, %d failed; %d e-mail(s)",
-                batch_id,
-                ok,
-                len(outcomes) - ok,
-                len(letters) if self.mail is not None else 0,
-            )
-            self.batches.mark_reported(batch_id)
-        except BaseException:
-            self.batches.release_claim(batch_id)
-            raise
-        return True
+    def _send_report(self, batch_id: str, outcomes: list[TaskOutcome]) -> None:
+        letters = experimenter_letters(batch_id, outcomes, status_url=self._status_url)
+        admin = self.config.mail.admin
+        a = admin_letter(batch_id, outcomes, admin, status_url=self._status_url) if admin else None
+        if a is not None:
+            letters.append(a)
+        if self.mail is not None:
+            from kew.task.mail import Mail
+
+            for letter in letters:
+                self.mail.submit(Mail(to=[letter.to], subject=letter.subject, body=letter.body))
+        ok = sum(o.status == "succeeded" for o in outcomes)
+        log.info(
+            "batch %s finished: %d imported, %d failed; %d e-mail(s)",
+            batch_id,
+            ok,
+            len(outcomes) - ok,
+            len(letters) if self.mail is not None else 0,
+        )
 
     def _session_command(self, command: Sequence[str], k: KeepAlive) -> bool:
         argv = [*command, *session_args(k.omero_host, k.omero_port, k.session_key)]
@@ -268,8 +279,8 @@ class OmeroImportService:
         self.keepalive.post(msgspec.structs.replace(k, pings=k.pings + 1), deliver_at=due)
 
     def close(self) -> None:
-        self.app.close()
         self.batches.close()
+        self.app.close()
 
 
 _service: OmeroImportService | None = None
