@@ -23,6 +23,14 @@ def test_defaults_are_smugglers() -> None:
     assert c.import_.command == ["omero", "import"]
     assert c.import_.queue == "omero.import"
     assert c.kew.url is None and c.session.enabled
+    assert c.batches.store is None  # the batch bookkeeping goes on the broker's backend
+
+
+def test_batches_store_url(tmp_path: Path) -> None:
+    p = _write(tmp_path, '[batches]\nstore = "redis://127.0.0.1:6379/2"\nreport_lease = 30\n')
+    c = load_config(p, env={"KEW_OMERO_BATCHES_STORE": "sqlite:///var/lib/omero/b.sqlite3"})
+    assert c.batches.store == "sqlite:///var/lib/omero/b.sqlite3"
+    assert c.batches.report_lease == 30
 
 
 def test_the_shipped_example_file_loads() -> None:
@@ -92,6 +100,16 @@ admin = "admin@lab.example"
         ),
         ('[mail]\nusername = "u"\n', {}, "mail: username and password go together"),
         ('[mail]\nsender = "x@y"\nhost = "a b"\n', {}, "mail: host must be a host name"),
+        (
+            '[batches]\nstore = "omero-batches.sqlite3"\n',
+            {},
+            "batches.store: 'omero-batches.sqlite3' is not the URL of an idempotency store",
+        ),
+        (
+            "",
+            {"KEW_OMERO_BATCHES_STORE": "amqp://u:pw@h/"},
+            "batches.store: 'amqp://u:***@h/' is not the URL of an idempotency store",
+        ),
         ("", {"KEW_OMERO_MAIL_PORT": "abc"}, "KEW_OMERO_MAIL_PORT (environment): mail.port"),
         ("", {"KEW_OMERO_MAIL_PORTX": "1"}, "KEW_OMERO_MAIL_PORTX: no such setting [mail] portx"),
         ("", {"KEW_OMERO_NOPE": "1"}, "KEW_OMERO_NOPE: unknown section"),
