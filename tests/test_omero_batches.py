@@ -181,14 +181,16 @@ def test_sqlite_outcomes_commit_with_their_done_mark(tmp_path: Path) -> None:
 
 
 def test_a_broker_without_a_dedupe_store_is_refused() -> None:
-    class NoStore:  # a connector whose provider keeps no idempotency records
-        url = "amqp://127.0.0.1:5672/"
-
-        def close(self) -> None:
-            pass
-
-    with pytest.raises(ConfigError, match=r"keeps no idempotency records.*\[batches\] store"):
-        BatchStore.open(NoStore())  # type: ignore[arg-type]
+    """RabbitMQ keeps no idempotency records: a clear error asks for a store URL."""
+    require(port_open("127.0.0.1", 5672), "RabbitMQ is not running on 127.0.0.1:5672")
+    conn = kew.connect("amqp://guest:guest@127.0.0.1:5672/")
+    try:
+        with pytest.raises(ConfigError, match=r"keeps no idempotency records.*\[batches\] store"):
+            BatchStore.open(conn)
+    finally:
+        conn.close()
+    with pytest.raises(ConfigError, match="keeps no idempotency records"):
+        BatchStore.open("amqp://guest:guest@127.0.0.1:5672/")  # the connector it made is closed
 
 
 def test_letters(tmp_path: Path) -> None:
