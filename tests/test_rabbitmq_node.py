@@ -13,12 +13,13 @@ from tests.brokers.rabbitmq import RabbitMQServer
 from tests.brokers.tls import make_certs
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 def test_broker_killed_and_restarted_loses_nothing_confirmed(
-    rabbitmq_node: RabbitMQServer,
+    rabbitmq_node: RabbitMQServer, queue_type: str
 ) -> None:
-    conn = kew.connect(rabbitmq_node.url + "&connection_name=kew-restart-test")
-    q = kew.Queue(conn, "restart", int)  # durable queue, persistent messages
-    q.browser().purge()
+    conn = kew.connect(f"{rabbitmq_node.url}&queue_type={queue_type}")
+    name = f"restart-{queue_type}"
+    q = kew.Queue(conn, name, int)  # durable queue, persistent messages
     got: set[int] = set()
     confirmed: list[int] = []
     failures: list[str] = []
@@ -52,6 +53,7 @@ def test_broker_killed_and_restarted_loses_nothing_confirmed(
     finally:
         stop.set()
         t.join(60)
+        conn.delete(name)
         conn.close()
     assert not set(confirmed) - got
     assert max(got) >= n  # consumers resumed by themselves on the restarted node
