@@ -474,8 +474,8 @@ class RabbitConsumer:
                 ch.basic_qos(prefetch_count=self._prefetch)
                 with self._ops_lock:  # ops of the lost connection are void
                     self._ops, self._flush_scheduled = [], False
-                self._generation += 1
-                self._conn, self._channel = conn, ch
+                    self._generation += 1
+                    self._conn, self._channel = conn, ch
 
                 def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
                     count = int((props.headers or {}).get("x-delivery-count", 0)) + 1
@@ -495,6 +495,10 @@ class RabbitConsumer:
                     conn.close()
                 return
             except (AMQPError, BrokerUnavailable, OSError):
+                lost = self._conn
+                if lost is not None and lost.is_open:  # e.g. only the channel failed
+                    with contextlib.suppress(Exception):
+                        lost.close()
                 if self._closed.is_set():
                     return
                 self._drop_buffer()
@@ -526,19 +530,20 @@ class RabbitConsumer:
         requeues the message anyway).  One wake-up of the I/O thread serves
         every op queued until it runs."""
         generation, tag = _tag(delivery)
-        conn = self._conn
-        if generation != self._generation or conn is None or not conn.is_open:
-            return
-        with self._ops_lock:
+        with self._ops_lock:  # atomic with a reconnect's reset
+            conn = self._conn
+            if generation != self._generation or conn is None or not conn.is_open:
+                return  # that connection is gone; the broker has requeued the message
             self._ops.append((generation, tag, op))
             if self._flush_scheduled:
                 return
             self._flush_scheduled = True
         try:
             conn.add_callback_threadsafe(self._flush_ops)
-        except AMQPError:
+        except Exception:  # closed meanwhile: its ops are void
             with self._ops_lock:
-                self._flush_scheduled = False
+                if generation == self._generation:
+                    self._ops, self._flush_scheduled = [], False
 
     def _flush_ops(self) -> None:
         with self._ops_lock:
