@@ -334,7 +334,8 @@ class RabbitProducer:
                 batch.publish(self._queue, list(zip(routes, messages, strict=True)))
                 return
             for route, m in zip(routes, messages, strict=True):
-                batch.basic_publish("", route, m.body, _properties(m))
+                batch._impl.basic_publish("", route, m.body, _properties(m))  # buffered
+            _coalesce(self._conn)
             batch.tx_commit()  # one round trip: commit-ok once all are stored
 
         self._with_retry(publish)
