@@ -11,10 +11,15 @@ tasks:
 2. a worker process is started the way a user starts it, on that full queue:
    - kew:      ``kew worker bench_tasks:app --concurrency 8`` (prefetch 8; each
                task is acked only after its handler returned; the task layer's
-               status events are sent as usual: queued, running and succeeded,
-               each durable before the ack)
+               status events are sent as usual: "queued" at submit, and the
+               attempt's end event durable before (or, on a provider with
+               ``OutboxConsumer.settle``, in one commit with) the ack)
    - kew-bare: the same with ``App(events=False)``: no status or output
                tracking, like Dramatiq and Celery without a result backend
+   - kew-p16, kew-bare-p16: the same with ``--prefetch 16``, the prefetch
+               Dramatiq uses with 8 threads (same threads, same prefetch)
+   - kew@base, kew-bare@base (with ``--baseline DIR``): kew and kew-bare from
+               an earlier checkout, for a before/after in the same run
    - Dramatiq: ``dramatiq bench_tasks --processes 1 --threads 8`` (acks after
                the actor returns; its default prefetch of 2 x threads)
    - Celery:   ``celery -A bench_tasks worker -P threads -c 8`` with
@@ -56,8 +61,10 @@ URLS = {
     "redis": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
     "rabbitmq": os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
 }
-SYSTEMS = ("kew", "kew-bare", "dramatiq", "celery")
+SYSTEMS = ("kew", "kew-bare", "kew-p16", "kew-bare-p16", "dramatiq", "celery")
+DEFAULT_SYSTEMS = ("kew", "kew-bare", "kew-p16", "dramatiq", "celery")
 THREADS = 8
+PREFETCH = 16  # the -p16 variants: the prefetch Dramatiq uses with 8 threads
 
 # -- worker side: the no-op task of each system ------------------------------------
 
@@ -96,7 +103,7 @@ def _build(system: str, broker: str, queue: str) -> dict[str, Any]:
             store="memory://",
             events_queue=f"{queue}.events",
             name="bench",
-            events=system == "kew",
+            events=not system.startswith("kew-bare"),
         )
         tq = app.task_queue(queue, Noop, lambda job: noop(job.n))
         return {"app": app, "task": tq}
@@ -203,6 +210,7 @@ def worker_cmd(system: str) -> list[str]:
             str(THREADS),
             "--grace",
             "5",
+            *(["--prefetch", str(PREFETCH)] if system.endswith("-p16") else []),
         ]
     if system == "dramatiq":
         return [
@@ -230,7 +238,10 @@ def worker_cmd(system: str) -> list[str]:
     ]
 
 
-def run_one(system: str, broker: str, n: int, tmp: Path) -> dict[str, float]:
+def run_one(system: str, broker: str, n: int, tmp: Path, root: Path = ROOT) -> dict[str, float]:
+    """One system on one broker; ``root``: the kew checkout to run it from."""
+    here = root / "benchmarks"
+    system = system.split("@")[0]
     queue = f"bench_{system}_{uuid.uuid4().hex[:8]}"
     out = tmp / f"{queue}.json"
     env = {
@@ -241,18 +252,18 @@ def run_one(system: str, broker: str, n: int, tmp: Path) -> dict[str, float]:
         "BENCH_N": str(n),
         "BENCH_OUT": str(out),
         "PYTHONPATH": os.pathsep.join(
-            [str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            [str(here), str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
         ),
     }
     log = (tmp / f"{queue}.log").open("w")
     try:
         r = subprocess.run(
-            [sys.executable, str(Path(__file__)), "--enqueue", str(n)],
+            [sys.executable, str(here / "bench_tasks.py"), "--enqueue", str(n)],
             env=env,
             capture_output=True,
             text=True,
             timeout=600,
-            cwd=HERE,
+            cwd=here,
         )
         if r.returncode != 0:
             raise RuntimeError(f"{system} enqueue failed:\n{r.stderr[-3000:]}")
@@ -260,7 +271,7 @@ def run_one(system: str, broker: str, n: int, tmp: Path) -> dict[str, float]:
         proc = subprocess.Popen(
             worker_cmd(system),
             env=env,
-            cwd=HERE,
+            cwd=here,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -297,6 +308,14 @@ def main() -> None:
     p.add_argument("--system", action="append", choices=SYSTEMS)
     p.add_argument("--enqueue", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="a copy of an earlier kew (git worktree add DIR REV, or git archive REV): its kew "
+        "and kew-bare "
+        "run too, in the same run, as kew@base and kew-bare@base",
+    )
     args = p.parse_args()
     if args.enqueue:
         print(enqueue(args.enqueue))
@@ -304,14 +323,29 @@ def main() -> None:
     import tempfile
 
     brokers = args.broker or ["redis", "rabbitmq"]
-    systems = args.system or list(SYSTEMS)
+    systems = args.system or list(DEFAULT_SYSTEMS)
+    base_rev = ""
+    if args.baseline is not None:
+        base_rev = (
+            subprocess.run(
+                ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            or args.baseline.name
+        )
+        systems = [
+            *(f"{s}@base" for s in systems if s in ("kew", "kew-bare")),
+            *systems,
+        ]
     results: dict[tuple[str, str], dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for broker in brokers:
             for system in systems:
                 print(f"{broker} / {system}: {args.n} tasks ...", file=sys.stderr, flush=True)
                 try:
-                    results[broker, system] = run_one(system, broker, args.n, Path(tmp))
+                    root = args.baseline.resolve() if system.endswith("@base") else ROOT
+                    results[broker, system] = run_one(system, broker, args.n, Path(tmp), root)
                 except Exception as e:
                     print(f"  failed: {e}", file=sys.stderr)
                     for log in Path(tmp).glob(f"bench_{system}_*.log"):
@@ -321,7 +355,10 @@ def main() -> None:
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}, {platform.node()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        "kew worker --concurrency 8 (kew-bare: App(events=False)); "
+        f"kew worker --concurrency 8, prefetch 8 (-p16: --prefetch {PREFETCH}, as Dramatiq's; "
+        "kew-bare: App(events=False))"
+        + (f"; @base: the same from kew {base_rev}" if base_rev else "")
+        + "; "
         "Dramatiq --processes 1 --threads 8; "
         "Celery -P threads -c 8, acks_late. tasks/s = drain rate of a full queue.",
         "",

@@ -305,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("app", metavar="MODULE:APP")
     parser.add_argument("-c", "--concurrency", type=int, default=4)
+    parser.add_argument("--prefetch", type=int, help="deliveries held per task queue")
     parser.add_argument("-q", "--queue", action="append", dest="queues")
     parser.add_argument("--record", action="store_true", help="also record task events")
     parser.add_argument("--grace", type=float, default=30.0)
@@ -325,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             grace=args.grace,
             health_file=args.health_file,
+            prefetch=args.prefetch,
         )
         worker.run()
     finally:

@@ -1,0 +1,106 @@
+"""Workers with a prefetch above their concurrency (``--prefetch``), and
+attempts settled through the group commit (events / next attempt together
+with the ack): on SQLite, Redis and RabbitMQ."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import kew
+from kew.task import App, Retry, TaskRecord
+from kew.testing.util import port_open, require, wait_for
+
+
+@pytest.fixture(params=["sqlite", "redis", "rabbitmq"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/q.sqlite3?lease=2"
+    if request.param == "redis":
+        require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
+        return "redis://127.0.0.1:6379/0?lease=2"
+    require(port_open("127.0.0.1", 5672), "RabbitMQ is not running on 127.0.0.1:5672")
+    return "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture
+def app(url: str, tmp_path: Path) -> Iterator[App]:
+    suffix = os.urandom(4).hex()
+    a = App(url, store=f"sqlite:///{tmp_path}/tasks.sqlite3", events_queue=f"p.events-{suffix}")
+    yield a
+    names = a.queue_names()
+    a.close()
+    c = kew.connect(url)
+    try:
+        for name in names:
+            c.delete(name)
+    finally:
+        c.close()
+
+
+def _status(app: App, tid: str, want: str) -> TaskRecord:
+    def check() -> TaskRecord | None:
+        r = app.status(tid)
+        return r if r is not None and r.status == want else None
+
+    r = wait_for(check, 30, what=f"task {tid} to be {want}")
+    assert r is not None
+    return r
+
+
+def test_prefetch_above_concurrency_holds_no_more(app: App) -> None:
+    gate = threading.Event()
+    lock = threading.Lock()
+    started: list[int] = []
+    failed_once: set[int] = set()
+
+    def handle(n: int) -> None:
+        with lock:
+            started.append(n)
+        gate.wait(30)
+        if n == 0 and n not in failed_once:
+            failed_once.add(n)
+            raise Retry("first attempt of 0 fails", after=0.1)
+
+    tq = app.task_queue(f"p.tasks-{os.urandom(4).hex()}", int, handle)
+    ids = [tq.submit(n) for n in range(8)]
+    w = app.worker(concurrency=2, prefetch=5, record=True).start()
+    try:
+        sub = next(s for s in w.subscriptions if s.name == tq.name)
+        assert sub.prefetch == 5
+        wait_for(lambda: sub.in_flight == 5 and len(started) == 2, 20, what="5 held, 2 running")
+        seen = [sub.in_flight for _ in range(50)]
+        assert max(seen) <= 5, f"held {max(seen)} deliveries with prefetch 5"
+        assert len(started) == 2
+        gate.set()
+        records = [_status(app, tid, "succeeded") for tid in ids]
+    finally:
+        w.stop(5)
+    assert records[0].attempt == 2  # retried through the rescheduling path
+    assert all(r.attempt == 1 for r in records[1:])
+    assert sorted(started) == [0, *range(8)]
+    stats = tq.queue.browser().stats()
+    assert stats.ready in (-1, 0) and stats.in_flight in (-1, 0) and stats.delayed in (-1, 0)
+
+
+def test_prefetch_below_concurrency_is_refused(app: App) -> None:
+    app.task_queue("p.refused", int, lambda n: None)
+    with pytest.raises(ValueError, match=r"prefetch \(2\) must be >= concurrency \(4\)"):
+        app.worker(concurrency=4, prefetch=2)
+
+
+def test_cli_prefetch_below_concurrency_is_refused(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "kew.cli", "worker", "nowhere:app", "-c", "4", "--prefetch", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "--prefetch" in r.stderr and "less than --concurrency (4)" in r.stderr
