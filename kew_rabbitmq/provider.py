@@ -174,6 +174,11 @@ class RabbitConnector:
         self.options = Options.from_url(url)
         self.url = ProviderURL.parse(url, SCHEMES).redacted
         self.max_message_size = self.options.max_message_size
+        if self.options.queue_type == "quorum":
+            self.lacks = {
+                Capability.BROWSE: "peeking takes messages and hands them back; a quorum "
+                "queue puts them behind the others and counts that as a delivery"
+            }
         self._lock = threading.Lock()
         self._conn: pika.BlockingConnection | None = None
         self._channel: Any = None
