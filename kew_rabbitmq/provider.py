@@ -651,7 +651,7 @@ class RabbitBrowser:
         def dead(conn_ch: Any) -> list[DeadLetter]:
             ch = conn_ch.connection.channel()
             try:
-                return [
+                letters = [
                     DeadLetter(
                         _message(p, b),
                         int((p.headers or {}).get(H_COUNT, 1)),
@@ -662,6 +662,9 @@ class RabbitBrowser:
                 ]
             finally:
                 ch.close()
+            # oldest first: a quorum queue puts what an earlier listing
+            # handed back behind later dead letters (stable for equal times)
+            return sorted(letters, key=lambda d: d.dead_at)
 
         return self._c.run(dead)
 
