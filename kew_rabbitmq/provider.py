@@ -9,9 +9,10 @@ costs one round trip and returns only when every message is stored.
 
 pika is not thread-safe, so every connection here has one owner: a producer
 guards its connection with a lock; a consumer runs its connection on its own
-I/O thread, and settling from other threads goes through
-``add_callback_threadsafe``.  That thread keeps heartbeats going however
-long a handler runs.
+I/O thread.  Acks and requeues from handler threads are queued for it (one
+``add_callback_threadsafe`` wake-up for all queued) and do not wait; a dead
+letter waits for its confirm.  That thread keeps heartbeats going however
+long a handler runs.  See docs/providers/rabbitmq.md.
 
 Delayed delivery needs no plugin: a message due in d ms goes to the queue
 ``<q>.delay.<D>`` where D is d rounded *up* to ``delay_granularity`` ms;
