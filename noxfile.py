@@ -54,10 +54,26 @@ def demo(session: nox.Session) -> None:
     session.run("python", script, *session.posargs)
 
 
+BENCHMARKS = {
+    "sqlite": "benchmarks/harness.py",
+    "redis": "benchmarks/bench_redis.py",
+    "rabbitmq": "benchmarks/bench_rabbitmq.py",
+    "artemis": "benchmarks/bench_artemis.py",
+    "tasks": "benchmarks/bench_tasks.py",
+}
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks; writes markdown tables under benchmarks/results/."""
+    """Benchmarks, each kew next to its raw client (and Dramatiq/Celery) in
+    one run; tables under benchmarks/results/.  ``-- NAME [ARGS...]`` runs one
+    (sqlite, redis, rabbitmq, artemis, tasks) with its own arguments."""
     _install(session, "dev,bench")
-    session.run("python", "benchmarks/harness.py", *session.posargs)
-    session.run("python", "benchmarks/bench_tasks.py")
-    session.run("python", "benchmarks/bench_rabbitmq.py")
+    args = list(session.posargs)
+    if args and args[0] in BENCHMARKS:
+        session.run("python", BENCHMARKS[args[0]], *args[1:])
+        return
+    if args:
+        session.error(f"unknown benchmark {args[0]!r}; known: {', '.join(BENCHMARKS)}")
+    for script in BENCHMARKS.values():
+        session.run("python", script)
