@@ -30,64 +30,81 @@ SendMany = Callable[[str, Sequence[Message]], None]
 
 class GroupSettle:
     """Settles one consumer's deliveries together with outgoing messages
-    (an outbox), batching concurrent callers: whoever comes while a batch is
-    being committed joins the next one, and each caller returns once its own
-    messages are stored and its deliveries acked (or raises if their batch
-    failed).  N handlers finishing together cost one commit, not N.
+    (an outbox), batching concurrent callers (a group commit): whoever comes
+    while a commit is under way joins the next one, so N handlers finishing
+    together cost one commit, not N.
 
     A consumer with ``settle`` (:class:`OutboxConsumer`) commits a batch in
     one step; for any other, the batch's messages go out first with
     ``send_many`` (one call per queue), then each delivery is acked.  Either
-    way a delivery is never acked before the messages are stored, and a
-    caller's delivery stays held (counted against prefetch) until then.
+    way a delivery is never acked before the messages are stored.
     """
 
     def __init__(self, consumer: Consumer, send_many: SendMany) -> None:
         self._consumer = consumer
         self._send_many = send_many
         self._outbox = consumer if isinstance(consumer, OutboxConsumer) else None
-        self._cond = threading.Condition()
-        self._acks: list[Delivery] = []
-        self._sends: list[tuple[str, Message]] = []
-        self._batch = 0  # number of the batch being filled
-        self._done = -1  # last batch committed (or failed)
+        self._lock = threading.Lock()
         self._committing = False
-        self._errors: dict[int, BaseException] = {}
+        self._later: list[
+            tuple[
+                Sequence[Delivery],
+                Sequence[tuple[str, Message]],
+                Callable[[BaseException | None], None],
+            ]
+        ] = []
 
     def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
-        with self._cond:
-            self._acks.extend(acks)
-            self._sends.extend(sends)
-            mine = self._batch
-            while True:
-                if self._done >= mine:
-                    error = self._errors.get(mine)
-                    if error is not None:
-                        raise error
+        """Return once ``sends`` are stored and ``acks`` acked; raise if
+        their batch failed."""
+        outcome: list[BaseException | None] = []
+        finished = threading.Event()
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            finished.set()
+
+        self.settle_later(acks, sends, done)
+        finished.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def settle_later(
+        self,
+        acks: Sequence[Delivery],
+        sends: Sequence[tuple[str, Message]],
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Like :meth:`settle`, but returns at once while another caller is
+        committing (that one commits this too); else this caller commits,
+        and goes on committing what others add meanwhile until nothing is
+        left.  ``done(error)`` is called after the commit (``None``: stored
+        and acked), in the committing thread.  A handler that returns before
+        ``done`` keeps its delivery counted as held (``Subscription.hold``).
+        """
+        with self._lock:
+            self._later.append((acks, sends, done))
+            if self._committing:
+                return
+            self._committing = True
+        while True:
+            with self._lock:
+                items, self._later = self._later, []
+                if not items:
+                    self._committing = False
                     return
-                if not self._committing:
-                    self._committing = True
-                    batch_acks, self._acks = self._acks, []
-                    batch_sends, self._sends = self._sends, []
-                    number = self._batch
-                    self._batch += 1
-                    break
-                self._cond.wait()
-        failure: BaseException | None = None
-        try:
-            self._commit(batch_acks, batch_sends)
-        except BaseException as e:
-            failure = e
-        with self._cond:
-            self._committing = False
-            self._done = number
-            if failure is not None:
-                self._errors[number] = failure
-            for old in [n for n in self._errors if n < number - 1000]:
-                del self._errors[old]
-            self._cond.notify_all()
-        if failure is not None:  # number == mine: our own batch
-            raise failure
+            batch_acks = [d for a, _, _ in items for d in a]
+            batch_sends = [m for _, ms, _ in items for m in ms]
+            failure: BaseException | None = None
+            try:
+                self._commit(batch_acks, batch_sends)
+            except BaseException as e:
+                failure = e
+            for _, _, callback in items:
+                try:
+                    callback(failure)
+                except Exception:
+                    log.exception("kew: a settle callback failed")
 
     def _commit(self, acks: list[Delivery], sends: list[tuple[str, Message]]) -> None:
         if self._outbox is not None:
@@ -128,6 +145,7 @@ class Subscription:
         self._cond = threading.Condition()
         self._pending: deque[Delivery] = deque()  # fetched, not started
         self._running = 0  # started, not finished
+        self._settling = 0  # finished, settle still under way (see hold())
         self._stopping = False
         self._closed = threading.Event()
         self.last_fetch = time.monotonic()
@@ -149,7 +167,7 @@ class Subscription:
     def in_flight(self) -> int:
         """Deliveries held: fetched and not yet settled."""
         with self._cond:
-            return len(self._pending) + self._running
+            return len(self._pending) + self._running + self._settling
 
     @property
     def alive(self) -> bool:
@@ -167,13 +185,14 @@ class Subscription:
             while True:
                 with self._cond:
                     while (
-                        not self._stopping and len(self._pending) + self._running >= self.prefetch
+                        not self._stopping
+                        and len(self._pending) + self._running + self._settling >= self.prefetch
                     ):
                         self._cond.wait(self._poll)
                         self.last_fetch = time.monotonic()
                     if self._stopping:
                         return
-                    room = self.prefetch - len(self._pending) - self._running
+                    room = self.prefetch - len(self._pending) - self._running - self._settling
                 try:
                     batch = self._consumer.fetch(room, self._poll)
                 except Exception:
@@ -226,6 +245,25 @@ class Subscription:
                 self.handled += 1
                 self._cond.notify_all()
 
+    def hold(self) -> Callable[[], None]:
+        """For a handler that returns before its delivery is settled (a
+        settle left to a group commit): the delivery stays counted as held
+        (against ``prefetch``, and waited for by ``stop()``) until the
+        returned function is called, once, when it is settled or failed."""
+        with self._cond:
+            self._settling += 1
+        called = False
+
+        def done() -> None:
+            nonlocal called
+            with self._cond:
+                if not called:
+                    called = True
+                    self._settling -= 1
+                    self._cond.notify_all()
+
+        return done
+
     def _settle_safely(self, settle: Callable[[Delivery], None], delivery: Delivery) -> None:
         try:
             settle(delivery)
@@ -249,7 +287,12 @@ class Subscription:
         closes.  Returns True if every handler finished in time.
         """
         with self._cond:
-            if self._stopping and self._closed.is_set() and not self._running:
+            if (
+                self._stopping
+                and self._closed.is_set()
+                and not self._running
+                and not self._settling
+            ):
                 return True
             self._stopping = True
             pending = list(self._pending)
@@ -260,9 +303,9 @@ class Subscription:
         deadline = time.monotonic() + grace
         self._closed.wait(max(0.0, deadline - time.monotonic()))
         with self._cond:
-            while self._running and time.monotonic() < deadline:
+            while (self._running or self._settling) and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
-            finished = self._running == 0
+            finished = self._running == 0 and self._settling == 0
         try:
             self._consumer.close()
         except Exception:

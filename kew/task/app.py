@@ -77,6 +77,9 @@ DEFAULT_STORE = "sqlite:///kew-tasks.sqlite3"
 #: Events a recorder applies in one store transaction at most.
 RECORDER_BATCH = 512
 
+Hold = Callable[[], Callable[[], None]]
+"""``Subscription.hold``: keeps a delivery counted as held until called back."""
+
 
 _JSON = msgspec.json.Encoder()
 
@@ -174,6 +177,7 @@ class BatchSubscription(Subscription):
         self._cond = threading.Condition()
         self._pending: deque[Delivery] = deque()
         self._running = 0
+        self._settling = 0
         self._stopping = False
         self._closed = threading.Event()
         self.last_fetch = time.monotonic()
@@ -368,7 +372,9 @@ class TaskQueue(Generic[T]):
                     consumer, delivery, worker_id, f"cannot decode as {self._type_label()}: {e}"
                 )
                 return
-            self._run(consumer, delivery, data, attempt, worker_id, settler)
+            # (the subscription's threads may start before it is assigned)
+            hold = subs[0].hold if subs else None
+            self._run(consumer, delivery, data, attempt, worker_id, settler, hold)
 
         app = self.app
         producers = {self.name: self.queue._producer, app.events.name: app.events._producer}
@@ -380,13 +386,16 @@ class TaskQueue(Generic[T]):
         # Handlers finishing together settle together: their last events (or
         # next attempts) and their acks in one commit (see GroupSettle).
         settler = GroupSettle(consumer, send_many)
-        return Subscription(
+        subs: list[Subscription] = []
+        sub = Subscription(
             consumer,
             handler,
             name=self.name,
             concurrency=concurrency,
             prefetch=prefetch or concurrency,
         )
+        subs.append(sub)
+        return sub
 
     def _poison(self, consumer: Consumer, delivery: Delivery, worker_id: str, reason: str) -> None:
         consumer.dead_letter(delivery, reason)
@@ -416,6 +425,7 @@ class TaskQueue(Generic[T]):
         attempt: int,
         worker_id: str,
         settler: GroupSettle | None = None,
+        hold: Hold | None = None,
     ) -> None:
         app = self.app
         msg = delivery.message
@@ -437,7 +447,7 @@ class TaskQueue(Generic[T]):
             if ctx.cancelled.is_set() and app._abandoned(ctx):
                 return  # handed back already (worker shutdown): the next run records itself
             if error is None:
-                self._finish(consumer, delivery, ctx, "succeeded", None, settler)
+                self._finish(consumer, delivery, ctx, "succeeded", None, settler, hold)
                 return
             delay = None if isinstance(error, Permanent) else self.retry.delay(attempt)
             if delay is not None and isinstance(error, Retry) and error.after is not None:
@@ -445,7 +455,7 @@ class TaskQueue(Generic[T]):
             if delay is None:
                 self._finish(consumer, delivery, ctx, "failed", error, settler)
             else:
-                self._reschedule(consumer, delivery, ctx, error, delay, settler)
+                self._reschedule(consumer, delivery, ctx, error, delay, settler, hold)
         finally:
             app._ended(ctx)
 
@@ -495,15 +505,40 @@ class TaskQueue(Generic[T]):
         events: Sequence[TaskEvent],
         settler: GroupSettle | None,
         next_attempt: Message | None = None,
+        hold: Hold | None = None,
     ) -> None:
         """Make ``events`` (and ``next_attempt``) durable, then ack: in one
-        group commit when there is a settler, else one step after the other."""
+        group commit when there is a settler, else one step after the other.
+        With ``hold`` (the subscription's), the handler thread does not wait
+        for the commit: the delivery stays counted as held until it is done,
+        and the thread takes the next delivery meanwhile."""
         app = self.app
         if settler is not None and (not events or app.events.max_depth is None):
             sends = [(app.events.name, app.events._message(e)) for e in events]
             if next_attempt is not None:
                 sends.append((self.name, next_attempt))
-            settler.settle((delivery,), sends)
+            if hold is None:
+                settler.settle((delivery,), sends)
+                return
+            settled = hold()
+            task_id = delivery.message.id
+
+            def done(error: BaseException | None) -> None:
+                try:
+                    if error is not None:
+                        log.error(
+                            "kew: settling task %s on %s failed (%s); it will be delivered again",
+                            task_id,
+                            self.name,
+                            _error_text(error),
+                        )
+                        consumer.release(delivery)
+                except Exception:
+                    log.exception("kew: handing back task %s failed", task_id)
+                finally:
+                    settled()
+
+            settler.settle_later((delivery,), sends, done)
             return
         if next_attempt is not None:
             self.queue._producer.send(next_attempt)
@@ -536,11 +571,12 @@ class TaskQueue(Generic[T]):
         kind: Literal["succeeded", "failed"],
         error: BaseException | None,
         settler: GroupSettle | None = None,
+        hold: Hold | None = None,
     ) -> None:
         if kind == "succeeded":
             events = self._last_events(ctx, ctx.event("succeeded"))
             self._outcome(ctx, "succeeded", "", None)
-            self._settle(consumer, delivery, events, settler)
+            self._settle(consumer, delivery, events, settler, hold=hold)
             return
         assert error is not None
         text = _error_text(error)
@@ -571,6 +607,7 @@ class TaskQueue(Generic[T]):
         error: BaseException,
         delay: float,
         settler: GroupSettle | None = None,
+        hold: Hold | None = None,
     ) -> None:
         msg = delivery.message
         next_at = now_ms() + round(max(delay, 0.0) * 1000)
@@ -582,7 +619,7 @@ class TaskQueue(Generic[T]):
         text = _error_text(error)
         events = self._last_events(ctx, ctx.event("retry-scheduled", error=text, next_at=next_at))
         self._outcome(ctx, "attempt-failed", text, next_at)
-        self._settle(consumer, delivery, events, settler, next_attempt)
+        self._settle(consumer, delivery, events, settler, next_attempt, hold)
 
 
 # -- the app ----------------------------------------------------------------------
