@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import kew
+from kew.qchan.runtime import Subscription
+from kew.qchan.spi import Delivery, Message
 from kew.task import App, Retry, TaskRecord
 from kew.testing.util import port_open, require, wait_for
 
@@ -104,3 +106,46 @@ def test_cli_prefetch_below_concurrency_is_refused(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "--prefetch" in r.stderr and "less than --concurrency (4)" in r.stderr
+
+
+def test_held_deliveries_count_against_prefetch_until_settled() -> None:
+    """Subscription.hold: a handler that returns before its delivery is
+    settled keeps it counted; no more than prefetch are fetched meanwhile,
+    and stop() waits for the settle."""
+    conn = kew.connect("memory://")
+    name = f"p.hold-{os.urandom(4).hex()}"
+    conn.declare(name)
+    consumer = conn.consumer(name, 3)
+    later: list[tuple[Delivery, Callable[[], None]]] = []
+    lock = threading.Lock()
+    subs: list[Subscription] = []
+
+    def handle(c: object, d: Delivery) -> None:
+        with lock:
+            later.append((d, subs[0].hold()))
+
+    sub = Subscription(consumer, handle, name=name, concurrency=2, prefetch=3)
+    subs.append(sub)
+    try:
+        conn.producer(name).send_many([Message(f"m{i}", b"x") for i in range(5)])
+        wait_for(lambda: len(later) == 3, 10, what="3 handled, held")
+        assert sub.in_flight == 3
+        seen = [sub.in_flight for _ in range(50)]
+        assert max(seen) == 3 and len(later) == 3  # nothing more fetched while held
+        d, done = later[0]
+        consumer.ack(d)
+        done()
+        done()  # a second call changes nothing
+        wait_for(lambda: len(later) == 4, 10, what="a 4th once one is settled")
+        assert sub.in_flight == 3
+        stopper = threading.Thread(target=lambda: results.append(sub.stop(grace=10)))
+        results: list[bool] = []
+        stopper.start()
+        for d, done in later[1:]:
+            consumer.ack(d)
+            done()
+        stopper.join(15)
+        assert results == [True]  # stop() waited for the held ones, all settled in time
+    finally:
+        sub.stop(1)
+        conn.close()
