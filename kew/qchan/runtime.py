@@ -134,13 +134,31 @@ class Subscription:
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        prefetch = prefetch or concurrency
+        if prefetch < concurrency:
+            raise ValueError(f"prefetch ({prefetch}) must be >= concurrency ({concurrency})")
+        self._handler = handler
+        loops = [(self._fetch_loop, f"kew-fetch-{name}")]
+        if concurrency > 1:
+            loops += [(self._work_loop, f"kew-work-{name}-{i}") for i in range(concurrency)]
+        self._start(consumer, name, concurrency, prefetch, poll_interval, loops)
+
+    def _start(
+        self,
+        consumer: Consumer,
+        name: str,
+        concurrency: int,
+        prefetch: int,
+        poll_interval: float,
+        loops: Sequence[tuple[Callable[[], None], str]],
+    ) -> None:
+        """Set up the state every subscription shares, then start ``loops``
+        (target, thread name), one thread each; the first one fetches (it is
+        the one ``alive`` watches)."""
         self.name = name
         self.concurrency = concurrency
-        self.prefetch = prefetch or concurrency
-        if self.prefetch < concurrency:
-            raise ValueError(f"prefetch ({self.prefetch}) must be >= concurrency ({concurrency})")
+        self.prefetch = prefetch
         self._consumer = consumer
-        self._handler = handler
         self._poll = poll_interval
         self._cond = threading.Condition()
         self._pending: deque[Delivery] = deque()  # fetched, not started
@@ -151,13 +169,8 @@ class Subscription:
         self.last_fetch = time.monotonic()
         self.handled = 0
         self._threads = [
-            threading.Thread(target=self._fetch_loop, name=f"kew-fetch-{name}", daemon=True)
+            threading.Thread(target=target, name=thread, daemon=True) for target, thread in loops
         ]
-        if concurrency > 1:
-            self._threads += [
-                threading.Thread(target=self._work_loop, name=f"kew-work-{name}-{i}", daemon=True)
-                for i in range(concurrency)
-            ]
         for t in self._threads:
             t.start()
 
@@ -193,13 +206,7 @@ class Subscription:
                     if self._stopping:
                         return
                     room = self.prefetch - len(self._pending) - self._running - self._settling
-                try:
-                    batch = self._consumer.fetch(room, self._poll)
-                except Exception:
-                    log.exception("kew: fetching from %s failed; retrying", self.name)
-                    self._wait_stopping(1.0)
-                    continue
-                self.last_fetch = time.monotonic()
+                batch = self._fetch(room)
                 if not batch:
                     continue
                 if self.concurrency == 1:
@@ -221,6 +228,18 @@ class Subscription:
                         self._settle_safely(self._consumer.release, late)
         finally:
             self._closed.set()
+
+    def _fetch(self, most: int) -> Sequence[Delivery]:
+        """Up to ``most`` deliveries; none if the fetch failed (logged, and
+        after a pause unless stopping)."""
+        try:
+            batch = self._consumer.fetch(most, self._poll)
+        except Exception:
+            log.exception("kew: fetching from %s failed; retrying", self.name)
+            self._wait_stopping(1.0)
+            return ()
+        self.last_fetch = time.monotonic()
+        return batch
 
     def _work_loop(self) -> None:
         while True:

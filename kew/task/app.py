@@ -40,7 +40,6 @@ import threading
 import time
 import traceback
 import typing
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast
 
@@ -167,25 +166,10 @@ class BatchSubscription(Subscription):
         prefetch: int = RECORDER_BATCH,
         poll_interval: float = 0.5,
     ) -> None:
-        # Not Subscription.__init__: it would start per-delivery threads.
-        self.name = name
-        self.concurrency = 1
-        self.prefetch = prefetch
-        self._consumer = consumer
+        # Not Subscription.__init__ (it starts per-delivery threads): its state, one batch loop.
         self._batch_handler = handler
-        self._poll = poll_interval
-        self._cond = threading.Condition()
-        self._pending: deque[Delivery] = deque()
-        self._running = 0
-        self._settling = 0
-        self._stopping = False
-        self._closed = threading.Event()
-        self.last_fetch = time.monotonic()
-        self.handled = 0
-        self._threads = [
-            threading.Thread(target=self._batch_loop, name=f"kew-batch-{name}", daemon=True)
-        ]
-        self._threads[0].start()
+        loops = [(self._batch_loop, f"kew-batch-{name}")]
+        self._start(consumer, name, 1, prefetch, poll_interval, loops)
 
     def _batch_loop(self) -> None:
         try:
@@ -193,13 +177,7 @@ class BatchSubscription(Subscription):
                 with self._cond:
                     if self._stopping:
                         return
-                try:
-                    batch = self._consumer.fetch(self.prefetch, self._poll)
-                except Exception:
-                    log.exception("kew: fetching from %s failed; retrying", self.name)
-                    self._wait_stopping(1.0)
-                    continue
-                self.last_fetch = time.monotonic()
+                batch = self._fetch(self.prefetch)
                 if not batch:
                     continue
                 with self._cond:
