@@ -624,40 +624,53 @@ def _ids_or_all(ids: tuple[str, ...], all_: bool, verb: str) -> list[str] | None
     return None if all_ else list(ids)
 
 
+def _by_ids_or_all(fn: Callable[..., None]) -> Callable[..., None]:
+    """The options of a command on some dead letters of a queue: QUEUE,
+    their ids or --all, and --app / --url."""
+    fn = click.argument("ids", nargs=-1, metavar="[ID]...")(fn)
+    fn = click.argument("queue")(fn)
+    fn = click.option("--all", "all_", is_flag=True, help="Every dead letter of the queue.")(fn)
+    return app_option(url_option(fn))
+
+
+def _settle_dead(
+    app_spec: str | None,
+    url: str | None,
+    all_: bool,
+    queue: str,
+    ids: tuple[str, ...],
+    verb: str,
+    done: str,
+    act: Callable[[Browser, list[str] | None], int],
+) -> None:
+    """``act`` on the dead letters of ``queue`` given (ids or all); print
+    how many were ``done``, and fail if some ids were not dead letters."""
+    which = _ids_or_all(ids, all_, verb)
+    with _dead_browser(app_spec, url, queue) as b:
+        n = act(b, which)
+    click.echo(f"{done} {n} dead letter{'s' if n != 1 else ''} on {queue}")
+    if which is not None and n < len(which):
+        fail(f"{len(which) - n} of the ids given were not dead letters of {queue!r}")
+
+
 @dead.command("requeue")
-@app_option
-@url_option
-@click.option("--all", "all_", is_flag=True, help="Every dead letter of the queue.")
-@click.argument("queue")
-@click.argument("ids", nargs=-1, metavar="[ID]...")
+@_by_ids_or_all
 def dead_requeue(
     app_spec: str | None, url: str | None, all_: bool, queue: str, ids: tuple[str, ...]
 ) -> None:
     """Put dead letters back on QUEUE (by id, or --all); prints how many."""
-    which = _ids_or_all(ids, all_, "requeue")
-    with _dead_browser(app_spec, url, queue) as b:
-        n = b.requeue_dead(which)
-    click.echo(f"requeued {n} dead letter{'s' if n != 1 else ''} on {queue}")
-    if which is not None and n < len(which):
-        fail(f"{len(which) - n} of the ids given were not dead letters of {queue!r}")
+    _settle_dead(
+        app_spec, url, all_, queue, ids, "requeue", "requeued", lambda b, w: b.requeue_dead(w)
+    )
 
 
 @dead.command("purge")
-@app_option
-@url_option
-@click.option("--all", "all_", is_flag=True, help="Every dead letter of the queue.")
-@click.argument("queue")
-@click.argument("ids", nargs=-1, metavar="[ID]...")
+@_by_ids_or_all
 def dead_purge(
     app_spec: str | None, url: str | None, all_: bool, queue: str, ids: tuple[str, ...]
 ) -> None:
     """Delete dead letters of QUEUE for good (by id, or --all); prints how many."""
-    which = _ids_or_all(ids, all_, "purge")
-    with _dead_browser(app_spec, url, queue) as b:
-        n = b.purge_dead(which)
-    click.echo(f"purged {n} dead letter{'s' if n != 1 else ''} on {queue}")
-    if which is not None and n < len(which):
-        fail(f"{len(which) - n} of the ids given were not dead letters of {queue!r}")
+    _settle_dead(app_spec, url, all_, queue, ids, "purge", "purged", lambda b, w: b.purge_dead(w))
 
 
 # -- task status -------------------------------------------------------------------
