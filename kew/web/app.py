@@ -348,14 +348,22 @@ def create_app(
     ) -> list[DeadLetterOut]:
         return backend.dead_letters(_known(queue), limit)
 
-    async def _ids(request: Request[Any, Any, Any]) -> list[str] | None:
+    async def _on_dead(
+        act: Callable[[str, list[str] | None], int],
+        queue: str,
+        request: Request[Any, Any, Any],
+    ) -> Count:
+        """``act`` (requeue, purge) on the dead letters of ``queue`` whose
+        ids the body lists (all of them if it is empty); how many."""
+        _known(queue)
+        ids: list[str] | None = None
         body = await request.body()
-        if not body.strip():
-            return None
-        try:
-            return validate.parse(body, DeadLetterIds).ids  # type: ignore[no-any-return]
-        except validate.Invalid as bad:
-            raise (BadBody if bad.status == 400 else BadValue)(extra=bad.reasons) from None
+        if body.strip():
+            try:
+                ids = validate.parse(body, DeadLetterIds).ids
+            except validate.Invalid as bad:
+                raise (BadBody if bad.status == 400 else BadValue)(extra=bad.reasons) from None
+        return Count(await _thread(act, queue, ids))
 
     @post(
         "/queues/{queue:str}/dead/requeue",
@@ -368,9 +376,7 @@ def create_app(
     async def requeue(
         queue: Annotated[str, Parameter(description="queue name")], request: Request[Any, Any, Any]
     ) -> Count:
-        _known(queue)
-        ids = await _ids(request)
-        return Count(await _thread(backend.requeue, queue, ids))
+        return await _on_dead(backend.requeue, queue, request)
 
     @post(
         "/queues/{queue:str}/dead/purge",
@@ -383,9 +389,7 @@ def create_app(
     async def purge(
         queue: Annotated[str, Parameter(description="queue name")], request: Request[Any, Any, Any]
     ) -> Count:
-        _known(queue)
-        ids = await _ids(request)
-        return Count(await _thread(backend.purge, queue, ids))
+        return await _on_dead(backend.purge, queue, request)
 
     # -- health and metrics ------------------------------------------------------------
 
