@@ -31,6 +31,7 @@ The URL path is the virtual host.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue as queue_mod
 import ssl
@@ -165,6 +166,40 @@ def _tag(delivery: Delivery) -> tuple[int, int]:
     return cast(tuple[int, int], delivery.tag)
 
 
+# A delay queue expires ``bucket + DELAY_EXPIRES`` ms after it was last
+# declared (publishing does not count as use): redeclared when the last
+# declare is older than half that, so a message sent to it always expires
+# (into its target) before the queue does.
+DELAY_EXPIRES = 60_000
+
+
+def _delay_route(options: Options, queue: str, m: Message) -> tuple[str, dict[str, Any] | None]:
+    """(queue to publish to, its declare arguments if a delay queue)."""
+    if m.deliver_at is None:
+        return queue, None
+    delay = m.deliver_at - now_ms()
+    if delay <= 0:
+        return queue, None
+    g = options.delay_granularity
+    bucket = -(-delay // g) * g  # rounded up: never early
+    args = {
+        "x-message-ttl": bucket,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+        "x-expires": bucket + DELAY_EXPIRES,
+    }
+    return f"{queue}.delay.{bucket}", args
+
+
+def _due_declare(declared: dict[str, float], name: str) -> bool:
+    """Whether ``name`` needs declaring now (and note it as declared)."""
+    now = time.monotonic()
+    if now - declared.get(name, -1e9) < DELAY_EXPIRES / 2000:
+        return False
+    declared[name] = now
+    return True
+
+
 # -- connector -------------------------------------------------------------
 
 
@@ -255,7 +290,7 @@ class RabbitProducer:
         self._confirm: Any = None  # a channel in confirm mode, for send
         self._tx: Any = None  # a channel in transaction mode, for send_many
         self._pipe: Pipeline | None = None  # or one with pipelined confirms
-        self._delay_queues: set[str] = set()
+        self._delay_queues: dict[str, float] = {}  # delay queue -> declared at
 
     def _channels(self) -> tuple[Any, Any]:
         if self._conn is None or not self._conn.is_open:
@@ -282,27 +317,10 @@ class RabbitProducer:
         """The queue to publish to: the target, or a delay queue feeding it."""
         if len(m.body) > self._c.max_message_size:
             raise MessageTooLarge(len(m.body), self._c.max_message_size, self._queue)
-        if m.deliver_at is None:
-            return self._queue
-        delay = m.deliver_at - now_ms()
-        if delay <= 0:
-            return self._queue
-        g = self._c.options.delay_granularity
-        bucket = -(-delay // g) * g  # rounded up: never early
-        name = f"{self._queue}.delay.{bucket}"
-        if name not in self._delay_queues:
-            ch.queue_declare(
-                name,
-                durable=True,
-                arguments={
-                    "x-message-ttl": bucket,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": self._queue,
-                    "x-expires": bucket + 60_000,
-                },
-            )
-            self._delay_queues.add(name)
-        return name
+        route, args = _delay_route(self._c.options, self._queue, m)
+        if args is not None and _due_declare(self._delay_queues, route):
+            ch.queue_declare(route, durable=True, arguments=args)
+        return route
 
     def _with_retry(self, fn: Callable[[Any, Any], None]) -> None:
         # fn(confirm channel, connection)
@@ -440,9 +458,16 @@ def _coalesce(conn: pika.BlockingConnection) -> None:
 # -- consumer --------------------------------------------------------------
 
 
-# Acks and requeues go through the BlockingChannel's underlying channel: the
-# frame is buffered, and the I/O loop writes every frame buffered by one
-# flush in one go (BlockingChannel.basic_ack would write each at once).
+# The consumer's channel starts plain: an ack or requeue takes effect when
+# the broker reads it, nobody waits.  The first settle with messages to send
+# puts it in transaction mode (tx.select; there is no way back), and from
+# then on acks and requeues count only once committed: each wake-up of the
+# I/O thread writes every queued op, then one tx.commit for all of them,
+# without waiting for commit-ok (pika sends the next commit once the
+# previous one is answered; frames written meanwhile belong to that next
+# commit).  Frames go through the BlockingChannel's underlying channel: they
+# are buffered, and the I/O loop writes every frame buffered by one flush in
+# one go.
 def _ack(ch: Any, tag: int) -> None:
     ch._impl.basic_ack(tag)
 
@@ -451,7 +476,15 @@ def _requeue(ch: Any, tag: int) -> None:
     ch._impl.basic_nack(tag, requeue=True)
 
 
+# An op for the I/O thread: (connection generation, fn(channel)); fn may
+# return a function to call once its transaction is committed.
+_Op = tuple[int, Callable[[Any], "Callable[[], None] | None"]]
+
+
 class RabbitConsumer:
+    #: Longest a settle (or dead letter) waits for its commit-ok.
+    COMMIT_TIMEOUT = 60.0
+
     def __init__(self, connector: RabbitConnector, queue: str, prefetch: int) -> None:
         self._c = connector
         self._queue = queue
@@ -459,11 +492,18 @@ class RabbitConsumer:
         self._buffer: queue_mod.Queue[Delivery] = queue_mod.Queue()
         self._generation = 0
         self._conn: pika.BlockingConnection | None = None
+        self._channel: Any = None
         self._ready = threading.Event()
         self._closed = threading.Event()
         self._ops_lock = threading.Lock()
-        self._ops: list[tuple[int, int, Callable[[Any, int], None]]] = []  # for the I/O thread
+        self._ops: list[_Op] = []  # for the I/O thread
+        self._held: set[int] = set()  # delivery tags of this generation not settled
         self._flush_scheduled = False
+        self._commits: collections.deque[list[Callable[[], None]]] = collections.deque()
+        # I/O thread only, per connection:
+        self._delay_queues: dict[str, float] = {}
+        self._in_tx = False  # the channel is in transaction mode
+        self._dead_channel: Any = None  # a confirm-mode channel for dead letters
         self.reconnects = 0
         self._thread = threading.Thread(target=self._io_loop, name=f"kew-amqp-{queue}", daemon=True)
         self._thread.start()
@@ -477,12 +517,15 @@ class RabbitConsumer:
             try:
                 conn = _connect(self._c.options, self._c.url)
                 ch = conn.channel()
-                ch.confirm_delivery()  # dead letters are confirmed before the ack
                 ch.basic_qos(prefetch_count=self._prefetch)
                 with self._ops_lock:  # ops of the lost connection are void
                     self._ops, self._flush_scheduled = [], False
+                    self._held.clear()
                     self._generation += 1
                     self._conn, self._channel = conn, ch
+                self._commits.clear()
+                self._delay_queues.clear()
+                self._in_tx, self._dead_channel = False, None
 
                 def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
                     count = int((props.headers or {}).get("x-delivery-count", 0)) + 1
@@ -490,6 +533,8 @@ class RabbitConsumer:
                         count = 2
                     # callbacks come only for the current connection
                     tag = (self._generation, method.delivery_tag)
+                    with self._ops_lock:
+                        self._held.add(method.delivery_tag)
                     self._buffer.put(Delivery(_message(props, body), count, tag))
 
                 ch.basic_consume(self._queue, on_message)
@@ -499,6 +544,9 @@ class RabbitConsumer:
                     conn.process_data_events(time_limit=0.2)
                 with contextlib.suppress(AMQPError):
                     self._flush_ops()  # acks queued while closing
+                    deadline = time.monotonic() + 10
+                    while self._commits and time.monotonic() < deadline:
+                        conn.process_data_events(time_limit=0.2)
                     conn.close()
                 return
             except (AMQPError, BrokerUnavailable, OSError):
@@ -531,58 +579,128 @@ class RabbitConsumer:
             pass
         return [d for d in out if _tag(d)[0] == self._generation]
 
-    def _on_io_soon(self, delivery: Delivery, op: Callable[[Any, int], None]) -> None:
-        """Queue ``op`` for the I/O thread and return at once: acks and
-        releases need no answer (if the connection drops first, the broker
-        requeues the message anyway).  One wake-up of the I/O thread serves
-        every op queued until it runs."""
-        generation, tag = _tag(delivery)
-        with self._ops_lock:  # atomic with a reconnect's reset
-            conn = self._conn
-            if generation != self._generation or conn is None or not conn.is_open:
-                return  # that connection is gone; the broker has requeued the message
-            self._ops.append((generation, tag, op))
-            if self._flush_scheduled:
-                return
+    def _take(self, deliveries: Sequence[Delivery]) -> list[int]:
+        """The tags of these deliveries still held on the current
+        connection, no longer held (caller holds ``_ops_lock``)."""
+        tags = []
+        for d in deliveries:
+            generation, tag = _tag(d)
+            if generation == self._generation and tag in self._held:
+                self._held.discard(tag)
+                tags.append(tag)
+        return tags
+
+    def _schedule(self, op: Callable[[Any], Callable[[], None] | None]) -> int | None:
+        """Queue ``op`` for the I/O thread; one wake-up serves every op queued
+        until it runs.  Caller holds ``_ops_lock``.  The generation it runs
+        for, or None if the connection is gone."""
+        conn = self._conn
+        if conn is None or not conn.is_open:
+            return None
+        generation = self._generation
+        self._ops.append((generation, op))
+        if not self._flush_scheduled:
             self._flush_scheduled = True
-        try:
-            conn.add_callback_threadsafe(self._flush_ops)
-        except Exception:  # closed meanwhile: its ops are void
-            with self._ops_lock:
-                if generation == self._generation:
-                    self._ops, self._flush_scheduled = [], False
+            try:
+                conn.add_callback_threadsafe(self._flush_ops)
+            except Exception:  # closed meanwhile: its ops are void
+                self._ops, self._flush_scheduled = [], False
+                return None
+        return generation
 
     def _flush_ops(self) -> None:
+        """On the I/O thread: write the queued ops and one commit for them."""
         with self._ops_lock:
             ops, self._ops = self._ops, []
             self._flush_scheduled = False
-        for generation, tag, op in ops:
-            if generation == self._generation:
-                op(self._channel, tag)
+            generation = self._generation
+        ch = self._channel
+        ran = False
+        on_commit: list[Callable[[], None]] = []
+        for op_generation, op in ops:
+            if op_generation == generation:
+                ran = True
+                done = op(ch)
+                if done is not None:
+                    on_commit.append(done)
+        if ran and self._in_tx:
+            self._commits.append(on_commit)
+            ch._impl.tx_commit(self._on_commit_ok)
 
-    def _on_io(self, delivery: Delivery, op: Callable[[Any, int], None]) -> None:
-        generation, tag = _tag(delivery)
-        conn = self._conn
-        if generation != self._generation or conn is None or not conn.is_open:
-            return  # that connection is gone; the broker has requeued the message
-        done = threading.Event()
+    def _on_commit_ok(self, _frame: Any) -> None:
+        # commits are answered in order
+        for done in self._commits.popleft() if self._commits else []:
+            done()
 
-        def run() -> None:
-            try:
-                if generation == self._generation:
-                    op(self._channel, tag)
-            finally:
-                done.set()
-
-        try:
-            conn.add_callback_threadsafe(run)
-        except AMQPError:
-            return
-        if threading.current_thread() is not self._thread:
-            done.wait(30)
+    def _release_soon(self, delivery: Delivery, op: Callable[[Any, int], None]) -> None:
+        """Ack or requeue: queued for the I/O thread, not waited for (if the
+        connection drops first, the broker requeues the message anyway)."""
+        with self._ops_lock:  # atomic with a reconnect's reset
+            tags = self._take([delivery])
+            if tags:
+                self._schedule(lambda ch: op(ch, tags[0]))
 
     def ack(self, delivery: Delivery) -> None:
-        self._on_io_soon(delivery, _ack)
+        self._release_soon(delivery, _ack)
+
+    def release(self, delivery: Delivery) -> None:
+        self._release_soon(delivery, _requeue)
+
+    def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
+        """Outbox settle: the sends published and the acks made on this
+        consumer's channel in one AMQP transaction; returns on commit-ok."""
+        limit = self._c.max_message_size
+        for queue, m in sends:
+            if len(m.body) > limit:
+                raise MessageTooLarge(len(m.body), limit, queue)
+        committed = threading.Event()
+        options = self._c.options
+
+        def run(tags: list[int]) -> Callable[[Any], Callable[[], None]]:
+            def op(ch: Any) -> Callable[[], None]:
+                if not self._in_tx:
+                    ch._impl.tx_select()  # pika holds the commit until select-ok
+                    self._in_tx = True
+                for queue, m in sends:
+                    route, args = _delay_route(options, queue, m)
+                    if args is not None and _due_declare(self._delay_queues, route):
+                        ch._impl.queue_declare(route, durable=True, arguments=args)
+                    ch._impl.basic_publish("", route, m.body, _properties(m))
+                for tag in tags:
+                    ch._impl.basic_ack(tag)
+                return committed.set
+
+            return op
+
+        if not sends:  # plain acks, as ack(): nothing to wait for
+            for delivery in acks:
+                self.ack(delivery)
+            return
+        with self._ops_lock:  # atomic with a reconnect's reset
+            tags = self._take(acks)
+            generation = self._schedule(run(tags))
+        if generation is None:
+            raise BrokerUnavailable(
+                f"settling on {self._queue!r} at {self._c.url}: the connection is lost"
+            )
+        self._await(committed, generation)
+
+    def _await(self, committed: threading.Event, generation: int) -> None:
+        if threading.current_thread() is self._thread:
+            return  # committed with the next flush
+        deadline = time.monotonic() + self.COMMIT_TIMEOUT
+        while not committed.wait(0.2):
+            conn = self._conn
+            if (
+                generation != self._generation
+                or conn is None
+                or not conn.is_open
+                or time.monotonic() > deadline
+            ) and not committed.is_set():
+                raise BrokerUnavailable(
+                    f"settling on {self._queue!r} at {self._c.url}: no commit-ok "
+                    "(the connection was lost or the broker is not answering)"
+                )
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         m = delivery.message
@@ -593,15 +711,35 @@ class RabbitConsumer:
             H_DEAD_AT: now_ms(),
         }
         dead = Message(m.id, m.body, headers)
+        queue = f"{self._queue}.dead"
+        done = threading.Event()
 
-        def move(ch: Any, tag: int) -> None:
-            ch.basic_publish("", f"{self._queue}.dead", m.body, _properties(dead))
-            ch.basic_ack(tag)
+        def move(tag: int) -> Callable[[Any], Callable[[], None] | None]:
+            def op(ch: Any) -> Callable[[], None] | None:
+                if self._in_tx:  # stored and acked in one transaction
+                    ch._impl.basic_publish("", queue, m.body, _properties(dead))
+                    ch._impl.basic_ack(tag)
+                    return done.set
+                # else stored (confirmed) first, then acked
+                if self._dead_channel is None or not self._dead_channel.is_open:
+                    assert self._conn is not None
+                    self._dead_channel = self._conn.channel()
+                    self._dead_channel.confirm_delivery()
+                self._dead_channel.basic_publish("", queue, m.body, _properties(dead))
+                ch._impl.basic_ack(tag)
+                done.set()
+                return None
 
-        self._on_io(delivery, move)
+            return op
 
-    def release(self, delivery: Delivery) -> None:
-        self._on_io_soon(delivery, _requeue)
+        with self._ops_lock:  # atomic with a reconnect's reset
+            tags = self._take([delivery])
+            if not tags:
+                return  # settled already, or requeued by the broker
+            generation = self._schedule(move(tags[0]))
+        if generation is not None:
+            with contextlib.suppress(BrokerUnavailable):  # not acked: delivered again
+                self._await(done, generation)
 
     def close(self) -> None:
         self._closed.set()
