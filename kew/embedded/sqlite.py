@@ -108,6 +108,32 @@ class Options:
         return options
 
 
+def enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Put the database in WAL mode, waiting up to ``timeout`` seconds for
+    other connections.
+
+    Changing the journal mode takes an exclusive lock, and SQLite answers
+    "database is locked" at once, without its busy handler, while another
+    process opens or writes the same file.  A file already in WAL mode (the
+    usual case, once its first user set it) needs no change at all.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+            if str(mode).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+
 class _Db:
     """One SQLite connection, shared by threads under a lock."""
 
@@ -121,7 +147,7 @@ class _Db:
             isolation_level=None,  # we issue BEGIN/COMMIT ourselves
             check_same_thread=False,
         )
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self.conn, options.busy_timeout)
         self.conn.execute(f"PRAGMA synchronous={(sync or options.sync).upper()}")
         self.lock = threading.Lock()
 

@@ -30,6 +30,7 @@ from typing import Protocol, runtime_checkable
 
 from msgspec.structs import replace
 
+from kew.embedded.sqlite import enable_wal
 from kew.task.model import FINAL_STATUSES, STATUS_RANK, TaskEvent, TaskRecord, WorkerRecord
 
 __all__ = ["MemoryTaskStore", "SqliteTaskStore", "TaskStore", "open_store"]
@@ -378,7 +379,7 @@ class SqliteTaskStore:
             str(self.path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
         self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        self._db.execute("PRAGMA journal_mode = WAL")
+        enable_wal(self._db, busy_timeout)
         self._db.execute("PRAGMA synchronous = NORMAL")
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
