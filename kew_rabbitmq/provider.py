@@ -759,6 +759,18 @@ class RabbitBrowser:
         self._queue = queue
         self._dead = f"{queue}.dead"
 
+    def _count(self, ch: Any, queue: str) -> int:
+        return int(ch.queue_declare(queue, passive=True).method.message_count)
+
+    def _handed_back(self, ch: Any, queue: str, expected: int, timeout: float = 5.0) -> None:
+        """Wait (bounded) until messages a closed channel handed back are
+        counted again: a quorum queue requeues them through its Raft log, so
+        a listing or a count right after would miss them.  Consumers may take
+        some meanwhile, so this waits at most ``timeout`` and never fails."""
+        deadline = time.monotonic() + timeout
+        while self._count(ch, queue) < expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def _take(self, ch: Any, queue: str, limit: int) -> list[tuple[Any, Any, bytes]]:
         got: list[tuple[Any, Any, bytes]] = []
         while len(got) < limit:
@@ -770,11 +782,13 @@ class RabbitBrowser:
 
     def peek(self, limit: int) -> Sequence[Message]:
         def peek(conn_ch: Any) -> list[Message]:
+            before = self._count(conn_ch, self._queue)
             ch = conn_ch.connection.channel()
             try:
                 return [_message(p, b) for _, p, b in self._take(ch, self._queue, limit)]
             finally:
                 ch.close()  # unacked: requeued in place
+                self._handed_back(conn_ch, self._queue, before, timeout=1.0)
 
         return self._c.run(peek)
 
@@ -788,6 +802,7 @@ class RabbitBrowser:
 
     def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
         def dead(conn_ch: Any) -> list[DeadLetter]:
+            before = self._count(conn_ch, self._dead)
             ch = conn_ch.connection.channel()
             try:
                 letters = [
@@ -801,6 +816,7 @@ class RabbitBrowser:
                 ]
             finally:
                 ch.close()
+                self._handed_back(conn_ch, self._dead, before)
             # oldest first: a quorum queue puts what an earlier listing
             # handed back behind later dead letters (stable for equal times)
             return sorted(letters, key=lambda d: d.dead_at)
@@ -809,6 +825,7 @@ class RabbitBrowser:
 
     def _drain_dead(self, ids: Collection[str] | None, requeue: bool) -> int:
         def drain(conn_ch: Any) -> int:
+            before = self._count(conn_ch, self._dead)
             ch = conn_ch.connection.channel()
             ch.confirm_delivery()
             n = 0
@@ -823,6 +840,7 @@ class RabbitBrowser:
                     n += 1
             finally:
                 ch.close()
+                self._handed_back(conn_ch, self._dead, before - n)
             return n
 
         return self._c.run(drain)
