@@ -16,10 +16,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 from kew.qchan.spi import Consumer, Delivery, Message, OutboxConsumer
 
 log = logging.getLogger("kew.consumer")
+
+P = TypeVar("P")
 
 Handler = Callable[[Consumer, Delivery], None]
 """Processes one delivery and settles it through the consumer."""
@@ -28,11 +31,69 @@ SendMany = Callable[[str, Sequence[Message]], None]
 """Sends messages to a queue (by name); returns once the broker has them."""
 
 
+class GroupCommit(Generic[P]):
+    """Batches concurrent callers into one commit (a group commit): whoever
+    comes while a commit is under way joins the next one, so N callers
+    arriving together cost one commit, not N.  The caller that finds no
+    commit under way commits, and goes on committing what others add
+    meanwhile until nothing is left.  ``commit`` gets the payloads of every
+    caller of a batch, in arrival order; if it raises, every caller of that
+    batch learns the error."""
+
+    def __init__(self, commit: Callable[[list[P]], None]) -> None:
+        self._commit = commit
+        self._lock = threading.Lock()
+        self._committing = False
+        self._later: list[tuple[P, Callable[[BaseException | None], None]]] = []
+
+    def submit(self, payload: P) -> None:
+        """Return once ``payload`` is committed; raise if its batch failed."""
+        outcome: list[BaseException | None] = []
+        finished = threading.Event()
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            finished.set()
+
+        self.submit_later(payload, done)
+        finished.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def submit_later(self, payload: P, done: Callable[[BaseException | None], None]) -> None:
+        """Like :meth:`submit`, but returns at once while another caller is
+        committing (that one commits this too).  ``done(error)`` is called
+        after the commit (``None``: committed), in the committing thread."""
+        with self._lock:
+            self._later.append((payload, done))
+            if self._committing:
+                return
+            self._committing = True
+        while True:
+            with self._lock:
+                items, self._later = self._later, []
+                if not items:
+                    self._committing = False
+                    return
+            failure: BaseException | None = None
+            try:
+                self._commit([payload for payload, _ in items])
+            except BaseException as e:
+                failure = e
+            for _, callback in items:
+                try:
+                    callback(failure)
+                except Exception:
+                    log.exception("kew: a group commit callback failed")
+
+
+Settlement = tuple[Sequence[Delivery], Sequence[tuple[str, Message]]]
+"""Deliveries to ack, and (queue, message) pairs to store first."""
+
+
 class GroupSettle:
     """Settles one consumer's deliveries together with outgoing messages
-    (an outbox), batching concurrent callers (a group commit): whoever comes
-    while a commit is under way joins the next one, so N handlers finishing
-    together cost one commit, not N.
+    (an outbox), batching concurrent callers with a :class:`GroupCommit`.
 
     A consumer with ``settle`` (:class:`OutboxConsumer`) commits a batch in
     one step; for any other, the batch's messages go out first with
@@ -44,30 +105,12 @@ class GroupSettle:
         self._consumer = consumer
         self._send_many = send_many
         self._outbox = consumer if isinstance(consumer, OutboxConsumer) else None
-        self._lock = threading.Lock()
-        self._committing = False
-        self._later: list[
-            tuple[
-                Sequence[Delivery],
-                Sequence[tuple[str, Message]],
-                Callable[[BaseException | None], None],
-            ]
-        ] = []
+        self._group: GroupCommit[Settlement] = GroupCommit(self._commit)
 
     def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
         """Return once ``sends`` are stored and ``acks`` acked; raise if
         their batch failed."""
-        outcome: list[BaseException | None] = []
-        finished = threading.Event()
-
-        def done(error: BaseException | None) -> None:
-            outcome.append(error)
-            finished.set()
-
-        self.settle_later(acks, sends, done)
-        finished.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
+        self._group.submit((acks, sends))
 
     def settle_later(
         self,
@@ -76,37 +119,14 @@ class GroupSettle:
         done: Callable[[BaseException | None], None],
     ) -> None:
         """Like :meth:`settle`, but returns at once while another caller is
-        committing (that one commits this too); else this caller commits,
-        and goes on committing what others add meanwhile until nothing is
-        left.  ``done(error)`` is called after the commit (``None``: stored
-        and acked), in the committing thread.  A handler that returns before
-        ``done`` keeps its delivery counted as held (``Subscription.hold``).
-        """
-        with self._lock:
-            self._later.append((acks, sends, done))
-            if self._committing:
-                return
-            self._committing = True
-        while True:
-            with self._lock:
-                items, self._later = self._later, []
-                if not items:
-                    self._committing = False
-                    return
-            batch_acks = [d for a, _, _ in items for d in a]
-            batch_sends = [m for _, ms, _ in items for m in ms]
-            failure: BaseException | None = None
-            try:
-                self._commit(batch_acks, batch_sends)
-            except BaseException as e:
-                failure = e
-            for _, _, callback in items:
-                try:
-                    callback(failure)
-                except Exception:
-                    log.exception("kew: a settle callback failed")
+        committing; ``done(error)`` is called after the commit.  A handler
+        that returns before ``done`` keeps its delivery counted as held
+        (``Subscription.hold``)."""
+        self._group.submit_later((acks, sends), done)
 
-    def _commit(self, acks: list[Delivery], sends: list[tuple[str, Message]]) -> None:
+    def _commit(self, batch: list[Settlement]) -> None:
+        acks = [d for a, _ in batch for d in a]
+        sends = [m for _, ms in batch for m in ms]
         if self._outbox is not None:
             self._outbox.settle(acks, sends)
             return

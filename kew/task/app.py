@@ -48,7 +48,7 @@ import msgspec
 from kew.connect import connect
 from kew.qchan import H_COUNT, H_DELIVER_AT, Queue, Subscription
 from kew.qchan.codec import Codec, DecodeError
-from kew.qchan.runtime import GroupSettle
+from kew.qchan.runtime import GroupCommit, GroupSettle
 from kew.qchan.spi import Connector, Consumer, Delivery, Message, now_ms
 from kew.task.command import CommandSpec, ExitAction, check_result, run_command
 from kew.task.context import (
@@ -92,62 +92,6 @@ def _error_text(e: BaseException) -> str:
     if isinstance(e, (Permanent, Retry)):
         return text or type(e).__name__
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-# -- sending events: group commit ---------------------------------------------
-
-
-class _Emitter:
-    """Sends task events, batching those of concurrent callers: whoever
-    comes while a batch is being sent joins the next one, and every caller
-    returns once its own events are durable (or raises if their batch
-    failed).  So N handlers finishing together cost one round trip, not N."""
-
-    def __init__(self, queue: Queue[TaskEvent]) -> None:
-        self._queue = queue
-        self._cond = threading.Condition()
-        self._buffer: list[TaskEvent] = []
-        self._batch = 0  # number of the batch being filled
-        self._done = -1  # last batch sent (or failed)
-        self._sending = False
-        self._errors: dict[int, BaseException] = {}
-
-    def emit(self, events: Sequence[TaskEvent]) -> None:
-        if not events:
-            return
-        with self._cond:
-            self._buffer.extend(events)
-            mine = self._batch
-            while True:
-                if self._done >= mine:
-                    error = self._errors.get(mine)
-                    if error is not None:
-                        raise error
-                    return
-                if not self._sending:
-                    self._sending = True
-                    batch, self._buffer = self._buffer, []
-                    number = self._batch
-                    self._batch += 1
-                    break
-                self._cond.wait()
-        failure: BaseException | None = None
-        try:
-            self._queue.send_many(batch)
-        except BaseException as e:
-            failure = e
-        with self._cond:
-            self._sending = False
-            self._done = number
-            if failure is not None:
-                self._errors[number] = failure
-            for old in [n for n in self._errors if n < number - 1000]:
-                del self._errors[old]
-            self._cond.notify_all()
-        if number == mine and failure is not None:
-            raise failure
-        if number != mine:  # cannot happen: our events were in the batch we took
-            self.emit([])
 
 
 # -- a subscription that hands whole batches to its handler -------------------
@@ -673,7 +617,10 @@ class App:
         )
         self._store_lock = threading.Lock()
         self.events = Queue(self.connector, events_queue, TaskEvent)
-        self._emitter = _Emitter(self.events)
+        # events of concurrent handlers go out together (one send_many)
+        self._emitter: GroupCommit[Sequence[TaskEvent]] = GroupCommit(
+            lambda batches: self.events.send_many([e for b in batches for e in b])
+        )
         self.queues: dict[str, TaskQueue[Any]] = {}
         self.consumers: list[tuple[Queue[Any], Callable[[Any], object], int]] = []
         self._listeners: list[Callable[[TaskEvent], None]] = []
@@ -912,8 +859,8 @@ class App:
                 log.exception("kew: an on_event listener failed")
 
     def _emit(self, events: Sequence[TaskEvent]) -> None:
-        if self.events_enabled:
-            self._emitter.emit(events)
+        if self.events_enabled and events:
+            self._emitter.submit(events)
 
     def _started(self, ctx: TaskContext, delivery: Delivery) -> None:
         with self._lock:
