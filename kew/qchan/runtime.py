@@ -38,12 +38,21 @@ class GroupCommit(Generic[P]):
     commit under way commits, and goes on committing what others add
     meanwhile until nothing is left.  ``commit`` gets the payloads of every
     caller of a batch, in arrival order; if it raises, every caller of that
-    batch learns the error."""
+    batch learns the error.
 
-    def __init__(self, commit: Callable[[list[P]], None]) -> None:
+    ``window``: how many commits may be under way at once.  1 is the
+    classic group commit; more lets a commit start while earlier ones wait
+    on the broker (its round trip overlaps theirs), for a broker that
+    pipelines them.  Commits of one instance may then finish in any order.
+    """
+
+    def __init__(self, commit: Callable[[list[P]], None], *, window: int = 1) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, not {window}")
         self._commit = commit
+        self._window = window
         self._lock = threading.Lock()
-        self._committing = False
+        self._committing = 0
         self._later: list[tuple[P, Callable[[BaseException | None], None]]] = []
 
     def submit(self, payload: P) -> None:
@@ -66,14 +75,14 @@ class GroupCommit(Generic[P]):
         after the commit (``None``: committed), in the committing thread."""
         with self._lock:
             self._later.append((payload, done))
-            if self._committing:
+            if self._committing >= self._window:
                 return
-            self._committing = True
+            self._committing += 1
         while True:
             with self._lock:
                 items, self._later = self._later, []
                 if not items:
-                    self._committing = False
+                    self._committing -= 1
                     return
             failure: BaseException | None = None
             try:
@@ -99,13 +108,26 @@ class GroupSettle:
     one step; for any other, the batch's messages go out first with
     ``send_many`` (one call per queue), then each delivery is acked.  Either
     way a delivery is never acked before the messages are stored.
+
+    ``pack(queue, messages)``, if given, may rewrite the messages of one
+    batch bound for one queue before they are sent (the task layer packs
+    the status events of a batch's handlers into one message).  ``window``:
+    commits under way at once (see :class:`GroupCommit`).
     """
 
-    def __init__(self, consumer: Consumer, send_many: SendMany) -> None:
+    def __init__(
+        self,
+        consumer: Consumer,
+        send_many: SendMany,
+        *,
+        pack: Callable[[str, list[Message]], list[Message]] | None = None,
+        window: int = 1,
+    ) -> None:
         self._consumer = consumer
         self._send_many = send_many
+        self._pack = pack
         self._outbox = consumer if isinstance(consumer, OutboxConsumer) else None
-        self._group: GroupCommit[Settlement] = GroupCommit(self._commit)
+        self._group: GroupCommit[Settlement] = GroupCommit(self._commit, window=window)
 
     def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
         """Return once ``sends`` are stored and ``acks`` acked; raise if
@@ -126,13 +148,15 @@ class GroupSettle:
 
     def _commit(self, batch: list[Settlement]) -> None:
         acks = [d for a, _ in batch for d in a]
-        sends = [m for _, ms in batch for m in ms]
-        if self._outbox is not None:
-            self._outbox.settle(acks, sends)
-            return
         by_queue: dict[str, list[Message]] = {}
-        for queue, message in sends:
-            by_queue.setdefault(queue, []).append(message)
+        for _, sends in batch:
+            for queue, message in sends:
+                by_queue.setdefault(queue, []).append(message)
+        if self._pack is not None:
+            by_queue = {q: self._pack(q, ms) for q, ms in by_queue.items()}
+        if self._outbox is not None:
+            self._outbox.settle(acks, [(q, m) for q, ms in by_queue.items() for m in ms])
+            return
         for queue, messages in by_queue.items():
             self._send_many(queue, messages)
         for delivery in acks:

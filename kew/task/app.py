@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast
 import msgspec
 
 from kew.connect import connect
-from kew.qchan import H_COUNT, H_DELIVER_AT, Queue, Subscription
-from kew.qchan.codec import Codec, DecodeError
+from kew.qchan import H_CONTENT_TYPE, H_COUNT, H_DELIVER_AT, Queue, Subscription
+from kew.qchan.codec import JSON, Codec, DecodeError
 from kew.qchan.runtime import GroupCommit, GroupSettle
 from kew.qchan.spi import Connector, Consumer, Delivery, Message, now_ms
 from kew.task.command import CommandSpec, ExitAction, check_result, run_command
@@ -58,7 +58,7 @@ from kew.task.context import (
     set_current,
 )
 from kew.task.errors import Permanent, Retry
-from kew.task.model import Outcome, OutcomeKind, TaskEvent, TaskRecord
+from kew.task.model import EventMessage, Outcome, OutcomeKind, TaskEvent, TaskRecord
 from kew.task.retry import DEFAULT_RETRY, RetryPolicy
 from kew.task.store import TaskStore, open_store
 
@@ -73,8 +73,15 @@ log = logging.getLogger("kew.task")
 #: Where task status and output are kept when ``App(store=...)`` is not given.
 DEFAULT_STORE = "sqlite:///kew-tasks.sqlite3"
 
-#: Events a recorder applies in one store transaction at most.
+#: Event messages a recorder applies in one store transaction at most.
 RECORDER_BATCH = 512
+
+#: Largest body of one packed event message (a JSON array of TaskEvents).
+PACK_BYTES = 256 * 1024
+
+#: Group commits a worker's handlers may have under way at once per task
+#: queue: a commit starts while the previous one waits on the broker.
+SETTLE_WINDOW = 2
 
 Hold = Callable[[], Callable[[], None]]
 """``Subscription.hold``: keeps a delivery counted as held until called back."""
@@ -307,7 +314,7 @@ class TaskQueue(Generic[T]):
         consumer = app.connector.consumer(self.name, prefetch or concurrency)
         # Handlers finishing together settle together: their last events (or
         # next attempts) and their acks in one commit (see GroupSettle).
-        settler = GroupSettle(consumer, send_many)
+        settler = GroupSettle(consumer, send_many, pack=app._pack_events, window=SETTLE_WINDOW)
         subs: list[Subscription] = []
         sub = Subscription(
             consumer,
@@ -436,7 +443,7 @@ class TaskQueue(Generic[T]):
         and the thread takes the next delivery meanwhile."""
         app = self.app
         if settler is not None and (not events or app.events.max_depth is None):
-            sends = [(app.events.name, app.events._message(e)) for e in events]
+            sends = [(app.events.name, app.events._message(list(events)))] if events else []
             if next_attempt is not None:
                 sends.append((self.name, next_attempt))
             if hold is None:
@@ -544,6 +551,21 @@ class TaskQueue(Generic[T]):
         self._settle(consumer, delivery, events, settler, next_attempt, hold)
 
 
+def _chunks(events: Sequence[TaskEvent]) -> list[list[TaskEvent]]:
+    """``events`` cut into lists of at most about :data:`PACK_BYTES` each
+    (one event message per list)."""
+    chunks: list[list[TaskEvent]] = [[]]
+    size = 0
+    for e in events:
+        n = 256 + len(e.text) + len(e.error)
+        if chunks[-1] and size + n > PACK_BYTES // 2:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(e)
+        size += n
+    return chunks if chunks[0] else []
+
+
 # -- the app ----------------------------------------------------------------------
 
 
@@ -616,10 +638,12 @@ class App:
             store if isinstance(store, str) else (DEFAULT_STORE if store is None else "")
         )
         self._store_lock = threading.Lock()
-        self.events = Queue(self.connector, events_queue, TaskEvent)
-        # events of concurrent handlers go out together (one send_many)
+        self.events: Queue[EventMessage] = Queue(
+            self.connector, events_queue, cast("type[EventMessage]", EventMessage)
+        )
+        # events of concurrent handlers go out together, packed (see _pack_events)
         self._emitter: GroupCommit[Sequence[TaskEvent]] = GroupCommit(
-            lambda batches: self.events.send_many([e for b in batches for e in b])
+            lambda batches: self.events.send_many(_chunks([e for b in batches for e in b]))
         )
         self.queues: dict[str, TaskQueue[Any]] = {}
         self.consumers: list[tuple[Queue[Any], Callable[[Any], object], int]] = []
@@ -807,7 +831,11 @@ class App:
             good: list[Delivery] = []
             for d in batch:
                 try:
-                    events.append(decode(d.message.body))
+                    body = decode(d.message.body)
+                    if isinstance(body, list):
+                        events += body
+                    else:
+                        events.append(body)
                     good.append(d)
                 except DecodeError as e:
                     consumer.dead_letter(d, f"cannot decode as TaskEvent: {e}")
@@ -861,6 +889,38 @@ class App:
     def _emit(self, events: Sequence[TaskEvent]) -> None:
         if self.events_enabled and events:
             self._emitter.submit(events)
+
+    def _pack_events(self, queue: str, messages: list[Message]) -> list[Message]:
+        """GroupSettle's ``pack``: the event messages of one group commit
+        (each a JSON array, one per attempt) joined into as few arrays as
+        :data:`PACK_BYTES` allows, without decoding them.  Other queues'
+        messages are left as they are."""
+        if queue != self.events.name or len(messages) < 2:
+            return messages
+        limit = min(PACK_BYTES, self.connector.max_message_size)
+        out: list[Message] = []
+        parts: list[bytes] = []
+        size = 2
+        for m in messages:
+            body = m.body
+            if m.headers.get(H_CONTENT_TYPE) != JSON:
+                out.append(m)
+                continue
+            inner = body[1:-1] if body[:1] == b"[" else body
+            if not inner:
+                continue
+            if parts and size + len(inner) + 1 > limit:
+                out.append(self._packed(parts))
+                parts, size = [], 2
+            parts.append(inner)
+            size += len(inner) + 1
+        if parts:
+            out.append(self._packed(parts))
+        return out
+
+    def _packed(self, parts: list[bytes]) -> Message:
+        m = self.events._message([])
+        return Message(m.id, b"[" + b",".join(parts) + b"]", m.headers, m.durable)
 
     def _started(self, ctx: TaskContext, delivery: Delivery) -> None:
         with self._lock:

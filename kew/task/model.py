@@ -76,6 +76,12 @@ class TaskEvent(msgspec.Struct, frozen=True, omit_defaults=True):
     run: int = 0
 
 
+EventMessage = TaskEvent | list[TaskEvent]
+"""The body of a message on an app's events queue: one event, or (what
+workers send) a JSON array of the events of every attempt that ended in one
+group commit, so that N tasks cost one event message, not N."""
+
+
 class TaskRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     """What a store knows of a task: the REST status document."""
 

@@ -1,0 +1,131 @@
+"""GroupCommit's window (commits under way at once) and GroupSettle's pack
+hook; the task layer's packing of status events into one message."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from kew.qchan.runtime import GroupCommit
+from kew.qchan.spi import Message, now_ms
+from kew.task import App, SqliteTaskStore, TaskEvent
+from kew.task.app import PACK_BYTES
+from kew.testing.util import wait_for
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_window_bounds_the_commits_under_way(window: int) -> None:
+    """Commits block until released: at most ``window`` run at once, the
+    rest join a later batch, and every payload is committed exactly once."""
+    lock = threading.Lock()
+    running: list[list[int]] = []
+    committed: list[int] = []
+    most = [0]
+    release = threading.Event()
+
+    def commit(batch: list[int]) -> None:
+        with lock:
+            running.append(batch)
+            most[0] = max(most[0], len(running))
+        release.wait(10)
+        with lock:
+            running.remove(batch)
+            committed.extend(batch)
+
+    group: GroupCommit[int] = GroupCommit(commit, window=window)
+    threads = [threading.Thread(target=group.submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    # every caller is either committing or queued behind the window
+    wait_for(lambda: len(running) == window, 10, what=f"{window} commits under way")
+    wait_for(lambda: len(group._later) == 8 - window, 10, what="the others queued")
+    assert most[0] == window
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(committed) == list(range(8))
+    assert most[0] == window
+
+
+def test_window_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        GroupCommit(lambda batch: None, window=0)
+
+
+def test_a_failed_commit_reaches_every_caller_of_its_batch() -> None:
+    def commit(batch: list[int]) -> None:
+        raise OSError(f"disk full for {batch}")
+
+    group: GroupCommit[int] = GroupCommit(commit, window=2)
+    with pytest.raises(OSError, match=r"disk full for \[5\]"):
+        group.submit(5)
+
+
+def _events(app: App, n: int, start: int = 0) -> list[TaskEvent]:
+    # (recent: a recorder prunes final tasks past its retention)
+    now = now_ms()
+    return [TaskEvent(f"t{i}", "q", "succeeded", now + i, attempt=1) for i in range(start, n)]
+
+
+def test_event_messages_of_a_batch_are_packed_into_one(tmp_path: Path) -> None:
+    app = App(f"sqlite:///{tmp_path}/q.sqlite3", store=SqliteTaskStore(tmp_path / "t.sqlite3"))
+    try:
+        name = app.events.name
+        per_attempt = [app.events._message(_events(app, 2 * i + 2, 2 * i)) for i in range(3)]
+        single = app.events._message(_events(app, 7, 6)[0])  # an old-style single event
+        other = Message("x", b"[1]")
+        assert app._pack_events("other.queue", [other, other]) == [other, other]
+        packed = app._pack_events(name, [*per_attempt, single])
+        assert len(packed) == 1
+        decoded = msgspec.json.decode(packed[0].body, type=list[TaskEvent])
+        assert [e.task_id for e in decoded] == [f"t{i}" for i in range(7)]
+        assert packed[0].headers == per_attempt[0].headers | {"kew-sent-at": ANY_INT}
+        # large output splits the pack below PACK_BYTES a message
+        big = [
+            app.events._message([TaskEvent(f"b{i}", "q", "output", 1, text="x" * 100_000)])
+            for i in range(6)
+        ]
+        parts = app._pack_events(name, big)
+        assert 1 < len(parts) < 6
+        assert all(len(p.body) <= PACK_BYTES for p in parts)
+        ids = [e.task_id for p in parts for e in msgspec.json.decode(p.body, type=list[TaskEvent])]
+        assert ids == [f"b{i}" for i in range(6)]
+    finally:
+        app.close()
+
+
+class _AnyInt:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, int)
+
+
+ANY_INT = _AnyInt()
+
+
+def test_recorder_applies_single_events_and_packed_lists(tmp_path: Path) -> None:
+    """The events queue's wire format: a TaskEvent, or a JSON array of them
+    (what workers send); a recorder applies both, and dead-letters a body
+    that is neither."""
+    app = App(f"sqlite:///{tmp_path}/q.sqlite3", store=SqliteTaskStore(tmp_path / "t.sqlite3"))
+    try:
+        app.events.send(TaskEvent("one", "q", "queued", 1000))
+        queued = [TaskEvent(f"t{i}", "q", "queued", now_ms() - 10) for i in range(3)]
+        app.events.send([TaskEvent("two", "q", "queued", 1000), *queued, *_events(app, 3)])
+        app.events._producer.send(Message("bad", b'{"not": "an event"}'))
+        with app.recorder():
+            wait_for(lambda: app.status("t2") is not None, 10, what="the packed events")
+            wait_for(lambda: app.events.dead.list(), 10, what="the bad body dead-lettered")
+        assert [app.status(t).status for t in ("one", "two", "t0", "t1", "t2")] == [  # type: ignore[union-attr]
+            "queued",
+            "queued",
+            "succeeded",
+            "succeeded",
+            "succeeded",
+        ]
+        (dead,) = app.events.dead.list()
+        assert dead.id == "bad" and "cannot decode as TaskEvent" in dead.reason
+    finally:
+        app.close()
