@@ -60,3 +60,42 @@ def test_unroutable_batch_is_a_send_error() -> None:
 def test_unknown_batch_mode_is_a_config_error() -> None:
     with pytest.raises(kew.ConfigError, match="batch"):
         kew.connect(f"{URL}?batch=sometimes")
+
+
+def test_settle_to_a_missing_queue_acks_nothing_and_keeps_the_connection() -> None:
+    """Consumer settle (publish on the confirm channel, ack on confirm): a
+    send the broker cannot route fails the settle, the delivery is handed
+    back and comes again, and the consumer keeps its connection; a good
+    settle afterwards stores its message and acks."""
+    from kew.qchan.spi import BrokerUnavailable, Message
+    from kew_rabbitmq.provider import RabbitConsumer
+
+    conn = kew.connect(URL)
+    name = f"settle-{os.urandom(3).hex()}"
+    out, missing = f"{name}.out", f"{name}.missing"
+    conn.declare(name)
+    conn.declare(out)
+    conn.producer(name).send(Message("t1", b"one"))
+    consumer = conn.consumer(name, 4)
+    assert isinstance(consumer, RabbitConsumer)
+    try:
+        try:
+            first = consumer.fetch(1, 10)
+            assert [d.message.id for d in first] == ["t1"]
+            with pytest.raises(BrokerUnavailable, match=rf"no queue for m1 .*{missing}"):
+                consumer.settle(first, [(missing, Message("m1", b"x"))])
+            again = consumer.fetch(1, 10)  # handed back, not acked
+            assert [(d.message.id, d.delivery_count) for d in again] == [("t1", 2)]
+            consumer.settle(again, [(out, Message("m2", b"y"))])
+            browser = conn.browser(out)
+            assert [m.id for m in browser.peek(10)] == ["m2"]
+            browser.close()
+            assert consumer.reconnects == 0
+        finally:
+            consumer.close()
+        # acked: not back on the queue once the consumer is gone
+        assert conn.browser(name).stats().ready == 0
+    finally:
+        for q in (name, out):
+            conn.delete(q)
+        conn.close()

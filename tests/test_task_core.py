@@ -159,6 +159,29 @@ def test_retry_intervals_honoured_then_exceeded_once(app: App) -> None:
     assert rec.exceeded == [2]  # once
 
 
+def test_concurrent_mixed_outcomes_each_task_runs_once(app: App) -> None:
+    """Eight handlers settling at once, some tasks dead-lettered (permanent
+    failure) while others' settles are under way: every task runs exactly
+    once, nothing is redelivered.  (RabbitMQ once dropped its channel here:
+    a dead letter's frames written during another settle's tx.commit.)"""
+    rec = Recorder()
+    tq = app.task_queue(f"t.mixed-{_suffix()}", Job, rec.handler, retry=Intervals([30]))
+    n = 240
+    ids = [tq.submit(Job(i, fail=1 if i % 4 == 0 else 0, mode="permanent")) for i in range(n)]
+    w = app.worker(concurrency=8, record=True).start()
+    try:
+        records = [final(app, tid, timeout=60) for tid in ids]
+    finally:
+        w.stop(5)
+    assert [r.status for r in records] == [
+        "failed" if i % 4 == 0 else "succeeded" for i in range(n)
+    ]
+    runs = {job: [a for a, _ in attempts] for job, attempts in rec.attempts.items()}
+    assert runs == {i: [1] for i in range(n)}, "a task ran twice: its delivery came again"
+    dead = wait_for(lambda: len(tq.queue.dead.list()) == n // 4, 10, what="the dead letters")
+    assert dead
+
+
 def test_exponential_backoff_honoured(app: App) -> None:
     rec = Recorder()
     tq = app.task_queue(
