@@ -335,7 +335,7 @@ def main() -> None:
             or args.baseline.name
         )
         systems = [
-            *(f"{s}@base" for s in systems if s in ("kew", "kew-bare")),
+            *(f"{s}@base" for s in systems if s in ("kew", "kew-bare", "kew-p16")),
             *systems,
         ]
     results: dict[tuple[str, str], dict[str, float]] = {}
