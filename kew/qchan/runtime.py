@@ -204,7 +204,13 @@ class Subscription:
         self.prefetch = prefetch
         self._consumer = consumer
         self._poll = poll_interval
-        self._cond = threading.Condition()
+        # Two conditions on one lock, so that a wake-up goes only to whom it
+        # concerns: ``_cond`` to the fetch loop and stop() (room freed, state
+        # changed), ``_work`` to idle handler threads (deliveries to run).
+        # One condition for both woke every handler thread at each settle.
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._work = threading.Condition(lock)
         self._pending: deque[Delivery] = deque()  # fetched, not started
         self._running = 0  # started, not finished
         self._settling = 0  # finished, settle still under way (see hold())
@@ -266,7 +272,7 @@ class Subscription:
                     with self._cond:
                         if not self._stopping:
                             self._pending.extend(batch)
-                            self._cond.notify_all()
+                            self._work.notify(len(batch))
                             batch = []
                     for late in batch:  # stop() came while fetching: hand these back
                         self._settle_safely(self._consumer.release, late)
@@ -289,7 +295,7 @@ class Subscription:
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
-                    self._cond.wait()
+                    self._work.wait()
                 if not self._pending:
                     return
                 delivery = self._pending.popleft()
@@ -361,6 +367,7 @@ class Subscription:
             pending = list(self._pending)
             self._pending.clear()
             self._cond.notify_all()
+            self._work.notify_all()
         for delivery in pending:
             self._settle_safely(self._consumer.release, delivery)
         deadline = time.monotonic() + grace
