@@ -444,8 +444,10 @@ def _nothing() -> None:
 
 def _coalesce(conn: pika.BlockingConnection) -> None:
     """One socket write for a batch: pika writes every frame (three per
-    message) with its own send(); join what is buffered.  An optimisation
-    only: without pika's internals as expected, nothing changes."""
+    message, one per ack) with its own send(), and on loopback each send()
+    costs the sender the receiver's TCP work too; join what is buffered.  An
+    optimisation only: without pika's internals as expected, nothing
+    changes."""
     buffers = getattr(
         getattr(getattr(conn, "_impl", None), "_transport", None), "_tx_buffers", None
     )
@@ -649,6 +651,8 @@ class RabbitConsumer:
         for op_generation, op in ops:
             if op_generation == generation:
                 op(ch)
+        if self._conn is not None:
+            _coalesce(self._conn)  # one send() for them all, not one per frame
 
     # -- publish, then ack on confirm (I/O thread) --
 
@@ -669,12 +673,14 @@ class RabbitConsumer:
         if m.multiple:
             while confirmed and confirmed[0][0] <= m.delivery_tag:
                 self._confirmed(confirmed.popleft()[1], refused)
-            return
-        for i, (seq, entry) in enumerate(confirmed):
-            if seq == m.delivery_tag:
-                del confirmed[i]
-                self._confirmed(entry, refused)
-                return
+        else:
+            for i, (seq, entry) in enumerate(confirmed):
+                if seq == m.delivery_tag:
+                    del confirmed[i]
+                    self._confirmed(entry, refused)
+                    break
+        if self._conn is not None:
+            _coalesce(self._conn)
 
     def _on_return(self, _ch: Any, method: Any, props: Any, _body: bytes) -> None:
         # a basic.return comes before the message's confirm
