@@ -27,7 +27,10 @@ tasks:
                default prefetch multiplier 4, results ignored;
 3. the handler (a no-op that counts) notes the time of the first and the last
    task; "tasks/s" = N / (last - first): the drain rate of a full queue,
-   worker start-up excluded.
+   worker start-up excluded.  "worker CPU us/task": the worker process's CPU
+   time (every thread) between the first and the last task, per task: far
+   steadier than tasks/s on a noisy machine, and what bounds a worker whose
+   threads share one GIL.
 
 The worker is then stopped with SIGTERM and the queues deleted.  Results go to
 stdout and to benchmarks/results/tasks-<date>.md; the "vs Dramatiq" column is
@@ -71,20 +74,23 @@ PREFETCH = 16  # the -p16 variants: the prefetch Dramatiq uses with 8 threads
 _lock = threading.Lock()
 _seen = 0
 _first = 0.0
+_cpu_first = 0.0
 
 
 def noop(n: int = 0) -> None:
     """The task: count, and note the time of the first and last call."""
-    global _seen, _first
+    global _seen, _first, _cpu_first
     with _lock:
         _seen += 1
         seen = _seen
         if seen == 1:
             _first = time.time()
+            _cpu_first = time.process_time()
     if seen == int(os.environ["BENCH_N"]):
         out = Path(os.environ["BENCH_OUT"])
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"first": _first, "last": time.time(), "n": seen}))
+        cpu = time.process_time() - _cpu_first  # the worker process, every thread
+        tmp.write_text(json.dumps({"first": _first, "last": time.time(), "n": seen, "cpu": cpu}))
         tmp.rename(out)
 
 
@@ -292,7 +298,11 @@ def run_one(system: str, broker: str, n: int, tmp: Path, root: Path = ROOT) -> d
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         res = json.loads(out.read_text())
-        return {"enqueue": enq, "tasks": n / (res["last"] - res["first"])}
+        return {
+            "enqueue": enq,
+            "tasks": n / (res["last"] - res["first"]),
+            "cpu_us": res["cpu"] / max(n - 1, 1) * 1e6,
+        }
     finally:
         log.close()
         try:
@@ -362,19 +372,20 @@ def main() -> None:
         "Dramatiq --processes 1 --threads 8; "
         "Celery -P threads -c 8, acks_late. tasks/s = drain rate of a full queue.",
         "",
-        "| broker | system | tasks/s | vs Dramatiq | enqueue/s |",
-        "|---|---|---:|---:|---:|",
+        "| broker | system | tasks/s | vs Dramatiq | worker CPU us/task | enqueue/s |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for broker in brokers:
         base = results.get((broker, "dramatiq"), {}).get("tasks")
         for system in systems:
             r = results.get((broker, system))
             if r is None:
-                lines.append(f"| {broker} | {system} | failed | | |")
+                lines.append(f"| {broker} | {system} | failed | | | |")
                 continue
             ratio = f"{r['tasks'] / base:.2f}x" if base else "-"
             lines.append(
-                f"| {broker} | {system} | {r['tasks']:,.0f} | {ratio} | {r['enqueue']:,.0f} |"
+                f"| {broker} | {system} | {r['tasks']:,.0f} | {ratio} | {r['cpu_us']:,.0f} "
+                f"| {r['enqueue']:,.0f} |"
             )
     text = "\n".join(lines) + "\n"
     print(text)
