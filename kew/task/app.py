@@ -442,9 +442,6 @@ class TaskQueue(Generic[T]):
         for the commit: the delivery stays counted as held until it is done,
         and the thread takes the next delivery meanwhile."""
         app = self.app
-        if not events and next_attempt is None:  # nothing to store first
-            consumer.ack(delivery)
-            return
         if settler is not None and (not events or app.events.max_depth is None):
             sends = [(app.events.name, app.events._message(list(events)))] if events else []
             if next_attempt is not None:
