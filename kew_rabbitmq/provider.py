@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import queue as queue_mod
 import ssl
 import threading
@@ -487,14 +488,40 @@ _Op = tuple[int, Callable[[Any], None]]
 class _Settle:
     """A settle waiting for its publisher confirms (I/O thread state)."""
 
-    __slots__ = ("done", "error", "ids", "pending", "tags")
+    __slots__ = ("callback", "done", "error", "ids", "pending", "tags")
 
-    def __init__(self, tags: list[int], ids: list[str]) -> None:
+    def __init__(
+        self,
+        tags: list[int],
+        ids: list[str],
+        callback: Callable[[BaseException | None], None] | None = None,
+    ) -> None:
         self.tags = tags
         self.ids = ids
         self.pending = len(ids)
         self.error = ""
         self.done = threading.Event()
+        self.callback = callback
+
+    def finish(self, error: str, url: str, queue: str) -> None:
+        """Once: record the outcome, wake a waiting ``settle``, call back."""
+        if self.done.is_set():
+            return
+        self.error = self.error or error
+        self.done.set()
+        if self.callback is not None:
+            failure = (
+                BrokerUnavailable(
+                    f"settling on {queue!r} at {url}: {self.error}; "
+                    "what was not acked is delivered again"
+                )
+                if self.error
+                else None
+            )
+            try:
+                self.callback(failure)
+            except Exception:
+                logging.getLogger("kew.consumer").exception("kew: a settle callback failed")
 
 
 class RabbitConsumer:
@@ -515,6 +542,7 @@ class RabbitConsumer:
         self._ops: list[_Op] = []  # for the I/O thread
         self._held: set[int] = set()  # delivery tags of this generation not settled
         self._flush_scheduled = False
+        self._open: set[_Settle] = set()  # settles not finished (under _ops_lock)
         # I/O thread only, per connection:
         self._pub: Any = None  # the confirm-mode channel (its BlockingChannel)
         self._seq = 0  # messages published on it so far
@@ -536,6 +564,7 @@ class RabbitConsumer:
                 ch = conn.channel()
                 ch.basic_qos(prefetch_count=self._prefetch)
                 pub = self._confirm_channel(conn)
+                self._fail_open("the connection was lost")  # their ops are void
                 with self._ops_lock:  # ops of the lost connection are void
                     self._ops, self._flush_scheduled = [], False
                     self._held.clear()
@@ -566,13 +595,15 @@ class RabbitConsumer:
                     while self._unconfirmed and time.monotonic() < deadline:
                         conn.process_data_events(time_limit=0.2)
                     conn.close()
+                self._fail_open("the consumer was closed first")
                 return
             except (AMQPError, BrokerUnavailable, OSError):
                 lost = self._conn
                 if lost is not None and lost.is_open:  # e.g. only the channel failed
                     with contextlib.suppress(Exception):
                         lost.close()
-                self._fail_unconfirmed("the connection was lost")
+                self._unconfirmed.clear()
+                self._fail_open("the connection was lost")
                 if self._closed.is_set():
                     return
                 self._drop_buffer()
@@ -702,13 +733,19 @@ class RabbitConsumer:
                 _requeue(ch, tag)
             else:
                 _ack(ch, tag)
-        entry.done.set()
+        self._finish(entry, "")
 
-    def _fail_unconfirmed(self, why: str) -> None:
-        while self._unconfirmed:
-            entry = self._unconfirmed.popleft()[1]
-            entry.error = why
-            entry.done.set()
+    def _finish(self, entry: _Settle, error: str) -> None:
+        with self._ops_lock:
+            self._open.discard(entry)
+        entry.finish(error, self._c.url, self._queue)
+
+    def _fail_open(self, why: str) -> None:
+        """Every settle not finished fails (its deliveries come again)."""
+        with self._ops_lock:
+            entries, self._open = list(self._open), set()
+        for entry in entries:
+            entry.finish(why, self._c.url, self._queue)
 
     def _release_soon(self, delivery: Delivery, op: Callable[[Any, int], None]) -> None:
         """Ack or requeue: queued for the I/O thread, not waited for (if the
@@ -742,22 +779,48 @@ class RabbitConsumer:
             )
         self._await(entry)
 
+    def settle_async(
+        self,
+        acks: Sequence[Delivery],
+        sends: Sequence[tuple[str, Message]],
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        """``settle`` without waiting: ``done`` is called on the I/O thread
+        once the confirms came and the acks are written (or at once)."""
+        limit = self._c.max_message_size
+        for queue, m in sends:
+            if len(m.body) > limit:
+                raise MessageTooLarge(len(m.body), limit, queue)
+        if not sends:
+            for delivery in acks:
+                self.ack(delivery)
+            done(None)
+            return
+        if self._send_then_ack(acks, sends, callback=done) is None:
+            done(
+                BrokerUnavailable(
+                    f"settling on {self._queue!r} at {self._c.url}: the connection is lost"
+                )
+            )
+
     def _send_then_ack(
         self,
         acks: Sequence[Delivery],
         sends: Sequence[tuple[str, Message]],
         held_only: bool = False,
+        callback: Callable[[BaseException | None], None] | None = None,
     ) -> _Settle | None:
         """Schedule the sends, and the acks on their confirms (None: the
-        connection is gone).  ``held_only``: send nothing unless one of
-        ``acks`` is still held."""
+        connection is gone, and ``callback`` is not called).  ``held_only``:
+        send nothing unless one of ``acks`` is still held."""
         with self._ops_lock:  # atomic with a reconnect's reset
             tags = self._take(acks)
-            entry = _Settle(tags, [m.id for _, m in sends])
-            if (tags or not held_only) and self._schedule(
-                lambda _ch: self._publish(entry, sends)
-            ) is None:
+            entry = _Settle(tags, [m.id for _, m in sends], callback)
+            if not tags and held_only:
+                return entry
+            if self._schedule(lambda _ch: self._publish(entry, sends)) is None:
                 return None
+            self._open.add(entry)
         return entry
 
     def _await(self, entry: _Settle) -> None:

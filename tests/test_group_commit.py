@@ -3,13 +3,15 @@ hook; the task layer's packing of status events into one message."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 
-from kew.qchan.runtime import GroupCommit
+from kew.qchan.runtime import AsyncGroupCommit, GroupCommit
 from kew.qchan.spi import Message, now_ms
 from kew.task import App, SqliteTaskStore, TaskEvent
 from kew.task.app import PACK_BYTES
@@ -129,3 +131,63 @@ def test_recorder_applies_single_events_and_packed_lists(tmp_path: Path) -> None
         assert dead.id == "bad" and "cannot decode as TaskEvent" in dead.reason
     finally:
         app.close()
+
+
+def test_async_window_batches_and_the_finisher_starts_the_next() -> None:
+    """AsyncGroupCommit: commits finish by callback (here, from the test
+    thread, as a broker's I/O thread would); at most ``window`` are under
+    way, and finishing one commits everything that arrived meanwhile."""
+    under_way: list[tuple[list[int], Any]] = []
+    group: AsyncGroupCommit[int] = AsyncGroupCommit(
+        lambda batch, done: under_way.append((batch, done)), window=2
+    )
+    results: dict[int, BaseException | None] = {}
+
+    def record(i: int) -> Any:
+        return lambda error: results.__setitem__(i, error)
+
+    for i in range(6):
+        group.submit_later(i, record(i))
+    assert [b for b, _ in under_way] == [[0], [1]]  # the window is full: 2..5 wait
+    _, done = under_way.pop(0)
+    done(None)  # finishing [0] starts [2, 3, 4, 5] at once
+    assert results == {0: None}
+    assert [b for b, _ in under_way] == [[1], [2, 3, 4, 5]]
+    error = OSError("lost")
+    under_way.pop(1)[1](error)
+    under_way.pop(0)[1](None)
+    assert results == {0: None, 1: None, 2: error, 3: error, 4: error, 5: error}
+    group.submit_later(6, record(6))  # nothing under way now: committed at once
+    assert [b for b, _ in under_way] == [[6]]
+
+
+def test_async_commit_finishing_at_once_does_not_nest() -> None:
+    """A commit that calls back before it returns (nothing to wait for)
+    while callers keep arriving: the next batches run in a loop, not
+    nested calls, so the stack stays flat however many there are."""
+    depth: list[int] = []
+    group: AsyncGroupCommit[int] = AsyncGroupCommit(lambda b, done: None)  # replaced below
+    arrivals = iter(range(1, 600))
+
+    def commit(batch: list[int], done: Any) -> None:
+        depth.append(len(inspect.stack(0)))
+        nxt = next(arrivals, None)
+        if nxt is not None:  # another caller arrives while this commit runs
+            group.submit_later(nxt, lambda error: None)
+        done(None)
+
+    group._commit = commit
+    group.submit(0)
+    assert len(depth) == 600
+    assert max(depth) - min(depth) <= 2
+
+
+def test_async_commit_that_raises_fails_its_batch() -> None:
+    def commit(batch: list[int], done: Any) -> None:
+        raise ValueError(f"bad batch {batch}")
+
+    group: AsyncGroupCommit[int] = AsyncGroupCommit(commit)
+    with pytest.raises(ValueError, match=r"bad batch \[1\]"):
+        group.submit(1)
+    with pytest.raises(ValueError, match=r"bad batch \[2\]"):  # and the next one still runs
+        group.submit(2)

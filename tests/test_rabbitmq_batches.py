@@ -99,3 +99,44 @@ def test_settle_to_a_missing_queue_acks_nothing_and_keeps_the_connection() -> No
         for q in (name, out):
             conn.delete(q)
         conn.close()
+
+
+def test_settle_async_calls_back_once_confirmed_or_failed() -> None:
+    from kew.qchan.spi import AsyncOutboxConsumer, Message
+
+    conn = kew.connect(URL)
+    name = f"settle-async-{os.urandom(3).hex()}"
+    out = f"{name}.out"
+    conn.declare(name)
+    conn.declare(out)
+    conn.producer(name).send_many([Message("t1", b"one"), Message("t2", b"two")])
+    consumer = conn.consumer(name, 4)
+    assert isinstance(consumer, AsyncOutboxConsumer)
+    outcomes: dict[str, list[BaseException | None]] = {"ok": [], "bad": []}
+    try:
+        try:
+            held = {d.message.id: d for d in consumer.fetch(2, 10)}
+            if len(held) < 2:
+                held.update({d.message.id: d for d in consumer.fetch(1, 10)})
+            consumer.settle_async([held["t1"]], [(out, Message("m1", b"x"))], outcomes["ok"].append)
+            consumer.settle_async(
+                [held["t2"]], [(f"{name}.missing", Message("m2", b"y"))], outcomes["bad"].append
+            )
+            wait_for(lambda: outcomes["ok"] and outcomes["bad"], 10, what="both callbacks")
+            assert outcomes["ok"] == [None]
+            (error,) = outcomes["bad"]
+            assert isinstance(error, kew.BrokerUnavailable)
+            assert "no queue for m2" in str(error)
+            again = consumer.fetch(1, 10)  # the failed one was handed back
+            assert [(d.message.id, d.delivery_count) for d in again] == [("t2", 2)]
+            consumer.ack(again[0])
+            browser = conn.browser(out)
+            assert [m.id for m in browser.peek(10)] == ["m1"]
+            browser.close()
+        finally:
+            consumer.close()
+        assert conn.browser(name).stats().ready == 0
+    finally:
+        for q in (name, out):
+            conn.delete(q)
+        conn.close()

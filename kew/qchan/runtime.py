@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from kew.qchan.spi import Consumer, Delivery, Message, OutboxConsumer
+from kew.qchan.spi import AsyncOutboxConsumer, Consumer, Delivery, Message, OutboxConsumer
 
 log = logging.getLogger("kew.consumer")
 
@@ -96,6 +96,88 @@ class GroupCommit(Generic[P]):
                     log.exception("kew: a group commit callback failed")
 
 
+Done = Callable[[BaseException | None], None]
+"""Called once a commit is done: None, or what it failed with."""
+
+
+class AsyncGroupCommit(Generic[P]):
+    """A :class:`GroupCommit` whose commit finishes by callback
+    (``commit(payloads, done)`` returns at once): no thread waits on the
+    broker.  At most ``window`` commits are under way; callers arriving
+    meanwhile join the next batch, which whoever finishes a commit starts
+    (often the broker's I/O thread)."""
+
+    def __init__(self, commit: Callable[[list[P], Done], None], *, window: int = 1) -> None:
+        if window < 1:
+            raise ValueError(f"window must be at least 1, not {window}")
+        self._commit = commit
+        self._window = window
+        self._lock = threading.Lock()
+        self._committing = 0
+        self._later: list[tuple[P, Done]] = []
+
+    def submit(self, payload: P) -> None:
+        """Return once ``payload`` is committed; raise if its batch failed."""
+        outcome: list[BaseException | None] = []
+        finished = threading.Event()
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            finished.set()
+
+        self.submit_later(payload, done)
+        finished.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def submit_later(self, payload: P, done: Done) -> None:
+        """Queue ``payload``; ``done(error)`` is called after its commit, on
+        whichever thread finishes it."""
+        with self._lock:
+            self._later.append((payload, done))
+            if self._committing >= self._window:
+                return
+            self._committing += 1
+            items, self._later = self._later, []
+        self._start(items)
+
+    def _start(self, items: list[tuple[P, Done]]) -> None:
+        # A commit that finishes before it returns (nothing to wait for)
+        # hands its successor back to this loop, not to a nested call.
+        me = threading.get_ident()
+        while items:
+            successor: list[list[tuple[P, Done]]] = []
+            inside = [True]
+
+            def finished(
+                error: BaseException | None,
+                batch: list[tuple[P, Done]] = items,
+                successor: list[list[tuple[P, Done]]] = successor,
+                inside: list[bool] = inside,
+            ) -> None:
+                for _, callback in batch:
+                    try:
+                        callback(error)
+                    except Exception:
+                        log.exception("kew: a group commit callback failed")
+                with self._lock:
+                    if not self._later:
+                        self._committing -= 1
+                        return
+                    after, self._later = self._later, []
+                if inside[0] and threading.get_ident() == me:
+                    successor.append(after)
+                else:
+                    self._start(after)
+
+            try:
+                self._commit([payload for payload, _ in items], finished)
+            except BaseException as e:
+                finished(e)
+            inside[0] = False
+            items = successor[0] if successor else []
+
+
 Settlement = tuple[Sequence[Delivery], Sequence[tuple[str, Message]]]
 """Deliveries to ack, and (queue, message) pairs to store first."""
 
@@ -127,7 +209,12 @@ class GroupSettle:
         self._send_many = send_many
         self._pack = pack
         self._outbox = consumer if isinstance(consumer, OutboxConsumer) else None
-        self._group: GroupCommit[Settlement] = GroupCommit(self._commit, window=window)
+        self._group: GroupCommit[Settlement] | AsyncGroupCommit[Settlement]
+        if isinstance(consumer, AsyncOutboxConsumer):
+            self._async = consumer
+            self._group = AsyncGroupCommit(self._commit_async, window=window)
+        else:
+            self._group = GroupCommit(self._commit, window=window)
 
     def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
         """Return once ``sends`` are stored and ``acks`` acked; raise if
@@ -146,7 +233,7 @@ class GroupSettle:
         (``Subscription.hold``)."""
         self._group.submit_later((acks, sends), done)
 
-    def _commit(self, batch: list[Settlement]) -> None:
+    def _gather(self, batch: list[Settlement]) -> tuple[list[Delivery], dict[str, list[Message]]]:
         acks = [d for a, _ in batch for d in a]
         by_queue: dict[str, list[Message]] = {}
         for _, sends in batch:
@@ -154,6 +241,14 @@ class GroupSettle:
                 by_queue.setdefault(queue, []).append(message)
         if self._pack is not None:
             by_queue = {q: self._pack(q, ms) for q, ms in by_queue.items()}
+        return acks, by_queue
+
+    def _commit_async(self, batch: list[Settlement], done: Done) -> None:
+        acks, by_queue = self._gather(batch)
+        self._async.settle_async(acks, [(q, m) for q, ms in by_queue.items() for m in ms], done)
+
+    def _commit(self, batch: list[Settlement]) -> None:
+        acks, by_queue = self._gather(batch)
         if self._outbox is not None:
             self._outbox.settle(acks, [(q, m) for q, ms in by_queue.items() for m in ms])
             return

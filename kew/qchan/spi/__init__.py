@@ -28,7 +28,7 @@ consumer's ``fetch`` is called from one thread while ``ack``,
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -44,6 +44,7 @@ from kew.qchan.spi.errors import (
 from kew.qchan.spi.urls import ProviderURL
 
 __all__ = [
+    "AsyncOutboxConsumer",
     "BrokerUnavailable",
     "Browser",
     "Capability",
@@ -243,6 +244,27 @@ class OutboxConsumer(Protocol):
         error, raise: any of the messages may or may not have been stored,
         and deliveries not acked are delivered again.
         """
+        ...
+
+
+@runtime_checkable
+class AsyncOutboxConsumer(Protocol):
+    """Optional, on top of :class:`OutboxConsumer`: a settle that does not
+    wait.  For a provider whose broker answers on an I/O thread of its own
+    (RabbitMQ's confirms): no thread sleeps through the round trip, and the
+    next group commit starts from the callback."""
+
+    def settle_async(
+        self,
+        acks: Sequence[Delivery],
+        sends: Sequence[tuple[str, Message]],
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Like ``OutboxConsumer.settle``, but returns at once; ``done`` is
+        called exactly once, with None when every message is stored and
+        every delivery acked, else with the error (deliveries not acked are
+        delivered again).  ``done`` may be called on the provider's I/O
+        thread, or before this returns: it must not block."""
         ...
 
 
