@@ -1,5 +1,5 @@
-"""GroupCommit's window (commits under way at once) and GroupSettle's pack
-hook; the task layer's packing of status events into one message."""
+"""GroupCommit and AsyncGroupCommit (one commit under way, the rest
+batched), and the task layer's packing of status events into one message."""
 
 from __future__ import annotations
 
@@ -18,13 +18,12 @@ from kew.task.app import PACK_BYTES
 from kew.testing.util import wait_for
 
 
-@pytest.mark.parametrize("window", [1, 2, 3])
-def test_window_bounds_the_commits_under_way(window: int) -> None:
-    """Commits block until released: at most ``window`` run at once, the
-    rest join a later batch, and every payload is committed exactly once."""
+def test_one_commit_at_a_time_and_the_rest_batched() -> None:
+    """Commits block until released: one runs, the other callers join the
+    next batch, and every payload is committed exactly once."""
     lock = threading.Lock()
     running: list[list[int]] = []
-    committed: list[int] = []
+    batches: list[list[int]] = []
     most = [0]
     release = threading.Event()
 
@@ -35,33 +34,29 @@ def test_window_bounds_the_commits_under_way(window: int) -> None:
         release.wait(10)
         with lock:
             running.remove(batch)
-            committed.extend(batch)
+            batches.append(batch)
 
-    group: GroupCommit[int] = GroupCommit(commit, window=window)
-    threads = [threading.Thread(target=group.submit, args=(i,)) for i in range(8)]
+    group: GroupCommit[int] = GroupCommit(commit)
+    first = threading.Thread(target=group.submit, args=(0,))
+    first.start()
+    wait_for(lambda: running == [[0]], 10, what="the first commit under way")
+    threads = [threading.Thread(target=group.submit, args=(i,)) for i in range(1, 8)]
     for t in threads:
         t.start()
-    # every caller is either committing or queued behind the window
-    wait_for(lambda: len(running) == window, 10, what=f"{window} commits under way")
-    wait_for(lambda: len(group._later) == 8 - window, 10, what="the others queued")
-    assert most[0] == window
+    wait_for(lambda: len(group._later) == 7, 10, what="the others queued")
     release.set()
-    for t in threads:
+    for t in [first, *threads]:
         t.join(10)
-    assert sorted(committed) == list(range(8))
-    assert most[0] == window
-
-
-def test_window_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="window must be at least 1"):
-        GroupCommit(lambda batch: None, window=0)
+    assert batches[0] == [0]
+    assert sorted(batches[1]) == list(range(1, 8))  # one batch for all who waited
+    assert most[0] == 1
 
 
 def test_a_failed_commit_reaches_every_caller_of_its_batch() -> None:
     def commit(batch: list[int]) -> None:
         raise OSError(f"disk full for {batch}")
 
-    group: GroupCommit[int] = GroupCommit(commit, window=2)
+    group: GroupCommit[int] = GroupCommit(commit)
     with pytest.raises(OSError, match=r"disk full for \[5\]"):
         group.submit(5)
 
@@ -133,13 +128,13 @@ def test_recorder_applies_single_events_and_packed_lists(tmp_path: Path) -> None
         app.close()
 
 
-def test_async_window_batches_and_the_finisher_starts_the_next() -> None:
-    """AsyncGroupCommit: commits finish by callback (here, from the test
-    thread, as a broker's I/O thread would); at most ``window`` are under
-    way, and finishing one commits everything that arrived meanwhile."""
+def test_async_batches_and_the_finisher_starts_the_next() -> None:
+    """AsyncGroupCommit: a commit finishes by callback (here, from the test
+    thread, as a broker's I/O thread would); callers arriving meanwhile wait,
+    and finishing the commit starts one for all of them."""
     under_way: list[tuple[list[int], Any]] = []
     group: AsyncGroupCommit[int] = AsyncGroupCommit(
-        lambda batch, done: under_way.append((batch, done)), window=2
+        lambda batch, done: under_way.append((batch, done))
     )
     results: dict[int, BaseException | None] = {}
 
@@ -148,15 +143,13 @@ def test_async_window_batches_and_the_finisher_starts_the_next() -> None:
 
     for i in range(6):
         group.submit_later(i, record(i))
-    assert [b for b, _ in under_way] == [[0], [1]]  # the window is full: 2..5 wait
-    _, done = under_way.pop(0)
-    done(None)  # finishing [0] starts [2, 3, 4, 5] at once
+    assert [b for b, _ in under_way] == [[0]]  # 1..5 wait for it
+    under_way.pop(0)[1](None)  # finishing [0] starts [1, 2, 3, 4, 5] at once
     assert results == {0: None}
-    assert [b for b, _ in under_way] == [[1], [2, 3, 4, 5]]
+    assert [b for b, _ in under_way] == [[1, 2, 3, 4, 5]]
     error = OSError("lost")
-    under_way.pop(1)[1](error)
-    under_way.pop(0)[1](None)
-    assert results == {0: None, 1: None, 2: error, 3: error, 4: error, 5: error}
+    under_way.pop(0)[1](error)
+    assert results == {0: None, 1: error, 2: error, 3: error, 4: error, 5: error}
     group.submit_later(6, record(6))  # nothing under way now: committed at once
     assert [b for b, _ in under_way] == [[6]]
 

@@ -79,10 +79,6 @@ RECORDER_BATCH = 512
 #: Largest body of one packed event message (a JSON array of TaskEvents).
 PACK_BYTES = 256 * 1024
 
-#: Group commits a worker's handlers may have under way at once per task
-#: queue: a commit starts while the previous one waits on the broker.
-SETTLE_WINDOW = 2
-
 Hold = Callable[[], Callable[[], None]]
 """``Subscription.hold``: keeps a delivery counted as held until called back."""
 
@@ -314,7 +310,7 @@ class TaskQueue(Generic[T]):
         consumer = app.connector.consumer(self.name, prefetch or concurrency)
         # Handlers finishing together settle together: their last events (or
         # next attempts) and their acks in one commit (see GroupSettle).
-        settler = GroupSettle(consumer, send_many, pack=app._pack_events, window=SETTLE_WINDOW)
+        settler = GroupSettle(consumer, send_many, pack=app._pack_events)
         subs: list[Subscription] = []
         sub = Subscription(
             consumer,
