@@ -301,7 +301,8 @@ def run_one(system: str, broker: str, n: int, tmp: Path, root: Path = ROOT) -> d
         return {
             "enqueue": enq,
             "tasks": n / (res["last"] - res["first"]),
-            "cpu_us": res["cpu"] / max(n - 1, 1) * 1e6,
+            # (a baseline checkout from before this column has no "cpu")
+            "cpu_us": res["cpu"] / max(n - 1, 1) * 1e6 if "cpu" in res else -1.0,
         }
     finally:
         log.close()
@@ -383,8 +384,9 @@ def main() -> None:
                 lines.append(f"| {broker} | {system} | failed | | | |")
                 continue
             ratio = f"{r['tasks'] / base:.2f}x" if base else "-"
+            cpu = f"{r['cpu_us']:,.0f}" if r["cpu_us"] >= 0 else "-"
             lines.append(
-                f"| {broker} | {system} | {r['tasks']:,.0f} | {ratio} | {r['cpu_us']:,.0f} "
+                f"| {broker} | {system} | {r['tasks']:,.0f} | {ratio} | {cpu} "
                 f"| {r['enqueue']:,.0f} |"
             )
     text = "\n".join(lines) + "\n"
