@@ -60,6 +60,7 @@ BENCHMARKS = {
     "rabbitmq": "benchmarks/bench_rabbitmq.py",
     "artemis": "benchmarks/bench_artemis.py",
     "tasks": "benchmarks/bench_tasks.py",
+    "floor": "benchmarks/floor_pika.py",
 }
 
 
@@ -67,7 +68,7 @@ BENCHMARKS = {
 def bench(session: nox.Session) -> None:
     """Benchmarks, each kew next to its raw client (and Dramatiq/Celery) in
     one run; tables under benchmarks/results/.  ``-- NAME [ARGS...]`` runs one
-    (sqlite, redis, rabbitmq, artemis, tasks) with its own arguments."""
+    (sqlite, redis, rabbitmq, artemis, tasks, floor) with its own arguments."""
     _install(session, "dev,bench")
     args = list(session.posargs)
     if args and args[0] in BENCHMARKS:
