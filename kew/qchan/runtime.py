@@ -31,23 +31,15 @@ SendMany = Callable[[str, Sequence[Message]], None]
 """Sends messages to a queue (by name); returns once the broker has them."""
 
 
-class GroupCommit(Generic[P]):
-    """Batches concurrent callers into one commit (a group commit): whoever
-    comes while a commit is under way joins the next one, so N callers
-    arriving together cost one commit, not N.  The caller that finds no
-    commit under way commits, and goes on committing what others add
-    meanwhile until nothing is left.  ``commit`` gets the payloads of every
-    caller of a batch, in arrival order; if it raises, every caller of that
-    batch learns the error.  (Two commits under way at once were tried:
-    smaller batches, more round trips, slower on Redis and no faster on
-    RabbitMQ.)
-    """
+Done = Callable[[BaseException | None], None]
+"""Called once a commit is done: None, or what it failed with."""
 
-    def __init__(self, commit: Callable[[list[P]], None]) -> None:
-        self._commit = commit
-        self._lock = threading.Lock()
-        self._committing = False
-        self._later: list[tuple[P, Callable[[BaseException | None], None]]] = []
+
+class _Commits(Generic[P]):
+    """What both group commits share: ``submit`` waits on ``submit_later``."""
+
+    def submit_later(self, payload: P, done: Done) -> None:
+        raise NotImplementedError
 
     def submit(self, payload: P) -> None:
         """Return once ``payload`` is committed; raise if its batch failed."""
@@ -63,7 +55,26 @@ class GroupCommit(Generic[P]):
         if outcome[0] is not None:
             raise outcome[0]
 
-    def submit_later(self, payload: P, done: Callable[[BaseException | None], None]) -> None:
+
+class GroupCommit(_Commits[P]):
+    """Batches concurrent callers into one commit (a group commit): whoever
+    comes while a commit is under way joins the next one, so N callers
+    arriving together cost one commit, not N.  The caller that finds no
+    commit under way commits, and goes on committing what others add
+    meanwhile until nothing is left.  ``commit`` gets the payloads of every
+    caller of a batch, in arrival order; if it raises, every caller of that
+    batch learns the error.  (Two commits under way at once were tried:
+    smaller batches, more round trips, slower on Redis and no faster on
+    RabbitMQ.)
+    """
+
+    def __init__(self, commit: Callable[[list[P]], None]) -> None:
+        self._commit = commit
+        self._lock = threading.Lock()
+        self._committing = False
+        self._later: list[tuple[P, Done]] = []
+
+    def submit_later(self, payload: P, done: Done) -> None:
         """Like :meth:`submit`, but returns at once while another caller is
         committing (that one commits this too).  ``done(error)`` is called
         after the commit (``None``: committed), in the committing thread."""
@@ -90,11 +101,7 @@ class GroupCommit(Generic[P]):
                     log.exception("kew: a group commit callback failed")
 
 
-Done = Callable[[BaseException | None], None]
-"""Called once a commit is done: None, or what it failed with."""
-
-
-class AsyncGroupCommit(Generic[P]):
+class AsyncGroupCommit(_Commits[P]):
     """A :class:`GroupCommit` whose commit finishes by callback
     (``commit(payloads, done)`` returns at once): no thread waits on the
     broker.  One commit is under way at a time; callers arriving meanwhile
@@ -106,20 +113,6 @@ class AsyncGroupCommit(Generic[P]):
         self._lock = threading.Lock()
         self._committing = False
         self._later: list[tuple[P, Done]] = []
-
-    def submit(self, payload: P) -> None:
-        """Return once ``payload`` is committed; raise if its batch failed."""
-        outcome: list[BaseException | None] = []
-        finished = threading.Event()
-
-        def done(error: BaseException | None) -> None:
-            outcome.append(error)
-            finished.set()
-
-        self.submit_later(payload, done)
-        finished.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
 
     def submit_later(self, payload: P, done: Done) -> None:
         """Queue ``payload``; ``done(error)`` is called after its commit, on
