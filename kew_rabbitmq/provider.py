@@ -65,6 +65,8 @@ R = TypeVar("R")
 # Dead-letter headers (next to the message's own).
 H_REASON, H_COUNT, H_DEAD_AT = "kew-dead-reason", "kew-dead-count", "kew-dead-at"
 
+log = logging.getLogger("kew.consumer")
+
 
 # -- options ---------------------------------------------------------------
 
@@ -468,11 +470,11 @@ def _coalesce(conn: pika.BlockingConnection) -> None:
 # confirmed every one of them (stored: a persistent message in a durable
 # queue).  Many settles may wait for confirms at once, so their round trips
 # overlap.  Not an AMQP transaction: RabbitMQ refuses any frame on a channel
-# while its tx.commit runs (so commits cannot overlap), and measured here a
-# transaction cost the broker about three times the CPU of confirms.  A crash
-# between confirm and ack delivers the message again: the same guarantee as
-# send-then-ack.  Frames go through the BlockingChannels' underlying channels:
-# they are buffered, and the I/O loop writes every frame of one flush at once.
+# while its tx.commit runs, so an ack written during a commit closed the
+# connection, and commits cannot overlap.  A crash between confirm and ack
+# delivers the message again: the same guarantee as send-then-ack.  Frames go
+# through the BlockingChannels' underlying channels: they are buffered, and
+# the I/O loop writes every frame of one flush at once.
 def _ack(ch: Any, tag: int) -> None:
     ch._impl.basic_ack(tag)
 
@@ -484,44 +486,38 @@ def _requeue(ch: Any, tag: int) -> None:
 # An op for the I/O thread: (connection generation, fn(channel)).
 _Op = tuple[int, Callable[[Any], None]]
 
+Done = Callable[[BaseException | None], None]
+
 
 class _Settle:
     """A settle waiting for its publisher confirms (I/O thread state)."""
 
-    __slots__ = ("callback", "done", "error", "ids", "pending", "tags")
+    __slots__ = ("done", "error", "finished", "ids", "pending", "tags")
 
-    def __init__(
-        self,
-        tags: list[int],
-        ids: list[str],
-        callback: Callable[[BaseException | None], None] | None = None,
-    ) -> None:
+    def __init__(self, tags: list[int], ids: list[str], done: Done) -> None:
         self.tags = tags
         self.ids = ids
         self.pending = len(ids)
         self.error = ""
-        self.done = threading.Event()
-        self.callback = callback
+        self.done = done
+        self.finished = False
 
     def finish(self, error: str, url: str, queue: str) -> None:
-        """Once: record the outcome, wake a waiting ``settle``, call back."""
-        if self.done.is_set():
+        """Once: record the outcome and call back."""
+        if self.finished:
             return
+        self.finished = True
         self.error = self.error or error
-        self.done.set()
-        if self.callback is not None:
-            failure = (
-                BrokerUnavailable(
-                    f"settling on {queue!r} at {url}: {self.error}; "
-                    "what was not acked is delivered again"
-                )
-                if self.error
-                else None
-            )
-            try:
-                self.callback(failure)
-            except Exception:
-                logging.getLogger("kew.consumer").exception("kew: a settle callback failed")
+        try:
+            self.done(_settle_error(url, queue, self.error) if self.error else None)
+        except Exception:
+            log.exception("kew: a settle callback failed")
+
+
+def _settle_error(url: str, queue: str, why: str) -> BrokerUnavailable:
+    return BrokerUnavailable(
+        f"settling on {queue!r} at {url}: {why}; what was not acked is delivered again"
+    )
 
 
 class RabbitConsumer:
@@ -762,31 +758,18 @@ class RabbitConsumer:
         self._release_soon(delivery, _requeue)
 
     def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
-        """Outbox settle: the sends published on the confirm channel, and
-        the acks made once every one is confirmed; returns then."""
-        limit = self._c.max_message_size
-        for queue, m in sends:
-            if len(m.body) > limit:
-                raise MessageTooLarge(len(m.body), limit, queue)
-        if not sends:  # plain acks, as ack(): nothing to wait for
-            for delivery in acks:
-                self.ack(delivery)
-            return
-        entry = self._send_then_ack(acks, sends)
-        if entry is None:
-            raise BrokerUnavailable(
-                f"settling on {self._queue!r} at {self._c.url}: the connection is lost"
-            )
-        self._await(entry)
+        """Outbox settle: :meth:`settle_async`, waited for."""
+        self._wait(lambda done: self.settle_async(acks, sends, done))
 
     def settle_async(
         self,
         acks: Sequence[Delivery],
         sends: Sequence[tuple[str, Message]],
-        done: Callable[[BaseException | None], None],
+        done: Done,
     ) -> None:
-        """``settle`` without waiting: ``done`` is called on the I/O thread
-        once the confirms came and the acks are written (or at once)."""
+        """The sends published on the confirm channel, the acks written once
+        every one is confirmed; then ``done`` is called on the I/O thread
+        (at once if there is nothing to send: plain acks)."""
         limit = self._c.max_message_size
         for queue, m in sends:
             if len(m.body) > limit:
@@ -796,43 +779,49 @@ class RabbitConsumer:
                 self.ack(delivery)
             done(None)
             return
-        if self._send_then_ack(acks, sends, callback=done) is None:
-            done(
-                BrokerUnavailable(
-                    f"settling on {self._queue!r} at {self._c.url}: the connection is lost"
-                )
-            )
+        self._send_then_ack(acks, sends, done)
 
     def _send_then_ack(
         self,
         acks: Sequence[Delivery],
         sends: Sequence[tuple[str, Message]],
+        done: Done,
         held_only: bool = False,
-        callback: Callable[[BaseException | None], None] | None = None,
-    ) -> _Settle | None:
-        """Schedule the sends, and the acks on their confirms (None: the
-        connection is gone, and ``callback`` is not called).  ``held_only``:
-        send nothing unless one of ``acks`` is still held."""
+    ) -> None:
+        """Schedule the sends, and the acks on their confirms; ``done`` once
+        finished.  ``held_only``: nothing to do (``done(None)``) unless one
+        of ``acks`` is still held."""
         with self._ops_lock:  # atomic with a reconnect's reset
             tags = self._take(acks)
-            entry = _Settle(tags, [m.id for _, m in sends], callback)
-            if not tags and held_only:
-                return entry
-            if self._schedule(lambda _ch: self._publish(entry, sends)) is None:
-                return None
-            self._open.add(entry)
-        return entry
+            if held_only and not tags:
+                lost = None  # settled already, or requeued by the broker
+            else:
+                entry = _Settle(tags, [m.id for _, m in sends], done)
+                lost = self._schedule(lambda _ch: self._publish(entry, sends)) is None
+                if not lost:
+                    self._open.add(entry)
+        if lost is None:
+            done(None)
+        elif lost:
+            done(_settle_error(self._c.url, self._queue, "the connection is lost"))
 
-    def _await(self, entry: _Settle) -> None:
+    def _wait(self, start: Callable[[Done], None]) -> None:
+        """``start(done)``, then wait for ``done`` (not on the I/O thread,
+        which calls it later); raise what it failed with."""
+        outcome: list[BaseException | None] = []
+        finished = threading.Event()
+
+        def done(error: BaseException | None) -> None:
+            outcome.append(error)
+            finished.set()
+
+        start(done)
         if threading.current_thread() is self._thread:
-            return  # confirmed later, on this thread
-        if not entry.done.wait(self.COMMIT_TIMEOUT):
-            entry.error = "no publisher confirm in time"
-        if entry.error:
-            raise BrokerUnavailable(
-                f"settling on {self._queue!r} at {self._c.url}: {entry.error}; "
-                "what was not acked is delivered again"
-            )
+            return
+        if not finished.wait(self.COMMIT_TIMEOUT):
+            raise _settle_error(self._c.url, self._queue, "no publisher confirm in time")
+        if outcome[0] is not None:
+            raise outcome[0]
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         m = delivery.message
@@ -842,11 +831,9 @@ class RabbitConsumer:
             H_COUNT: delivery.delivery_count,
             H_DEAD_AT: now_ms(),
         }
-        dead = Message(m.id, m.body, headers)
-        entry = self._send_then_ack([delivery], [(f"{self._queue}.dead", dead)], held_only=True)
-        if entry is not None and entry.tags:
-            with contextlib.suppress(BrokerUnavailable):  # not acked: delivered again
-                self._await(entry)
+        sends = [(f"{self._queue}.dead", Message(m.id, m.body, headers))]
+        with contextlib.suppress(BrokerUnavailable):  # not acked: delivered again
+            self._wait(lambda done: self._send_then_ack([delivery], sends, done, held_only=True))
 
     def close(self) -> None:
         self._closed.set()

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast
 import msgspec
 
 from kew.connect import connect
-from kew.qchan import H_CONTENT_TYPE, H_COUNT, H_DELIVER_AT, Queue, Subscription
+from kew.qchan import H_CONTENT_TYPE, H_COUNT, H_DELIVER_AT, Queue, Subscription, new_id
 from kew.qchan.codec import JSON, Codec, DecodeError
 from kew.qchan.runtime import GroupCommit, GroupSettle
 from kew.qchan.spi import Connector, Consumer, Delivery, Message, now_ms
@@ -897,6 +897,12 @@ class App:
         out: list[Message] = []
         parts: list[bytes] = []
         size = 2
+        head = messages[0]  # its headers (content type, type) serve the pack
+
+        def pack() -> None:
+            body = b"[" + b",".join(parts) + b"]"
+            out.append(Message(new_id(), body, head.headers, head.durable))
+
         for m in messages:
             body = m.body
             if m.headers.get(H_CONTENT_TYPE) != JSON:
@@ -906,17 +912,15 @@ class App:
             if not inner:
                 continue
             if parts and size + len(inner) + 1 > limit:
-                out.append(self._packed(parts))
+                pack()
                 parts, size = [], 2
+            if not parts:
+                head = m
             parts.append(inner)
             size += len(inner) + 1
         if parts:
-            out.append(self._packed(parts))
+            pack()
         return out
-
-    def _packed(self, parts: list[bytes]) -> Message:
-        m = self.events._message([])
-        return Message(m.id, b"[" + b",".join(parts) + b"]", m.headers, m.durable)
 
     def _started(self, ctx: TaskContext, delivery: Delivery) -> None:
         with self._lock:
