@@ -16,12 +16,13 @@ tasks:
                ``OutboxConsumer.settle``, in one commit with) the ack)
    - kew-bare: the same with ``App(events=False)``: no status or output
                tracking, like Dramatiq and Celery without a result backend
-   - kew-p16, kew-bare-p16: the same with ``--prefetch 16``, the prefetch
-               Dramatiq uses with 8 threads (same threads, same prefetch)
+   - kew-pN, kew-bare-pN: the same with ``--prefetch N`` (kew-p16: the
+               prefetch Dramatiq uses with 8 threads)
    - kew@base, kew-bare@base (with ``--baseline DIR``): kew and kew-bare from
                an earlier checkout, for a before/after in the same run
    - Dramatiq: ``dramatiq bench_tasks --processes 1 --threads 8`` (acks after
-               the actor returns; its default prefetch of 2 x threads)
+               the actor returns; its default prefetch of 2 x threads = 16);
+               dramatiq-pN: with ``dramatiq_queue_prefetch=N``
    - Celery:   ``celery -A bench_tasks worker -P threads -c 8`` with
                ``task_acks_late=True`` (ack after the task, like the others),
                default prefetch multiplier 4, results ignored;
@@ -34,7 +35,9 @@ tasks:
 
 The worker is then stopped with SIGTERM and the queues deleted.  Results go to
 stdout and to benchmarks/results/tasks-<date>.md; the "vs Dramatiq" column is
-the ratio kew/Dramatiq on the same broker in the same run.
+the ratio to Dramatiq at its defaults on the same broker in the same run, and
+"same prefetch" the ratio to the Dramatiq run with the same prefetch (kew's
+default is 8, Dramatiq's 16), if one ran.
 
 This module is also the worker-side app of all three systems: with
 ``BENCH_SYSTEM`` set it declares that system's no-op task at import.
@@ -47,6 +50,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -64,10 +68,43 @@ URLS = {
     "redis": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
     "rabbitmq": os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
 }
-SYSTEMS = ("kew", "kew-bare", "kew-p16", "kew-bare-p16", "dramatiq", "celery")
-DEFAULT_SYSTEMS = ("kew", "kew-bare", "kew-p16", "dramatiq", "celery")
+SYSTEMS = ("kew", "kew-bare", "dramatiq", "celery")  # each but celery also as <name>-p<N>
+DEFAULT_SYSTEMS = ("kew", "kew-bare", "kew-p16", "kew-p128", "dramatiq", "dramatiq-p128", "celery")
 THREADS = 8
-PREFETCH = 16  # the -p16 variants: the prefetch Dramatiq uses with 8 threads
+# (Celery: its default prefetch multiplier 4 x concurrency 8)
+DEFAULT_PREFETCH = {
+    "kew": THREADS,
+    "kew-bare": THREADS,
+    "dramatiq": 2 * THREADS,
+    "celery": 4 * THREADS,
+}
+_SYSTEM = re.compile(r"^(kew|kew-bare|dramatiq|celery)(?:-p([1-9][0-9]*))?$")
+
+
+def parse_system(name: str) -> tuple[str, int | None]:
+    """``"kew-p16"`` -> ``("kew", 16)``; ``"dramatiq"`` -> ``("dramatiq", None)``."""
+    m = _SYSTEM.match(name.split("@")[0])
+    if m is None or (m[1] == "celery" and m[2]):
+        raise ValueError(
+            f"unknown system {name!r}: one of {', '.join(SYSTEMS)}, or kew, kew-bare or "
+            "dramatiq with -p<N> (prefetch N), e.g. kew-p16"
+        )
+    return m[1], int(m[2]) if m[2] else None
+
+
+def prefetch_of(name: str) -> int:
+    """The prefetch a system runs with."""
+    base, n = parse_system(name)
+    return n or DEFAULT_PREFETCH[base]
+
+
+def _system_arg(name: str) -> str:
+    try:
+        parse_system(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
 
 # -- worker side: the no-op task of each system ------------------------------------
 
@@ -94,8 +131,9 @@ def noop(n: int = 0) -> None:
         tmp.rename(out)
 
 
-def _build(system: str, broker: str, queue: str) -> dict[str, Any]:
+def _build(name: str, broker: str, queue: str) -> dict[str, Any]:
     url = URLS[broker]
+    system, _ = parse_system(name)
     if system.startswith("kew"):
         import msgspec
 
@@ -109,7 +147,7 @@ def _build(system: str, broker: str, queue: str) -> dict[str, Any]:
             store="memory://",
             events_queue=f"{queue}.events",
             name="bench",
-            events=not system.startswith("kew-bare"),
+            events=system != "kew-bare",
         )
         tq = app.task_queue(queue, Noop, lambda job: noop(job.n))
         return {"app": app, "task": tq}
@@ -157,7 +195,7 @@ if os.environ.get("BENCH_SYSTEM"):
 
 def enqueue(n: int) -> float:
     """Enqueue n tasks with the current BENCH_SYSTEM; returns tasks/s."""
-    system = os.environ["BENCH_SYSTEM"]
+    system, _ = parse_system(os.environ["BENCH_SYSTEM"])
     t0 = time.perf_counter()
     if system.startswith("kew"):
         data = task.type(0)
@@ -172,7 +210,8 @@ def enqueue(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def cleanup(system: str, broker: str, queue: str) -> None:
+def cleanup(name: str, broker: str, queue: str) -> None:
+    system, _ = parse_system(name)
     if system.startswith("kew"):
         import kew
 
@@ -203,8 +242,9 @@ def cleanup(system: str, broker: str, queue: str) -> None:
 # -- the driver --------------------------------------------------------------------------
 
 
-def worker_cmd(system: str) -> list[str]:
+def worker_cmd(name: str) -> list[str]:
     bin_dir = Path(sys.executable).parent
+    system, prefetch = parse_system(name)
     if system.startswith("kew"):
         return [
             sys.executable,
@@ -216,7 +256,7 @@ def worker_cmd(system: str) -> list[str]:
             str(THREADS),
             "--grace",
             "5",
-            *(["--prefetch", str(PREFETCH)] if system.endswith("-p16") else []),
+            *(["--prefetch", str(prefetch)] if prefetch else []),
         ]
     if system == "dramatiq":
         return [
@@ -248,6 +288,7 @@ def run_one(system: str, broker: str, n: int, tmp: Path, root: Path = ROOT) -> d
     """One system on one broker; ``root``: the kew checkout to run it from."""
     here = root / "benchmarks"
     system = system.split("@")[0]
+    _, prefetch = parse_system(system)
     queue = f"bench_{system}_{uuid.uuid4().hex[:8]}"
     out = tmp / f"{queue}.json"
     env = {
@@ -257,6 +298,7 @@ def run_one(system: str, broker: str, n: int, tmp: Path, root: Path = ROOT) -> d
         "BENCH_QUEUE": queue,
         "BENCH_N": str(n),
         "BENCH_OUT": str(out),
+        **({"dramatiq_queue_prefetch": str(prefetch)} if prefetch else {}),
         "PYTHONPATH": os.pathsep.join(
             [str(here), str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
         ),
@@ -316,7 +358,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-n", type=int, default=int(os.environ.get("BENCH_TASKS_N", 5000)))
     p.add_argument("--broker", action="append", choices=sorted(URLS))
-    p.add_argument("--system", action="append", choices=SYSTEMS)
+    p.add_argument(
+        "--system",
+        action="append",
+        type=_system_arg,
+        help=f"{', '.join(SYSTEMS)}, or kew, kew-bare or dramatiq with -p<N> (prefetch N); "
+        f"repeat; default: {' '.join(DEFAULT_SYSTEMS)}",
+    )
     p.add_argument("--enqueue", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument(
@@ -346,7 +394,7 @@ def main() -> None:
             or args.baseline.name
         )
         systems = [
-            *(f"{s}@base" for s in systems if s in ("kew", "kew-bare", "kew-p16")),
+            *(f"{s}@base" for s in systems if s.startswith("kew")),
             *systems,
         ]
     results: dict[tuple[str, str], dict[str, float]] = {}
@@ -366,28 +414,38 @@ def main() -> None:
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}, {platform.node()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        f"kew worker --concurrency 8, prefetch 8 (-p16: --prefetch {PREFETCH}, as Dramatiq's; "
+        "kew worker --concurrency 8, prefetch 8 (-pN: --prefetch N; "
         "kew-bare: App(events=False))"
         + (f"; @base: the same from kew {base_rev}" if base_rev else "")
         + "; "
-        "Dramatiq --processes 1 --threads 8; "
+        "Dramatiq --processes 1 --threads 8, prefetch 16 (-pN: dramatiq_queue_prefetch=N); "
         "Celery -P threads -c 8, acks_late. tasks/s = drain rate of a full queue.",
         "",
-        "| broker | system | tasks/s | vs Dramatiq | worker CPU us/task | enqueue/s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| broker | system | prefetch | tasks/s | vs Dramatiq | same prefetch "
+        "| worker CPU us/task | enqueue/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for broker in brokers:
         base = results.get((broker, "dramatiq"), {}).get("tasks")
+        # Dramatiq's run at each prefetch, for the "same prefetch" ratio
+        peers = {
+            prefetch_of(s): r["tasks"]
+            for (b, s), r in results.items()
+            if b == broker and parse_system(s)[0] == "dramatiq"
+        }
         for system in systems:
             r = results.get((broker, system))
+            n = prefetch_of(system)
             if r is None:
-                lines.append(f"| {broker} | {system} | failed | | | |")
+                lines.append(f"| {broker} | {system} | {n} | failed | | | | |")
                 continue
             ratio = f"{r['tasks'] / base:.2f}x" if base else "-"
+            peer = peers.get(n)
+            same = f"{r['tasks'] / peer:.2f}x" if peer else "-"
             cpu = f"{r['cpu_us']:,.0f}" if r["cpu_us"] >= 0 else "-"
             lines.append(
-                f"| {broker} | {system} | {r['tasks']:,.0f} | {ratio} | {cpu} "
-                f"| {r['enqueue']:,.0f} |"
+                f"| {broker} | {system} | {n} | {r['tasks']:,.0f} | {ratio} | {same} "
+                f"| {cpu} | {r['enqueue']:,.0f} |"
             )
     text = "\n".join(lines) + "\n"
     print(text)
