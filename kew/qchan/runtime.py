@@ -279,6 +279,7 @@ class Subscription:
         self.name = name
         self.concurrency = concurrency
         self.prefetch = prefetch
+        self._refill = max(1, prefetch // 4)
         self._consumer = consumer
         self._poll = poll_interval
         # Two conditions on one lock, so that a wake-up goes only to whom it
@@ -309,6 +310,20 @@ class Subscription:
         with self._cond:
             return len(self._pending) + self._running + self._settling
 
+    def _room(self) -> int:
+        """How many deliveries to fetch now (caller holds the lock): the room
+        under ``prefetch`` once it is worth a fetch, else 0.  A fetch per
+        finished delivery cost a round trip (Redis) and a wake-up per task:
+        with prefetch 128 on Redis, batches of two and twice the CPU per
+        task.  So with handlers busy or work pending for each idle one, wait
+        until a quarter of the prefetch is free."""
+        room = self.prefetch - len(self._pending) - self._running - self._settling
+        if room <= 0:
+            return 0
+        if room >= self._refill or len(self._pending) + self._running < self.concurrency:
+            return room
+        return 0
+
     @property
     def alive(self) -> bool:
         """The fetch loop is running and has polled recently."""
@@ -324,15 +339,12 @@ class Subscription:
         try:
             while True:
                 with self._cond:
-                    while (
-                        not self._stopping
-                        and len(self._pending) + self._running + self._settling >= self.prefetch
-                    ):
+                    while not self._stopping and not self._room():
                         self._cond.wait(self._poll)
                         self.last_fetch = time.monotonic()
                     if self._stopping:
                         return
-                    room = self.prefetch - len(self._pending) - self._running - self._settling
+                    room = self._room()
                 batch = self._fetch(room)
                 if not batch:
                     continue
@@ -389,7 +401,7 @@ class Subscription:
             with self._cond:
                 self._running -= 1
                 self.handled += 1
-                self._cond.notify_all()
+                self._wake()
 
     def hold(self) -> Callable[[], None]:
         """For a handler that returns before its delivery is settled (a
@@ -406,9 +418,15 @@ class Subscription:
                 if not called:
                     called = True
                     self._settling -= 1
-                    self._cond.notify_all()
+                    self._wake()
 
         return done
+
+    def _wake(self) -> None:
+        """After a delivery is finished or settled (caller holds the lock):
+        wake the fetch loop if it has something to fetch, and stop()."""
+        if self._stopping or self._room():
+            self._cond.notify_all()
 
     def _settle_safely(self, settle: Callable[[Delivery], None], delivery: Delivery) -> None:
         try:
