@@ -4,18 +4,20 @@ with the ack): on SQLite, Redis and RabbitMQ."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 import kew
 from kew.qchan.runtime import Subscription
-from kew.qchan.spi import Delivery, Message
+from kew.qchan.spi import Consumer, Delivery, Message
 from kew.task import App, Retry, TaskRecord
 from kew.testing.util import port_open, require, wait_for
 
@@ -148,4 +150,88 @@ def test_held_deliveries_count_against_prefetch_until_settled() -> None:
         assert results == [True]  # stop() waited for the held ones, all settled in time
     finally:
         sub.stop(1)
+        conn.close()
+
+
+class _CountingConsumer:
+    """A real consumer, with the size of each fetch noted."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        self.sizes: list[int] = []
+
+    def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+        got = self.consumer.fetch(max_count, timeout)
+        if got:
+            self.sizes.append(len(got))
+        return got
+
+    def ack(self, delivery: Delivery) -> None:
+        self.consumer.ack(delivery)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.consumer.dead_letter(delivery, reason)
+
+    def release(self, delivery: Delivery) -> None:
+        self.consumer.release(delivery)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def test_busy_handlers_fetch_once_a_quarter_of_prefetch_is_free() -> None:
+    """With every handler busy, one settled delivery does not trigger a
+    fetch of one: the fetch waits until a quarter of the prefetch (here 2 of
+    8) is free, then takes both at once.  (Before, one fetch per freed slot
+    cost a Redis round trip per task.)"""
+    conn = kew.connect("memory://")
+    name = f"p.refill-{os.urandom(4).hex()}"
+    conn.declare(name)
+    consumer = _CountingConsumer(conn.consumer(name, 8))
+    gate = threading.Event()
+    held: dict[str, tuple[Delivery, Callable[[], None]]] = {}
+    lock = threading.Lock()
+    subs: list[Subscription] = []
+
+    def handle(c: object, d: Delivery) -> None:
+        if d.message.id.startswith("block"):
+            gate.wait(30)
+            consumer.ack(d)
+            return
+        with lock:
+            held[d.message.id] = (d, subs[0].hold())
+
+    sub = Subscription(consumer, handle, name=name, concurrency=2, prefetch=8, poll_interval=0.1)
+    subs.append(sub)
+    conn.producer(name).send_many(
+        [Message(f"h{i}", b"x") for i in range(6)]
+        + [Message(f"block{i}", b"x") for i in range(2)]
+        + [Message(f"h{i}", b"x") for i in range(6, 10)]
+    )
+
+    def settle(mid: str) -> None:
+        with lock:
+            d, done = held[mid]
+        consumer.ack(d)
+        done()
+
+    try:
+        # h0-h5 held (settling), both handlers blocked: 8 held, nothing free
+        wait_for(lambda: len(held) == 6 and sub.in_flight == 8, 10, what="6 held, 2 blocked")
+        assert consumer.sizes == [8]
+        settle("h0")  # one free: not worth a fetch while both handlers are busy
+        deadline = time.monotonic() + 0.5  # five polls of the fetch loop
+        while time.monotonic() < deadline:
+            assert (sub.in_flight, consumer.sizes) == (7, [8])
+            threading.Event().wait(0.01)
+        settle("h1")  # a quarter free: one fetch of two (waiting for a handler)
+        wait_for(lambda: len(consumer.sizes) == 2, 10, what="a second fetch")
+        assert consumer.sizes == [8, 2] and sub.in_flight == 8
+    finally:
+        gate.set()  # the handlers go on to h6 and h7, then h8 and h9
+        with contextlib.suppress(AssertionError):  # (not to hide a failure above)
+            wait_for(lambda: len(held) == 10, 10, what="h2-h9 held")
+        for mid in list(held)[2:]:
+            settle(mid)  # (h0 and h1 are settled above)
+        sub.stop(5)
         conn.close()
