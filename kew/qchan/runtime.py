@@ -339,12 +339,11 @@ class Subscription:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self._room():
+                    while not self._stopping and not (room := self._room()):
                         self._cond.wait(self._poll)
                         self.last_fetch = time.monotonic()
                     if self._stopping:
                         return
-                    room = self._room()
                 batch = self._fetch(room)
                 if not batch:
                     continue
