@@ -141,12 +141,20 @@ class Queue(Generic[T]):
             headers[H_DELIVER_AT] = deliver_at
         return Message(id or new_id(), body, headers, self.durable, deliver_at)
 
+    def _stats(self) -> QueueStats:
+        """The queue's counts, through a browser kept for the purpose."""
+        if self._depth_browser is None:
+            self._depth_browser = self.connector.browser(self.name)
+        return self._depth_browser.stats()
+
+    def _ready(self) -> int:
+        """Messages waiting to be delivered (for a subscription's stall check)."""
+        return self._stats().ready
+
     def _check_depth(self, adding: int) -> None:
         if self.max_depth is None:
             return
-        if self._depth_browser is None:
-            self._depth_browser = self.connector.browser(self.name)
-        s = self._depth_browser.stats()
+        s = self._stats()
         depth = max(s.ready, 0) + max(s.delayed, 0) + max(s.in_flight, 0)
         if depth + adding > self.max_depth:
             raise QueueFull(self.name, depth, self.max_depth)
@@ -269,6 +277,16 @@ class Queue(Generic[T]):
         repeater = MessageRepeater(attempt, retry_intervals, on_exceeded)
         return self.reschedulable_sink(repeater, concurrency=concurrency, prefetch=prefetch)
 
+    def _sent_as(self, delivery: Delivery) -> str:
+        """For a body that did not decode: a note when it was sent with
+        another content type (kew decodes with the queue's codec whatever the
+        header says, docs/wire-format.md)."""
+        sent = delivery.message.headers.get(H_CONTENT_TYPE)
+        mine = self.codec.content_type
+        if not isinstance(sent, str) or sent.split(";")[0].strip().lower() == mine:
+            return ""
+        return f" (sent as {sent[:80]!r}; queue {self.name!r} reads {mine})"
+
     def _schedule(self, delivery: Delivery) -> CountedSchedule:
         h = delivery.message.headers
         when = h.get(H_DELIVER_AT) or h.get(H_SENT_AT) or now_ms()
@@ -288,6 +306,7 @@ class Queue(Generic[T]):
         decode = self.codec.decode
         max_deliveries = self.max_deliveries
         type_label = self._type_name
+        sent_as = self._sent_as
 
         def handler(consumer: Consumer, delivery: Delivery) -> None:
             if delivery.delivery_count > max_deliveries:
@@ -300,7 +319,9 @@ class Queue(Generic[T]):
             try:
                 data = decode(delivery.message.body)
             except DecodeError as e:
-                consumer.dead_letter(delivery, f"cannot decode as {type_label}: {e}")
+                consumer.dead_letter(
+                    delivery, f"cannot decode as {type_label}: {e}{sent_as(delivery)}"
+                )
                 return
             try:
                 process(delivery, data)
@@ -316,7 +337,12 @@ class Queue(Generic[T]):
         prefetch = prefetch or concurrency
         consumer = self.connector.consumer(self.name, prefetch)
         return Subscription(
-            consumer, handler, name=self.name, concurrency=concurrency, prefetch=prefetch
+            consumer,
+            handler,
+            name=self.name,
+            concurrency=concurrency,
+            prefetch=prefetch,
+            waiting=self._ready,
         )
 
     # -- browsing ---------------------------------------------------------

@@ -1,5 +1,11 @@
 """The consumer runtime: fetches deliveries and runs a handler on them.
 
+Liveness tells the truth (``alive``, ``healthy()``): a subscription whose
+fetch loop died, whose consumer failed for good (:class:`ConsumerFailed`),
+whose fetches have failed for longer than ``stall_after``, or that left
+work waiting on the broker for longer than ``stall_after`` while it had
+room, is not alive.
+
 One fetch thread keeps at most ``prefetch`` deliveries unsettled and hands
 them to ``concurrency`` handler threads (or runs them inline when
 ``concurrency`` is 1).  The handler settles each delivery; whatever it
@@ -18,7 +24,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from kew.qchan.spi import AsyncOutboxConsumer, Consumer, Delivery, Message, OutboxConsumer
+from kew.qchan.spi import (
+    AsyncOutboxConsumer,
+    Consumer,
+    ConsumerFailed,
+    Delivery,
+    Message,
+    OutboxConsumer,
+)
 
 log = logging.getLogger("kew.consumer")
 
@@ -30,6 +43,10 @@ Handler = Callable[[Consumer, Delivery], None]
 SendMany = Callable[[str, Sequence[Message]], None]
 """Sends messages to a queue (by name); returns once the broker has them."""
 
+
+#: Seconds of failing fetches, or of work waiting undelivered while there
+#: was room, after which a subscription is no longer alive / healthy.
+STALL_AFTER = 60.0
 
 Done = Callable[[BaseException | None], None]
 """Called once a commit is done: None, or what it failed with."""
@@ -252,6 +269,8 @@ class Subscription:
         concurrency: int = 1,
         prefetch: int | None = None,
         poll_interval: float = 0.5,
+        waiting: Callable[[], int] | None = None,
+        stall_after: float = STALL_AFTER,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -263,6 +282,8 @@ class Subscription:
         if concurrency > 1:
             loops += [(self._work_loop, f"kew-work-{name}-{i}") for i in range(concurrency)]
         self._start(consumer, name, concurrency, prefetch, poll_interval, loops)
+        self._waiting = waiting
+        self._stall_after = stall_after
 
     def _start(
         self,
@@ -295,7 +316,14 @@ class Subscription:
         self._stopping = False
         self._closed = threading.Event()
         self.last_fetch = time.monotonic()
+        self.last_delivery = self.last_fetch
         self.handled = 0
+        #: Why the consumer failed for good (``ConsumerFailed``), else None.
+        self.error: BaseException | None = None
+        self._failing_since: float | None = None  # first of consecutive failed fetches
+        self._waiting_since: float | None = None  # work seen waiting, nothing delivered since
+        self._waiting = None
+        self._stall_after = STALL_AFTER
         self._threads = [
             threading.Thread(target=target, name=thread, daemon=True) for target, thread in loops
         ]
@@ -326,12 +354,61 @@ class Subscription:
 
     @property
     def alive(self) -> bool:
-        """The fetch loop is running and has polled recently."""
+        """The fetch loop is running, has polled recently, its consumer has
+        not failed for good, and its fetches have not been failing for
+        longer than ``stall_after``.  Asks the broker nothing."""
+        now = time.monotonic()
+        failing = self._failing_since
         return (
             not self._stopping
+            and self.error is None
             and self._threads[0].is_alive()
-            and time.monotonic() - self.last_fetch < 10 * self._poll + 30
+            and now - self.last_fetch < 10 * self._poll + 30
+            and (failing is None or now - failing < self._stall_after)
         )
+
+    def healthy(self) -> bool:
+        """``alive``, and not stalled: work has not been waiting on the broker
+        for longer than ``stall_after`` while this subscription had room and
+        delivered nothing.  Asks the broker for the ready count (when the
+        subscription was given ``waiting``) at most once a call; call it
+        from a health probe, every few seconds."""
+        return self.alive and not self._stalled()
+
+    def _stalled(self) -> bool:
+        if self._waiting is None:
+            return False
+        now = time.monotonic()
+        with self._cond:
+            full = len(self._pending) + self._running + self._settling >= self.prefetch
+            if full or self.last_delivery > (self._waiting_since or -1.0):
+                # Busy (long handlers are progress) or delivered since: reset.
+                self._waiting_since = None
+            since = self._waiting_since
+        if full:
+            return False
+        try:
+            waiting = self._waiting()
+        except Exception as e:  # the broker cannot tell: fetch failures say the rest
+            log.debug("kew: cannot count what waits on %s: %s", self.name, e)
+            return False
+        if waiting <= 0:
+            with self._cond:
+                self._waiting_since = None
+            return False
+        if since is None:
+            with self._cond:
+                self._waiting_since = now
+            return False
+        if now - since < self._stall_after:
+            return False
+        log.error(
+            "kew: %s has had %d message(s) waiting for %.0f s and delivered none: stalled",
+            self.name,
+            waiting,
+            now - since,
+        )
+        return True
 
     # -- loops ------------------------------------------------------------
 
@@ -342,7 +419,7 @@ class Subscription:
                     while not self._stopping and not (room := self._room()):
                         self._cond.wait(self._poll)
                         self.last_fetch = time.monotonic()
-                    if self._stopping:
+                    if self._stopping or self.error is not None:
                         return
                 batch = self._fetch(room)
                 if not batch:
@@ -372,11 +449,31 @@ class Subscription:
         after a pause unless stopping)."""
         try:
             batch = self._consumer.fetch(most, self._poll)
-        except Exception:
-            log.exception("kew: fetching from %s failed; retrying", self.name)
+        except ConsumerFailed as e:
+            log.error("kew: the consumer of %s failed and cannot recover: %s", self.name, e)
+            with self._cond:
+                self.error = e
+                self._cond.notify_all()
+            return ()
+        except Exception as e:
+            now = time.monotonic()
+            if self._failing_since is None:
+                self._failing_since = now
+                log.exception("kew: fetching from %s failed; retrying", self.name)
+            else:
+                log.warning(
+                    "kew: fetching from %s still fails after %.0f s; retrying: %s",
+                    self.name,
+                    now - self._failing_since,
+                    e,
+                )
             self._wait_stopping(1.0)
             return ()
-        self.last_fetch = time.monotonic()
+        now = time.monotonic()
+        self._failing_since = None
+        self.last_fetch = now
+        if batch:
+            self.last_delivery = now
         return batch
 
     def _work_loop(self) -> None:
@@ -481,3 +578,55 @@ class Subscription:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class BatchSubscription(Subscription):
+    """A :class:`Subscription` whose handler gets each fetched batch at once
+    (the recorder applies a batch of events in one store transaction)."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        handler: Callable[[Consumer, Sequence[Delivery]], None],
+        *,
+        name: str,
+        prefetch: int = 512,
+        poll_interval: float = 0.5,
+        waiting: Callable[[], int] | None = None,
+        stall_after: float = STALL_AFTER,
+    ) -> None:
+        # Not Subscription.__init__ (it starts per-delivery threads): its state, one batch loop.
+        self._batch_handler = handler
+        loops = [(self._batch_loop, f"kew-batch-{name}")]
+        self._start(consumer, name, 1, prefetch, poll_interval, loops)
+        self._waiting = waiting
+        self._stall_after = stall_after
+
+    def _batch_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    if self._stopping or self.error is not None:
+                        return
+                batch = self._fetch(self.prefetch)
+                if not batch:
+                    continue
+                with self._cond:
+                    self._running = len(batch)
+                failed = False
+                try:
+                    self._batch_handler(self._consumer, batch)
+                except Exception:
+                    log.exception("kew: a batch from %s failed; handing it back", self.name)
+                    for delivery in batch:
+                        self._settle_safely(self._consumer.release, delivery)
+                    failed = True
+                finally:
+                    with self._cond:
+                        self._running = 0
+                        self.handled += len(batch)
+                        self._cond.notify_all()
+                if failed:
+                    self._wait_stopping(1.0)
+        finally:
+            self._closed.set()

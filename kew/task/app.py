@@ -48,7 +48,7 @@ import msgspec
 from kew.connect import connect
 from kew.qchan import H_CONTENT_TYPE, H_COUNT, H_DELIVER_AT, Queue, Subscription, new_id
 from kew.qchan.codec import JSON, Codec, DecodeError
-from kew.qchan.runtime import GroupCommit, GroupSettle
+from kew.qchan.runtime import BatchSubscription, GroupCommit, GroupSettle
 from kew.qchan.spi import Connector, Consumer, Delivery, Message, now_ms
 from kew.task.command import CommandSpec, ExitAction, check_result, run_command
 from kew.task.context import (
@@ -98,54 +98,6 @@ def _error_text(e: BaseException) -> str:
 
 
 # -- a subscription that hands whole batches to its handler -------------------
-
-
-class BatchSubscription(Subscription):
-    """A :class:`Subscription` whose handler gets each fetched batch at once
-    (the recorder applies a batch of events in one store transaction)."""
-
-    def __init__(
-        self,
-        consumer: Consumer,
-        handler: Callable[[Consumer, Sequence[Delivery]], None],
-        *,
-        name: str,
-        prefetch: int = RECORDER_BATCH,
-        poll_interval: float = 0.5,
-    ) -> None:
-        # Not Subscription.__init__ (it starts per-delivery threads): its state, one batch loop.
-        self._batch_handler = handler
-        loops = [(self._batch_loop, f"kew-batch-{name}")]
-        self._start(consumer, name, 1, prefetch, poll_interval, loops)
-
-    def _batch_loop(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    if self._stopping:
-                        return
-                batch = self._fetch(self.prefetch)
-                if not batch:
-                    continue
-                with self._cond:
-                    self._running = len(batch)
-                failed = False
-                try:
-                    self._batch_handler(self._consumer, batch)
-                except Exception:
-                    log.exception("kew: a batch from %s failed; handing it back", self.name)
-                    for delivery in batch:
-                        self._settle_safely(self._consumer.release, delivery)
-                    failed = True
-                finally:
-                    with self._cond:
-                        self._running = 0
-                        self.handled += len(batch)
-                        self._cond.notify_all()
-                if failed:
-                    self._wait_stopping(1.0)
-        finally:
-            self._closed.set()
 
 
 # -- task queues ----------------------------------------------------------------
@@ -848,7 +800,7 @@ class App:
                     log.exception("kew: pruning the task store failed")
 
         consumer = self.connector.consumer(self.events.name, RECORDER_BATCH)
-        return BatchSubscription(consumer, apply, name=self.events.name)
+        return BatchSubscription(consumer, apply, name=self.events.name, prefetch=RECORDER_BATCH)
 
     def worker(
         self,

@@ -35,6 +35,7 @@ from typing import Protocol, runtime_checkable
 from kew.qchan.spi.errors import (
     BrokerUnavailable,
     ConfigError,
+    ConsumerFailed,
     KewError,
     MessageTooLarge,
     ProviderNotFound,
@@ -51,6 +52,7 @@ __all__ = [
     "ConfigError",
     "Connector",
     "Consumer",
+    "ConsumerFailed",
     "DeadLetter",
     "Delivery",
     "Headers",
@@ -173,6 +175,11 @@ class Consumer(Protocol):
         """Wait up to ``timeout`` seconds for at least one delivery.
 
         Returns between 0 and ``max_count`` deliveries (0 on timeout).
+        Raises :class:`ConsumerFailed` once the consumer cannot deliver any
+        more (a dead I/O thread), and may raise any other error for a
+        passing fault (the runtime retries).  A message whose envelope it
+        cannot read is never an error here: it is dead-lettered with the
+        reason (:mod:`kew.qchan.spi.wire`) and the fetch goes on.
         """
         ...
 

@@ -19,6 +19,14 @@ class BrokerUnavailable(KewError, ConnectionError):
     """The broker could not be reached within the retry budget."""
 
 
+class ConsumerFailed(KewError):
+    """A consumer can no longer deliver and will not recover by itself (its
+    I/O thread died, its subscription was refused for good).  ``fetch``
+    raises it; the runtime marks the subscription failed (``alive`` is
+    False, ``error`` says why) so that a supervisor can restart the process.
+    A passing outage raises :class:`BrokerUnavailable` instead."""
+
+
 class SendError(KewError):
     """The broker refused or did not confirm a send (nack, return, timeout).
 
