@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 
 import click
 
+from kew.connect import install_hint
 from kew.qchan.spi import Browser, Connector, KewError
 from kew.qchan.spi.urls import redact
 
@@ -251,12 +252,12 @@ class KewGroup(click.Group):
 def _missing_extra(name: str, extra: str, help_text: str, why: str) -> click.Command:
     @click.command(
         name,
-        help=f"{help_text}  (Needs: pip install 'kew[{extra}]'.)",
+        help=f"{help_text}  (Needs: {install_hint(extra)}.)",
         context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
         add_help_option=True,
     )
     def missing() -> None:
-        fail(f"'kew {name}' is not available ({why}); install it with: pip install 'kew[{extra}]'")
+        fail(f"'kew {name}' is not available ({why}); install it with: {install_hint(extra)}")
 
     return missing
 

@@ -2,8 +2,9 @@
 
 Providers register under the entry-point group ``kew.providers``: the name
 is the URL scheme, the value a ``module:function`` taking the URL and
-returning a :class:`~kew.qchan.spi.Connector`.  kew's own providers are
-also known without installation metadata (running from a source tree).
+returning a :class:`~kew.qchan.spi.Connector`, with the extra that
+installs its client library (``"kew_redis:connect [redis]"``).  kew's own
+providers are registered the same way, in ``pyproject.toml``: one registry.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import cast
 
 from kew.qchan.spi import Connector, ProviderNotFound
@@ -20,27 +21,26 @@ from kew.qchan.spi.urls import redact
 #: The URL used when none is given and ``KEW_URL`` is unset.
 DEFAULT_URL = "sqlite:///kew.sqlite3"
 
-#: scheme -> (target, the extra that installs its client library)
-_BUILTIN: dict[str, tuple[str, str | None]] = {
-    "memory": ("kew.embedded.memory:connect", None),
-    "sqlite": ("kew.embedded.sqlite:connect", None),
-    "redis": ("kew_redis:connect", "redis"),
-    "rediss": ("kew_redis:connect", "redis"),
-    "amqp": ("kew_rabbitmq:connect", "rabbitmq"),
-    "amqps": ("kew_rabbitmq:connect", "rabbitmq"),
-    "stomp": ("kew_artemis:connect", "artemis"),
-    "stomp+ssl": ("kew_artemis:connect", "artemis"),
-}
+#: The distribution that installs kew (``pip install ome-kew``); extras
+#: install a provider's client library (``pip install 'ome-kew[redis]'``).
+DISTRIBUTION = "ome-kew"
+
+_GROUP = "kew.providers"
 
 
-def _registry() -> dict[str, str]:
-    found = {scheme: target for scheme, (target, _) in _BUILTIN.items()}
-    for ep in entry_points(group="kew.providers"):
-        found[ep.name] = ep.value
-    return found
+def install_hint(extra: str) -> str:
+    """The pip command that installs ``extra``."""
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
+
+
+def _registry() -> dict[str, EntryPoint]:
+    """scheme -> entry point: the one registry, kew's own providers included
+    (``pyproject.toml``); the entry point's extra names what to install."""
+    return {ep.name: ep for ep in entry_points(group=_GROUP)}
 
 
 def known_schemes() -> list[str]:
+    """The URL schemes a provider is registered for."""
     return sorted(_registry())
 
 
@@ -54,19 +54,22 @@ def connect(url: str | None = None) -> Connector:
     url = resolve_url(url)
     scheme, sep, _ = url.partition("://")
     registry = _registry()
+    if not registry:
+        raise ProviderNotFound(
+            f"no kew provider is registered (entry-point group {_GROUP!r}): "
+            f"install kew with pip ({DISTRIBUTION}, or pip install -e . in a checkout)"
+        )
     if not sep or scheme not in registry:
         raise ProviderNotFound(
             f"no kew provider for {redact(url)!r}; known schemes: {', '.join(sorted(registry))}"
         )
-    target = registry[scheme]
-    module_name, _, attr = target.partition(":")
+    ep = registry[scheme]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(ep.module)
     except ImportError as e:
-        extra = _BUILTIN.get(scheme, ("", None))[1]
-        hint = f"; install it with: pip install 'kew[{extra}]'" if extra else ""
+        hint = f"; install it with: {install_hint(ep.extras[0])}" if ep.extras else ""
         raise ProviderNotFound(
-            f"the provider for {scheme}:// ({module_name}) cannot be imported: {e}{hint}"
+            f"the provider for {scheme}:// ({ep.module}) cannot be imported: {e}{hint}"
         ) from None
-    factory = cast(Callable[[str], Connector], getattr(module, attr or "connect"))
+    factory = cast(Callable[[str], Connector], getattr(module, ep.attr or "connect"))
     return factory(url)

@@ -67,7 +67,7 @@ class EncryptedCodec(Generic[T]):
             from cryptography.hazmat.primitives.ciphers.aead import AESGCM
         except ImportError:  # pragma: no cover - depends on the environment
             raise ConfigError(
-                "encrypted payloads need the cryptography package: pip install 'kew[crypto]'"
+                "encrypted payloads need the cryptography package: pip install 'ome-kew[crypto]'"
             ) from None
         table = parse_keys(keys) if isinstance(keys, str) else dict(keys)
         if not table:
