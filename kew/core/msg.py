@@ -26,6 +26,8 @@ Delay: TypeAlias = "timedelta | float"
 
 
 def now_ms() -> int:
+    """Wall-clock time in epoch milliseconds, the unit of every time kew
+    stores or sends (and of the provider SPI)."""
     return time.time_ns() // 1_000_000
 
 

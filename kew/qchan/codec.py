@@ -7,7 +7,7 @@ at `$.count```), and the message goes to the dead letters with it.
 
 from __future__ import annotations
 
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import msgspec
 
@@ -40,55 +40,51 @@ def type_name(tp: Any) -> str:
     return repr(tp).replace("typing.", "")
 
 
-class JsonCodec(Generic[T]):
-    """JSON, readable by any language. The default."""
-
-    content_type = JSON
-
-    def __init__(self, tp: type[T] | Any) -> None:
-        self._encoder = msgspec.json.Encoder()
-        self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(tp)
-
-    def encode(self, value: T, /) -> bytes:
-        return self._encoder.encode(value)
-
-    def decode(self, data: bytes, /) -> T:
-        try:
-            return self._decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise DecodeError(str(e)) from None
-
-
-class MsgpackCodec(Generic[T]):
-    """MessagePack: smaller and faster, binary."""
-
-    content_type = MSGPACK
-
-    def __init__(self, tp: type[T] | Any) -> None:
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(tp)
-
-    def encode(self, value: T, /) -> bytes:
-        return self._encoder.encode(value)
-
-    def decode(self, data: bytes, /) -> T:
-        try:
-            return self._decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise DecodeError(str(e)) from None
-
-
-CODECS: dict[str, type[JsonCodec[Any]] | type[MsgpackCodec[Any]]] = {
-    "json": JsonCodec,
-    "msgpack": MsgpackCodec,
+#: format name -> (content type, msgspec module with Encoder and Decoder)
+FORMATS: dict[str, tuple[str, Any]] = {
+    "json": (JSON, msgspec.json),
+    "msgpack": (MSGPACK, msgspec.msgpack),
 }
 
 
+class MsgspecCodec(Generic[T]):
+    """A typed codec in one of msgspec's formats: ``"json"`` (the default,
+    readable by any language) or ``"msgpack"`` (smaller and faster,
+    binary).  Decoding validates against ``tp`` with msgspec's exact error."""
+
+    def __init__(self, tp: type[T] | Any, format: str = "json") -> None:
+        try:
+            self.content_type, module = FORMATS[format]
+        except KeyError:
+            raise ValueError(f"unknown codec {format!r}; known: {', '.join(FORMATS)}") from None
+        self.format = format
+        self._encoder = module.Encoder()
+        self._decoder = module.Decoder(tp)
+
+    def encode(self, value: T, /) -> bytes:
+        return cast(bytes, self._encoder.encode(value))
+
+    def decode(self, data: bytes, /) -> T:
+        try:
+            return cast(T, self._decoder.decode(data))
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise DecodeError(str(e)) from None
+
+
+def JsonCodec(tp: type[T] | Any) -> MsgspecCodec[T]:
+    """JSON, readable by any language. The default."""
+    return MsgspecCodec(tp, "json")
+
+
+def MsgpackCodec(tp: type[T] | Any) -> MsgspecCodec[T]:
+    """MessagePack: smaller and faster, binary."""
+    return MsgspecCodec(tp, "msgpack")
+
+
 def make_codec(tp: type[T] | Any, codec: str | Codec[T] = "json") -> Codec[T]:
+    """The codec for ``tp``: a format name (``"json"``, ``"msgpack"``) or a
+    codec of the caller's own (anything with ``content_type``, ``encode``
+    and ``decode``)."""
     if not isinstance(codec, str):
         return codec
-    try:
-        factory = CODECS[codec]
-    except KeyError:
-        raise ValueError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}") from None
-    return factory(tp)
+    return MsgspecCodec(tp, codec)

@@ -80,9 +80,8 @@ class GroupCommit(_Commits[P]):
     commit under way commits, and goes on committing what others add
     meanwhile until nothing is left.  ``commit`` gets the payloads of every
     caller of a batch, in arrival order; if it raises, every caller of that
-    batch learns the error.  (Two commits under way at once were tried:
-    smaller batches, more round trips, slower on Redis and no faster on
-    RabbitMQ.)
+    batch learns the error.  One commit is under way at a time (why, with
+    figures: docs/tasks.md, "Throughput").
     """
 
     def __init__(self, commit: Callable[[list[P]], None]) -> None:
@@ -340,11 +339,10 @@ class Subscription:
 
     def _room(self) -> int:
         """How many deliveries to fetch now (caller holds the lock): the room
-        under ``prefetch`` once it is worth a fetch, else 0.  A fetch per
-        finished delivery cost a round trip (Redis) and a wake-up per task:
-        with prefetch 128 on Redis, batches of two and twice the CPU per
-        task.  So with handlers busy or work pending for each idle one, wait
-        until a quarter of the prefetch is free."""
+        under ``prefetch`` once it is worth a fetch, else 0.  With handlers
+        busy or work pending for each idle one, it waits until a quarter of
+        the prefetch is free, so that a fetch (a round trip on most brokers)
+        brings a batch rather than one delivery (figures: docs/tasks.md)."""
         room = self.prefetch - len(self._pending) - self._running - self._settling
         if room <= 0:
             return 0

@@ -1,4 +1,5 @@
-"""The provider conformance kit: DESIGN.md's contract as pytest tests.
+"""The provider conformance kit: the SPI's contract (ARCHITECTURE.md, and
+the docstrings of :mod:`kew.qchan.spi`) as pytest tests.
 
 Any provider, kew's own or a third party's, runs it against its real broker::
 

@@ -32,6 +32,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from kew.core.msg import now_ms
 from kew.qchan.spi.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -74,11 +75,6 @@ __all__ = [
 Headers = Mapping[str, "str | int"]
 
 
-def now_ms() -> int:
-    """Wall-clock time in epoch milliseconds, the unit of every SPI time."""
-    import time
-
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
