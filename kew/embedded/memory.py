@@ -204,9 +204,14 @@ class MemoryConsumer:
                     return []
                 b.lock.wait(min(left, next_due) if next_due is not None else left)
 
-    def _settle(self, delivery: Delivery) -> tuple[_Queue, Message, int]:
+    def _settle(self, delivery: Delivery) -> tuple[_Queue, Message, int] | None:
+        """Take the delivery out of flight; None if this consumer no longer
+        holds it (settled already, or handed back): then settling is a no-op,
+        as on every provider."""
         tag = delivery.tag
         assert isinstance(tag, int)
+        if tag not in self._mine:
+            return None
         q = self._broker.queue(self._queue)
         message, count = q.in_flight.pop(tag)
         self._mine.discard(tag)
@@ -232,13 +237,15 @@ class MemoryConsumer:
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         with self._broker.lock:
-            q, message, count = self._settle(delivery)
-            q.dead.append(DeadLetter(message, count, reason, now_ms()))
+            if (held := self._settle(delivery)) is not None:
+                q, message, count = held
+                q.dead.append(DeadLetter(message, count, reason, now_ms()))
 
     def release(self, delivery: Delivery) -> None:
         with self._broker.lock:
-            q, message, count = self._settle(delivery)
-            q.ready.appendleft((message, count))
+            if (held := self._settle(delivery)) is not None:
+                q, message, count = held
+                q.ready.appendleft((message, count))
 
     def close(self) -> None:
         with self._broker.lock:

@@ -248,6 +248,36 @@ class ProviderConformance:
         finally:
             c2.close()
 
+    def test_settling_twice_is_a_no_op(self, connector: Connector, queue_name: str) -> None:
+        """A delivery is settled once; a second ack, a dead letter after an
+        ack, or a release after one, does nothing and raises nothing (one
+        answer on every provider), and settles no other delivery."""
+        connector.declare(queue_name)
+        producer = connector.producer(queue_name)
+        producer.send_many([Message("first", b"1"), Message("second", b"2")])
+        consumer = connector.consumer(queue_name, 1)
+        try:
+            (first,) = _fetch_n(consumer, 1)
+            consumer.ack(first)
+            consumer.ack(first)
+            consumer.dead_letter(first, "settled already")
+            consumer.release(first)
+            (second,) = _fetch_n(consumer, 1)
+            assert second.message.id == "second"
+            consumer.ack(second)
+        finally:
+            consumer.close()
+        browser = connector.browser(queue_name)
+        try:
+            assert browser.dead_letters(10) == []
+        finally:
+            browser.close()
+        again = connector.consumer(queue_name, 2)
+        try:
+            assert again.fetch(2, 0.5) == []
+        finally:
+            again.close()
+
     def test_ack_only_after_consumer_returns(self, connector: Connector, queue_name: str) -> None:
         q = kew.Queue(connector, queue_name, str)
         q.send("slow")
