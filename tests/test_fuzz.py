@@ -87,7 +87,9 @@ def test_consumer_survives_garbage(url: str, tmp_path: Any) -> None:
     assert sorted(got) == list(range(len(bad)))
     dead = q.dead.list(1000)
     assert {d.id for d in dead} == {m.id for m in bad}
-    assert all(d.reason.startswith("cannot decode") for d in dead)
+    # A body that is not an Item, or kew's own int headers that are not ints
+    # (the provider refuses those before any decode, kew.qchan.spi.wire).
+    assert all(d.reason.startswith(("cannot decode", "malformed envelope")) for d in dead)
 
 
 def test_bad_schedule_headers_are_dead_lettered_with_reason() -> None:

@@ -69,9 +69,9 @@ def test_readme_example_runs_from_a_fresh_venv(dist: Path, tmp_path: Path) -> No
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
     wheel = next(dist.glob("*.whl"))
+    extra = [f"{wheel}[redis]"]
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        + [f"{wheel}[redis]"],
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *extra],
         check=True,
         timeout=600,
     )

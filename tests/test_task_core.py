@@ -280,6 +280,7 @@ def test_poison_body_dead_lettered_and_recorded_failed(app: App) -> None:
     # someone sends a body that is not a Job, with their own id
     from kew.qchan.spi import Message
 
+    tq.queue.declare()  # a queue is declared on first use, not when it is made
     app.connector.producer(tq.name).send(Message("bad-" + _suffix(), b'{"n": "x"}', {}))
     good = tq.submit(Job(6))
     w = app.worker(concurrency=1, record=True).start()

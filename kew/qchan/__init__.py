@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
-import traceback
+import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -31,6 +32,7 @@ from kew.core.msg import (
     as_sink,
 )
 from kew.qchan.codec import Codec, DecodeError, make_codec, type_name
+from kew.qchan.policy import DeliveryPolicy, failure_text, log_failure
 from kew.qchan.runtime import Subscription
 from kew.qchan.spi import (
     Browser,
@@ -38,14 +40,16 @@ from kew.qchan.spi import (
     Consumer,
     DeadLetter,
     Delivery,
+    KewError,
     Message,
     MessageTooLarge,
+    Producer,
     QueueFull,
     QueueStats,
     now_ms,
 )
 
-__all__ = ["DeadLetters", "Queue", "QueueBrowser", "Subscription"]
+__all__ = ["DeadLetters", "InvalidValue", "Queue", "QueueBrowser", "Subscription"]
 
 T = TypeVar("T")
 log = logging.getLogger("kew")
@@ -62,6 +66,31 @@ _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 #: A message delivered this many times without being settled (its consumer
 #: keeps dying on it) goes to the dead letters instead of being retried.
 DEFAULT_MAX_DELIVERIES = 10
+
+
+class InvalidValue(KewError, TypeError):
+    """A value sent to a queue is not of the queue's type: nothing was
+    stored.  The message names the queue and msgspec's path
+    (``Expected `int`, got `str` - at `$.n```)."""
+
+
+def check_sync(handler: object, what: str) -> None:
+    """Refuse an ``async def`` (or an object whose ``__call__`` is one)
+    where a plain callable is run: its coroutine would never be awaited,
+    and the message would be acked without the work done."""
+    call = getattr(handler, "__call__", None)  # noqa: B004 - the attribute, not callable()
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call):
+        name = getattr(handler, "__qualname__", None) or type(handler).__qualname__
+        raise TypeError(
+            f"{what} {name} is an async function: the sync API calls it and would never "
+            "await its coroutine; pass a plain function"
+        )
+
+
+def _iso(epoch_ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
 
 
 def new_id() -> str:
@@ -106,6 +135,7 @@ class Queue(Generic[T]):
         self.name = check_queue_name(name)
         self.type = tp
         self.codec: Codec[T] = make_codec(tp, codec)
+        self._plain = self.codec  # sends are validated with the plain codec
         if encryption_keys is not None:
             from kew.qchan.crypto import EncryptedCodec
 
@@ -115,18 +145,59 @@ class Queue(Generic[T]):
         self.max_depth = max_depth
         self._depth_browser: Browser | None = None
         self._type_name = type_name(tp)
-        connector.declare(name)
-        self._producer = connector.producer(name)
+        #: Per-delivery policy (poison cap, decode) for this queue's consumers.
+        self.policy = DeliveryPolicy(name, self.codec, self._type_name, max_deliveries)
+        # No I/O here: the queue is declared and its producer made on first use.
+        self._lock = threading.Lock()
+        self._producer_: Producer | None = None
+        self._declared = False
+
+    def declare(self) -> None:
+        """Create the queue and its dead letters on the broker if missing
+        (idempotent; every operation does it first, once)."""
+        if self._declared:
+            return
+        with self._lock:
+            if not self._declared:
+                self.connector.declare(self.name)
+                self._declared = True
+
+    @property
+    def _producer(self) -> Producer:
+        producer = self._producer_
+        if producer is None:
+            self.declare()
+            with self._lock:
+                if self._producer_ is None:
+                    self._producer_ = self.connector.producer(self.name)
+                producer = self._producer_
+        return producer
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r}, {self._type_name}, {self.connector.url!r})"
 
     # -- sending ----------------------------------------------------------
 
+    def _encode(self, data: T) -> bytes:
+        """The body for ``data``, checked against the queue's type first
+        (the design promises validation on both ends): a value that would
+        only fail later, as a dead letter on the consumer, raises
+        :class:`InvalidValue` here and nothing is stored."""
+        try:
+            body = self._plain.encode(data)
+            self._plain.decode(body)
+        except DecodeError as e:
+            raise InvalidValue(f"cannot send to queue {self.name!r}: {e}") from None
+        except (TypeError, ValueError) as e:  # msgspec.EncodeError, unsupported types
+            raise InvalidValue(
+                f"cannot send to queue {self.name!r}: {type(e).__name__}: {e}"
+            ) from None
+        return body if self._plain is self.codec else self.codec.encode(data)
+
     def _message(
         self, data: T, deliver_at: int | None = None, count: int = 1, id: str | None = None
     ) -> Message:
-        body = self.codec.encode(data)
+        body = self._encode(data)
         limit = self.connector.max_message_size
         if len(body) > limit:
             raise MessageTooLarge(len(body), limit, self.name)
@@ -144,6 +215,7 @@ class Queue(Generic[T]):
     def _stats(self) -> QueueStats:
         """The queue's counts, through a browser kept for the purpose."""
         if self._depth_browser is None:
+            self.declare()
             self._depth_browser = self.connector.browser(self.name)
         return self._depth_browser.stats()
 
@@ -175,7 +247,7 @@ class Queue(Generic[T]):
 
     def send_many(self, items: Iterable[T], /) -> None:
         """Send every item; returns once the broker has them all (one batch)."""
-        encode, limit, durable = self.codec.encode, self.connector.max_message_size, self.durable
+        encode, limit, durable = self._encode, self.connector.max_message_size, self.durable
         static: tuple[str, str, int] = (self.codec.content_type, self._type_name, now_ms())
         batch = []
         for data in items:  # encode all first: a bad item sends nothing
@@ -220,6 +292,7 @@ class Queue(Generic[T]):
         A message is acked after the consumer returns.  If it raises, the
         message goes to the dead letters with the error (no retry loop).
         """
+        check_sync(getattr(consumer, "consume", consumer), "the sink handler")
         sink = as_sink(consumer)
         return self._subscribe(lambda d, data: sink.consume(data), concurrency, prefetch)
 
@@ -231,6 +304,7 @@ class Queue(Generic[T]):
         prefetch: int | None = None,
     ) -> Subscription:
         """Like :meth:`sink`, with the counted-schedule metadata too."""
+        check_sync(consumer, "the message sink handler")
         return self._subscribe(
             lambda d, data: consumer(ChannelMessage(data, self._schedule(d))), concurrency, prefetch
         )
@@ -244,6 +318,7 @@ class Queue(Generic[T]):
     ) -> Subscription:
         """Consume with a :class:`Reschedulable`: what it returns is put back
         on this queue (count + 1) before the delivery is acked."""
+        check_sync(consumer.consume, "the reschedulable consumer")
 
         def handle(delivery: Delivery, data: T) -> None:
             resender = _Resender(self, delivery.message.id)
@@ -264,28 +339,57 @@ class Queue(Generic[T]):
     ) -> Subscription:
         """Retry ``consumer`` on ``retry_intervals`` (see MessageRepeater).
 
-        An exception from ``consumer`` counts as ``REPEAT``.
+        An exception from ``consumer`` counts as ``REPEAT``.  A failed
+        attempt is logged at WARNING with when the next one is due (INFO
+        when the consumer returned ``REPEAT`` without raising); the last
+        one, handed to ``on_exceeded``, at ERROR.
         """
+        check_sync(consumer, "the repeat-sink consumer")
+        check_sync(on_exceeded, "the on_exceeded handler")
+        raised = threading.local()
 
         def attempt(data: T) -> RepeatAction:
+            raised.error = None
             try:
-                return consumer(data)
-            except Exception:
-                log.warning("kew: consumer on %s failed; will repeat", self.name, exc_info=True)
-                return RepeatAction.REPEAT
+                action = consumer(data)
+            except Exception as e:
+                raised.error = e
+                action = RepeatAction.REPEAT
+            raised.repeat = action is RepeatAction.REPEAT
+            return action
 
         repeater = MessageRepeater(attempt, retry_intervals, on_exceeded)
-        return self.reschedulable_sink(repeater, concurrency=concurrency, prefetch=prefetch)
+        name = self.name
 
-    def _sent_as(self, delivery: Delivery) -> str:
-        """For a body that did not decode: a note when it was sent with
-        another content type (kew decodes with the queue's codec whatever the
-        header says, docs/wire-format.md)."""
-        sent = delivery.message.headers.get(H_CONTENT_TYPE)
-        mine = self.codec.content_type
-        if not isinstance(sent, str) or sent.split(";")[0].strip().lower() == mine:
-            return ""
-        return f" (sent as {sent[:80]!r}; queue {self.name!r} reads {mine})"
+        def consume(delivery: Delivery, data: T) -> None:
+            current = self._schedule(delivery)
+            nxt = repeater.consume(current, data)
+            error: BaseException | None = getattr(raised, "error", None)
+            what = f"{type(error).__name__}: {error}" if error else "the consumer asked to repeat"
+            where = (name, delivery.message.id, current.count, repeater.max_attempts, what)
+            if nxt is not None:
+                due = _iso(nxt.when.epoch_ms)
+                level = logging.WARNING if error else logging.INFO
+                log_failure(
+                    level,
+                    "kew: %s: message %s attempt %d of %d failed (%s); next attempt at %s",
+                    *where,
+                    due,
+                    error=error,
+                )
+                _Resender(self, delivery.message.id).send(
+                    ChannelMessage(nxt.what, current.next(nxt.when))
+                )
+            elif raised.repeat:
+                log_failure(
+                    logging.ERROR,
+                    "kew: %s: message %s attempt %d of %d failed (%s); no attempts left, "
+                    "handed to on_exceeded",
+                    *where,
+                    error=error,
+                )
+
+        return self._subscribe(consume, concurrency, prefetch)
 
     def _schedule(self, delivery: Delivery) -> CountedSchedule:
         h = delivery.message.headers
@@ -303,38 +407,42 @@ class Queue(Generic[T]):
         concurrency: int,
         prefetch: int | None,
     ) -> Subscription:
-        decode = self.codec.decode
-        max_deliveries = self.max_deliveries
-        type_label = self._type_name
-        sent_as = self._sent_as
+        admit = self.policy.admit
+        name = self.name
 
         def handler(consumer: Consumer, delivery: Delivery) -> None:
-            if delivery.delivery_count > max_deliveries:
-                consumer.dead_letter(
-                    delivery,
-                    f"delivered {delivery.delivery_count} times without being settled "
-                    f"(more than max_deliveries={max_deliveries}): its consumer may crash on it",
-                )
+            admitted = admit(consumer, delivery)
+            if admitted is None:
                 return
             try:
-                data = decode(delivery.message.body)
+                process(delivery, admitted[0])
             except DecodeError as e:
-                consumer.dead_letter(
-                    delivery, f"cannot decode as {type_label}: {e}{sent_as(delivery)}"
+                log.warning(
+                    "kew: %s: message %s goes to the dead letters: cannot decode: %s",
+                    name,
+                    delivery.message.id,
+                    e,
                 )
-                return
-            try:
-                process(delivery, data)
-            except DecodeError as e:
                 consumer.dead_letter(delivery, f"cannot decode: {e}")
                 return
             except Exception as e:
-                tb = "".join(traceback.format_exception(e, limit=-8))
-                consumer.dead_letter(delivery, f"{type(e).__name__}: {e}\n{tb}")
+                log_failure(
+                    logging.ERROR,
+                    "kew: %s: handler failed on message %s (delivery %d); "
+                    "it goes to the dead letters: %s: %s",
+                    name,
+                    delivery.message.id,
+                    delivery.delivery_count,
+                    type(e).__name__,
+                    e,
+                    error=e,
+                )
+                consumer.dead_letter(delivery, failure_text(e))
                 return
             consumer.ack(delivery)
 
         prefetch = prefetch or concurrency
+        self.declare()
         consumer = self.connector.consumer(self.name, prefetch)
         return Subscription(
             consumer,
@@ -348,15 +456,22 @@ class Queue(Generic[T]):
     # -- browsing ---------------------------------------------------------
 
     def browser(self) -> QueueBrowser[T]:
+        """Read the queue without consuming: peek, stats, purge."""
+        self.declare()
         return QueueBrowser(self)
 
     @property
     def dead(self) -> DeadLetters:
         """The dead letters of this queue: list, requeue, purge."""
+        self.declare()
         return DeadLetters(self)
 
     def close(self) -> None:
-        self._producer.close()
+        """Close the producer (if one was made) and the stats browser."""
+        if self._producer_ is not None:
+            self._producer_.close()
+        if self._depth_browser is not None:
+            self._depth_browser.close()
 
 
 class QueueSource(Generic[T]):

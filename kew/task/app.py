@@ -259,6 +259,7 @@ class TaskQueue(Generic[T]):
         def send_many(queue: str, messages: Sequence[Message]) -> None:
             producers[queue].send_many(messages)
 
+        self.queue.declare()
         consumer = app.connector.consumer(self.name, prefetch or concurrency)
         # Handlers finishing together settle together: their last events (or
         # next attempts) and their acks in one commit (see GroupSettle).
@@ -799,6 +800,7 @@ class App:
                 except Exception:
                     log.exception("kew: pruning the task store failed")
 
+        self.events.declare()
         consumer = self.connector.consumer(self.events.name, RECORDER_BATCH)
         return BatchSubscription(consumer, apply, name=self.events.name, prefetch=RECORDER_BATCH)
 

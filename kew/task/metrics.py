@@ -194,6 +194,7 @@ class _DepthCollector(Collector):
         key = (id(app), name)
         b = self._browsers.get(key)
         if b is None:
+            app.connector.declare(name)  # queues are declared on first use
             b = self._browsers[key] = app.connector.browser(name)
         return b
 

@@ -35,6 +35,8 @@ from typing import Any, ClassVar, Protocol
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kew
 from kew.qchan.spi import Connector
@@ -176,6 +178,38 @@ CASES: dict[str, tuple[Callable[[], Envelope], str, str]] = {
 }
 
 
+_header_values = st.one_of(
+    st.text(max_size=30),
+    st.integers(-(2**62), 2**62),
+    st.binary(max_size=8),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(0, 9), max_size=3),
+)
+_envelopes = st.builds(
+    Envelope,
+    body=st.one_of(
+        st.builds(_body, st.integers(1000, 10**6)),
+        st.binary(max_size=64),
+        st.just(b'{"seq": "x"}'),
+    ),
+    id=st.one_of(
+        st.builds(good_id),
+        st.just(MISSING),
+        st.text(max_size=20),
+        st.text(alphabet="abcdef0123456789", min_size=1, max_size=40),
+    ),
+    content_type=st.sampled_from(["application/json", MISSING, "text/plain"]),
+    headers=st.dictionaries(
+        st.sampled_from(["kew-sent-at", "kew-count", "kew-deliver-at", "kew-type"])
+        | st.text(alphabet="abcdefgh-_", min_size=1, max_size=10),
+        _header_values,
+        max_size=4,
+    ),
+)
+
+
 def _case_names(metafunc: pytest.Metafunc, arg: str, names: list[str]) -> None:
     if arg in metafunc.fixturenames:
         metafunc.parametrize(arg, names, ids=[n.replace(" ", "-") for n in names])
@@ -190,6 +224,8 @@ class ForeignProducerKit:
     OVERRIDES: ClassVar[dict[str, tuple[str, str]]] = {}
     #: Seconds to wait for a case to settle.
     timeout: ClassVar[float] = 20.0
+    #: Envelopes hypothesis makes in ``test_fuzzed_envelopes``.
+    fuzz_examples: ClassVar[int] = 40
 
     @classmethod
     def pytest_generate_tests(cls, metafunc: pytest.Metafunc) -> None:
@@ -256,6 +292,43 @@ class ForeignProducerKit:
             writer.write(q, Envelope(_body(101), id=same))
 
         self._run(connector, writer, queue_name, two, DELIVERED, "", extra={101})
+
+    def test_fuzzed_envelopes(
+        self, connector: Connector, writer: ForeignWriter, queue_name: str
+    ) -> None:
+        """Envelopes made by hypothesis through the raw writer: every one
+        ends delivered or dead-lettered, and the subscription stays alive."""
+        written: list[Envelope] = []
+
+        @settings(
+            max_examples=self.fuzz_examples,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        )
+        @given(_envelopes)
+        def write(envelope: Envelope) -> None:
+            try:
+                writer.write(queue_name, envelope)
+            except CannotWrite:
+                return
+            written.append(envelope)
+
+        connector.declare(queue_name)
+        write()
+        q = kew.Queue(connector, queue_name, Item)
+        got: list[int] = []
+        sub = q.sink(lambda item: got.append(item.seq))
+        try:
+            wait_for(
+                lambda: len(got) + len(q.dead.list(1000)) >= len(written),
+                self.timeout * 2,
+                what=f"{len(written)} envelopes delivered or dead",
+            )
+            assert sub.alive and sub.healthy()
+        finally:
+            sub.stop()
+        assert len(got) + len(q.dead.list(1000)) == len(written)
+        assert all(d.reason for d in q.dead.list(1000))
 
     # -- how a case runs -------------------------------------------------------
 

@@ -137,6 +137,7 @@ class Backend:
     def _browser(self, name: str) -> Browser:
         b = self._browsers.get(name)
         if b is None:
+            self.app.connector.declare(name)  # queues are declared on first use
             b = self._browsers[name] = self.app.connector.browser(name)
         return b
 
