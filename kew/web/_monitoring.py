@@ -1,0 +1,100 @@
+"""Monitoring routes: ``/health`` (no token; 503 when the broker does not
+answer) and ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import anyio
+import msgspec
+from litestar import Response, get
+from litestar.datastructures import State
+from litestar.handlers import HTTPRouteHandler
+
+from kew.task.model import WorkerRecord
+from kew.web._errors import AUTH_ERRORS
+from kew.web._openapi import response_spec
+from kew.web._state import in_thread, web_state
+from kew.web.backend import Backend
+
+
+class Health(msgspec.Struct, frozen=True):
+    """``ok`` when the broker answers; ``workers`` seen within the window."""
+
+    status: Literal["ok", "unavailable"]
+    broker: bool
+    workers: list[WorkerRecord]
+    detail: str = ""
+
+
+def _broker_check(backend: Backend) -> None:
+    names = backend.app.queue_names()
+    if names:
+        backend.queue_infos(names[:1])
+
+
+def _workers_seen(backend: Backend, window: float) -> list[WorkerRecord]:
+    horizon = int(time.time() * 1000 - window * 1000)
+    return [w for w in backend.store(lambda s: s.workers()) if w.last_seen >= horizon]
+
+
+@get(
+    "/health",
+    summary="Broker reachable, workers seen (no token needed)",
+    opt={"scope": "public"},
+    tags=["monitoring"],
+    responses={503: response_spec(Health, "the broker is unreachable")},
+)
+async def health(state: State) -> Response[Health]:
+    """Whether the broker answers within ``health_timeout``, and the workers seen."""
+    web = web_state(state)
+    backend, config = web.backend, web.config
+    broker, detail = False, ""
+    with anyio.move_on_after(config.health_timeout):
+        try:
+            await in_thread(_broker_check, backend)
+            broker = True
+        except Exception as e:
+            detail = f"broker unreachable: {type(e).__name__}"
+    if not broker and not detail:
+        detail = f"broker did not answer within {config.health_timeout:g} s"
+    seen: list[WorkerRecord] = []
+    with anyio.move_on_after(config.health_timeout):
+        try:
+            seen = await in_thread(_workers_seen, backend, config.worker_window)
+        except Exception as e:
+            detail = detail or f"task store unreadable: {type(e).__name__}"
+    h = Health("ok" if broker else "unavailable", broker, seen, detail)
+    return Response(h, status_code=200 if broker else 503, headers={"Cache-Control": "no-cache"})
+
+
+def _render_metrics() -> bytes:
+    try:
+        from kew.task import metrics as task_metrics
+
+        render = getattr(task_metrics, "render", None)
+        if render is not None:
+            return bytes(render())
+    except ImportError:
+        pass
+    import prometheus_client
+
+    return bytes(prometheus_client.generate_latest())
+
+
+@get(
+    "/metrics",
+    summary="Prometheus metrics",
+    raises=AUTH_ERRORS,
+    tags=["monitoring"],
+    media_type="text/plain; version=0.0.4",
+    sync_to_thread=True,
+)
+def metrics() -> Response[bytes]:
+    """The Prometheus text exposition of kew's metrics."""
+    return Response(_render_metrics(), media_type="text/plain; version=0.0.4")
+
+
+#: The monitoring routes.
+MONITORING_ROUTES: list[HTTPRouteHandler] = [health, metrics]

@@ -1,0 +1,238 @@
+"""Task routes: submit a task to a served queue (one route per queue, with
+its own operation and, in the OpenAPI document, its task type's schema),
+recent tasks, a task's status, and its output, streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from functools import partial
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.datastructures import State
+from litestar.exceptions import NotFoundException
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from kew.qchan.codec import DecodeError
+from kew.qchan.spi import BrokerUnavailable, MessageTooLarge, QueueFull, now_ms
+from kew.task.model import TaskEvent, TaskRecord
+from kew.web import validate
+from kew.web._errors import (
+    AUTH_ERRORS,
+    BadValue,
+    NoSuchQueue,
+    TooLarge,
+    Unavailable,
+    invalid,
+)
+from kew.web._state import in_thread, web_state
+from kew.web.backend import Backend
+
+log = logging.getLogger("kew.web")
+
+#: Seconds between two looks at a followed task's output.
+OUTPUT_POLL = 0.25
+#: The longest ``delay`` a submission may ask for (seconds).
+MAX_DELAY = 366 * 86400.0
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    """A task accepted: poll ``status_url``; ``output_url`` streams its output."""
+
+    id: str
+    status: Literal["queued"]
+    status_url: str
+    output_url: str
+
+
+# -- submit ---------------------------------------------------------------------
+
+
+def _submit_sync(backend: Backend, name: str, body: bytes, delay: float | None) -> str:
+    tq = backend.app.queues[name]
+    try:
+        data = tq.decode_json(body)
+    except DecodeError as e:
+        try:
+            validate.parse(body, tq.type)
+        except validate.Invalid as bad:
+            raise invalid(bad) from None
+        raise BadValue(extra=[str(e)]) from None
+    task_id = str(tq.submit(data, delay=delay))
+    if getattr(tq, "track", True):
+        # The queued event travels to the recorder too; recording it
+        # here as well (idempotent) means the status URL answers at once.
+        at = now_ms()
+        next_at = at + round(delay * 1000) if delay else None
+        event = TaskEvent(task_id, name, "queued", at, next_at=next_at)
+        try:
+            backend.store(lambda s: s.apply([event]))
+        except Exception:
+            log.warning("kew.web: could not record task %s as queued", task_id)
+    return task_id
+
+
+async def submit(
+    request: Request[Any, Any, Any],
+    state: State,
+    delay: Annotated[
+        float | None,
+        Parameter(ge=0, le=MAX_DELAY, description="seconds before the task may run"),
+    ] = None,
+) -> Response[Submitted]:
+    """Submit the body as a task to the route's queue (its ``opt["queue"]``)."""
+    name: str = request.route_handler.opt["queue"]
+    body = await request.body()
+    try:
+        task_id = await in_thread(_submit_sync, web_state(state).backend, name, body, delay)
+    except MessageTooLarge as e:
+        raise TooLarge(detail=str(e)) from None
+    except (QueueFull, BrokerUnavailable) as e:
+        raise Unavailable(detail=str(e), headers={"Retry-After": "5"}) from None
+    base = str(request.base_url).rstrip("/")
+    status_url = f"{base}/tasks/{task_id}"
+    return Response(
+        Submitted(task_id, "queued", status_url, f"{status_url}/output"),
+        status_code=202,
+        headers={"Location": status_url},
+    )
+
+
+def _op_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def submit_route(name: str) -> HTTPRouteHandler:
+    """The route submitting tasks to the app's task queue ``name``."""
+    return post(
+        f"/queues/{name}/tasks",
+        status_code=202,
+        summary=f"Submit a task to {name}",
+        operation_id=f"submit_{_op_name(name)}",
+        raises=[BadValue, TooLarge, Unavailable, *AUTH_ERRORS],
+        tags=["tasks"],
+        opt={"queue": name},
+    )(submit)
+
+
+@post(
+    "/queues/{queue:str}/tasks",
+    status_code=202,
+    summary="Submit a task to a queue this server does not serve",
+    description="Every served queue has its own route; any other name is 404.",
+    raises=[NoSuchQueue, *AUTH_ERRORS],
+    tags=["tasks"],
+)
+async def submit_unknown(
+    queue: Annotated[str, Parameter(description="queue name")],
+) -> Submitted:
+    """404 for a queue name without a route of its own."""
+    raise NoSuchQueue(detail=f"no task queue named {queue!r}")
+
+
+# -- tasks ------------------------------------------------------------------------
+
+
+@get(
+    "/tasks",
+    summary="Recent tasks, newest first",
+    raises=AUTH_ERRORS,
+    tags=["tasks"],
+    sync_to_thread=True,
+)
+def recent_tasks(
+    state: State,
+    limit: int = Parameter(default=50, ge=1, le=1000),
+    queue: str | None = Parameter(default=None, max_length=200),
+) -> list[TaskRecord]:
+    """The latest ``limit`` tasks (of ``queue`` only if given)."""
+    return web_state(state).backend.store(lambda s: list(s.recent(limit=limit, queue=queue)))
+
+
+def _record(backend: Backend, task_id: str) -> TaskRecord:
+    rec: TaskRecord | None = backend.store(lambda s: s.get(task_id))
+    if rec is None:
+        raise NotFoundException(detail=f"no task {task_id!r}")
+    return rec
+
+
+@get(
+    "/tasks/{task_id:str}",
+    summary="A task's status",
+    raises=[NotFoundException, *AUTH_ERRORS],
+    tags=["tasks"],
+    sync_to_thread=True,
+)
+def task_status(
+    state: State, task_id: Annotated[str, Parameter(description="task id")]
+) -> TaskRecord:
+    """A task's record in the store."""
+    return _record(web_state(state).backend, task_id)
+
+
+def _output(task_id: str, offset: int, store: Any) -> tuple[str, int]:
+    text, nxt = store.output(task_id, offset)
+    return str(text), int(nxt)
+
+
+async def _chunks(
+    backend: Backend, task_id: str, follow: bool, timeout: float
+) -> AsyncIterator[str]:
+    """A task's output from the start; while ``follow``, what comes next
+    until the task is final (and a little after) or ``timeout`` seconds."""
+    offset = 0
+    deadline = time.monotonic() + timeout
+    final_seen = 0
+    while True:
+        text, offset = await in_thread(backend.store, partial(_output, task_id, offset))
+        if text:
+            yield text
+        if not follow or time.monotonic() > deadline:
+            return
+        rec = await in_thread(backend.store, lambda s: s.get(task_id))
+        if rec is None or rec.status in ("succeeded", "failed"):
+            final_seen += 1
+            if final_seen > 2 and not text:  # chunks recorded after the final event
+                return
+        await asyncio.sleep(OUTPUT_POLL)
+
+
+@get(
+    "/tasks/{task_id:str}/output",
+    summary="A task's output (text, streamed)",
+    description="Follows a running task until it is final; `follow=false` returns "
+    "what there is now.",
+    raises=[NotFoundException, *AUTH_ERRORS],
+    tags=["tasks"],
+    media_type="text/plain",
+)
+async def task_output(
+    state: State,
+    task_id: Annotated[str, Parameter(description="task id")],
+    follow: Annotated[bool, Parameter(description="follow until final")] = True,
+) -> Stream:
+    """A task's output as a text stream (404 for an unknown task)."""
+    web = web_state(state)
+    await in_thread(_record, web.backend, task_id)
+    return Stream(
+        _chunks(web.backend, task_id, follow, web.config.follow_timeout),
+        media_type="text/plain",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def task_routes(queues: Iterable[str]) -> list[HTTPRouteHandler]:
+    """The task routes, with a submit route for each of ``queues``."""
+    return [
+        *(submit_route(name) for name in queues),
+        submit_unknown,
+        recent_tasks,
+        task_status,
+        task_output,
+    ]
