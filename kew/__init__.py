@@ -21,7 +21,7 @@ from kew.core.msg import (
     Schedule,
     SchedulingSource,
 )
-from kew.qchan import DeadLetters, Queue, QueueBrowser, Subscription
+from kew.qchan import DeadLetters, InvalidValue, Queue, QueueBrowser, Subscription
 from kew.qchan.codec import DecodeError
 from kew.qchan.spi import (
     BrokerUnavailable,
@@ -47,6 +47,7 @@ __all__ = [
     "DeadLetters",
     "DecodeError",
     "FutureTimepoint",
+    "InvalidValue",
     "KewError",
     "MessageRepeater",
     "MessageTooLarge",
