@@ -61,6 +61,7 @@ BENCHMARKS = {
     "artemis": "benchmarks/bench_artemis.py",
     "tasks": "benchmarks/bench_tasks.py",
     "floor": "benchmarks/floor_pika.py",
+    "validate": "benchmarks/bench_validate.py",
 }
 
 
