@@ -54,6 +54,15 @@ def demo(session: nox.Session) -> None:
     session.run("python", script, *session.posargs)
 
 
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site with its API reference, into site/; ``mkdocs build
+    --strict``: a warning (a broken link, a reference to a gone object) fails it."""
+    _install(session, "docs")
+    session.env["NO_MKDOCS_2_WARNING"] = "1"  # mkdocs-material's banner about MkDocs 2
+    session.run("mkdocs", "build", "--strict", "--clean", "--site-dir", "site", *session.posargs)
+
+
 BENCHMARKS = {
     "sqlite": "benchmarks/harness.py",
     "redis": "benchmarks/bench_redis.py",

@@ -1,10 +1,12 @@
 """kew: typed, asynchronous messaging over pluggable brokers.
 
-import kew
-q = kew.Queue(kew.connect(), "thumbnails", Thumbnail)   # SQLite by default
-q.send(Thumbnail(image_id=1))
-with q.sink(render, concurrency=4):
-    ...
+    import kew
+    q = kew.Queue(kew.connect(), "thumbnails", Thumbnail)   # SQLite by default
+    q.send(Thumbnail(image_id=1))
+    with q.sink(render, concurrency=4):
+        ...
+
+See docs/getting-started.md; the task layer is :mod:`kew.task`.
 """
 
 from kew.connect import DEFAULT_URL, connect, known_schemes

@@ -18,8 +18,9 @@ from typing import cast
 from kew.qchan.spi import Connector, ProviderNotFound
 from kew.qchan.spi.urls import redact
 
-#: The URL used when none is given and ``KEW_URL`` is unset.
 DEFAULT_URL = "sqlite:///kew.sqlite3"
+"""The URL used when none is given and ``KEW_URL`` is unset: an SQLite file
+in the working directory."""
 
 #: The distribution that installs kew (``pip install ome-kew``); extras
 #: install a provider's client library (``pip install 'ome-kew[redis]'``).

@@ -51,9 +51,9 @@ __all__ = [
 
 R = TypeVar("R")
 
-#: How long a done mark is kept by default (seconds): 7 days.  A message
-#: redelivered (or a dead letter requeued) later than that runs again.
 DEFAULT_RETENTION = 7 * 24 * 3600.0
+"""How long a done mark is kept by default (seconds): 7 days.  A message
+redelivered (or a dead letter requeued) later than that runs again."""
 
 #: Records past their retention are dropped after every this many done marks.
 PURGE_EVERY = 1000
@@ -261,6 +261,7 @@ class IdempotencyStore:
         return self.backend.state(_check_key(key))
 
     def is_done(self, key: str) -> bool:
+        """Whether ``key`` is marked done (and not yet past its retention)."""
         return self.state(key) == "done"
 
     def forget(self, key: str) -> None:
@@ -273,6 +274,8 @@ class IdempotencyStore:
         return self.backend.purge_expired()
 
     def close(self) -> None:
+        """Stop extending claims and close the backend (and the connector, when
+        :func:`open_store` was given a URL and made it)."""
         self._closed.set()
         if self._keeper is not None:
             self._keeper.join()

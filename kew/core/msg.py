@@ -49,7 +49,9 @@ class ChannelSource(Protocol[T_contra]):
 class ChannelSink(Protocol[T_contra]):
     """Consumes data taken from a channel."""
 
-    def consume(self, data: T_contra, /) -> None: ...
+    def consume(self, data: T_contra, /) -> None:
+        """Handle ``data``; an exception means it was not consumed (a queue dead-letters it)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,7 @@ class FutureTimepoint:
 
     @classmethod
     def now(cls) -> FutureTimepoint:
+        """The current instant."""
         return cls(now_ms())
 
     @classmethod
@@ -154,9 +157,11 @@ class CountedSchedule:
 
     @classmethod
     def first(cls) -> CountedSchedule:
+        """The first delivery: now, count 1."""
         return cls(FutureTimepoint.now(), 1)
 
     def next(self, when: FutureTimepoint) -> CountedSchedule:
+        """The next delivery, at ``when``, with the count one higher."""
         return CountedSchedule(when, self.count + 1)
 
 
@@ -164,16 +169,21 @@ class SchedulingSource(ABC, Generic[T]):
     """A message source whose metadata is the delivery time."""
 
     @abstractmethod
-    def send(self, message: ChannelMessage[FutureTimepoint, T], /) -> None: ...
+    def send(self, message: ChannelMessage[FutureTimepoint, T], /) -> None:
+        """Send ``message.data`` for delivery at ``message.metadata`` (None: at once)."""
+        ...
 
     def send_at(self, when: FutureTimepoint | datetime, data: T) -> None:
+        """Send ``data`` for delivery at ``when`` (a timepoint or an aware ``datetime``)."""
         point = FutureTimepoint.at(when) if isinstance(when, datetime) else when
         self.send(ChannelMessage(data, point))
 
     def send_after(self, delay: Delay, data: T) -> None:
+        """Send ``data`` for delivery after ``delay`` (a ``timedelta`` or seconds)."""
         self.send(ChannelMessage(data, FutureTimepoint.after(delay)))
 
     def send_now(self, data: T) -> None:
+        """Send ``data`` for delivery at once."""
         self.send(ChannelMessage(data))
 
 
@@ -199,6 +209,8 @@ class ReschedulingSink(Generic[T]):
         self._source = source
 
     def consume(self, message: ChannelMessage[CountedSchedule, T], /) -> None:
+        """Feed the consumer (a message without metadata is the first delivery) and send
+        the schedule it returns, if any, back to the channel."""
         current = message.metadata or CountedSchedule.first()
         nxt = self._consumer.consume(current, message.data)
         if nxt is not None:
@@ -206,6 +218,9 @@ class ReschedulingSink(Generic[T]):
 
 
 class RepeatAction(enum.Enum):
+    """What a repeat handler (:meth:`kew.Queue.repeat_sink`, :class:`MessageRepeater`)
+    returns: ``REPEAT`` to be delivered again after the next interval, ``STOP`` when done."""
+
     REPEAT = "repeat"
     STOP = "stop"
 
@@ -231,9 +246,13 @@ class MessageRepeater(Generic[T]):
 
     @property
     def max_attempts(self) -> int:
+        """How many times the consumer may run for one piece of data: intervals + 1."""
         return len(self._intervals) + 1
 
     def consume(self, current: CountedSchedule, data: T, /) -> Schedule[T] | None:
+        """Run the consumer on delivery ``current.count``: None when it returns ``STOP`` or
+        when the attempts are used up (then ``on_exceeded`` got the data), else the next
+        delivery after the interval for this count."""
         if self._consumer(data) is RepeatAction.STOP:
             return None
         if current.count <= len(self._intervals):

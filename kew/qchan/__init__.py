@@ -264,10 +264,14 @@ class Queue(Generic[T]):
         self._producer.send_many(batch)
 
     def send_at(self, when: FutureTimepoint, data: T, /) -> None:
+        """Send ``data`` for delivery at ``when`` (not before); returns once the
+        broker has it."""
         self._check_depth(1)
         self._producer.send(self._message(data, when.epoch_ms))
 
     def send_after(self, delay: Delay, data: T, /) -> None:
+        """Send ``data`` for delivery after ``delay`` (a ``timedelta`` or
+        seconds); returns once the broker has it."""
         self.send_at(FutureTimepoint.after(delay), data)
 
     def source(self) -> QueueSource[T]:
@@ -528,6 +532,8 @@ class DeadLetterInfo:
 
 
 class QueueBrowser(Generic[T]):
+    """Reads a queue without consuming it (``Queue.browser()``): peek,
+    stats, purge."""
     def __init__(self, queue: Queue[T]) -> None:
         self._queue = queue
         self._browser = queue.connector.browser(queue.name)
@@ -544,21 +550,33 @@ class QueueBrowser(Generic[T]):
         return out
 
     def stats(self) -> QueueStats:
+        """The queue's counts by state (ready, in flight, delayed, dead); -1
+        where the broker cannot tell."""
         return self._browser.stats()
 
     def purge(self) -> int:
+        """Delete every ready and delayed message (not the dead letters);
+        returns how many, or -1."""
         return self._browser.purge()
 
 
 class DeadLetters:
+    """The dead letters of a queue (``Queue.dead``): list, requeue and purge
+    them."""
     def __init__(self, queue: Queue[Any]) -> None:
         self._browser = queue.connector.browser(queue.name)
 
     def list(self, limit: int = 100) -> list[DeadLetterInfo]:
+        """Up to ``limit`` dead letters, oldest first, each with its id, reason,
+        delivery count, time and body."""
         return [DeadLetterInfo.of(d) for d in self._browser.dead_letters(limit)]
 
     def requeue(self, ids: Collection[str] | None = None) -> int:
+        """Put the dead letters ``ids`` (all if None) back on the queue as they
+        were sent; returns how many."""
         return self._browser.requeue_dead(ids)
 
     def purge(self, ids: Collection[str] | None = None) -> int:
+        """Delete the dead letters ``ids`` (all if None) for good; returns how
+        many."""
         return self._browser.purge_dead(ids)

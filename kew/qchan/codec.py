@@ -24,11 +24,21 @@ class DecodeError(KewError, ValueError):
 
 
 class Codec(Protocol[T]):
+    """Turns a queue's values into bodies and back (``Queue(..., codec=...)``).
+
+    ``content_type`` is sent with every body; ``decode`` raises
+    :class:`DecodeError` (with the reason) for a body that is not a ``T``.
+    """
+
     content_type: str
 
-    def encode(self, value: T, /) -> bytes: ...
+    def encode(self, value: T, /) -> bytes:
+        """The body for ``value``."""
+        ...
 
-    def decode(self, data: bytes, /) -> T: ...
+    def decode(self, data: bytes, /) -> T:
+        """The value of a body; :class:`DecodeError` if it is not a ``T``."""
+        ...
 
 
 def type_name(tp: Any) -> str:
@@ -62,9 +72,12 @@ class MsgspecCodec(Generic[T]):
         self._decoder = module.Decoder(tp)
 
     def encode(self, value: T, /) -> bytes:
+        """The body for ``value`` in this codec's format."""
         return cast(bytes, self._encoder.encode(value))
 
     def decode(self, data: bytes, /) -> T:
+        """The value of a body, validated against the type; :class:`DecodeError` with
+        msgspec's message and path if it is not one."""
         try:
             return cast(T, self._decoder.decode(data))
         except (msgspec.DecodeError, msgspec.ValidationError) as e:

@@ -53,7 +53,14 @@ def new_key() -> str:
 
 
 class EncryptedCodec(Generic[T]):
-    """Wraps a codec: what it encodes is encrypted, what it decodes verified."""
+    """Wraps a codec: what it encodes is encrypted, what it decodes verified.
+
+    ``keys`` maps key ids to 16, 24 or 32-byte AES keys (or is a string for
+    :func:`parse_keys`); ``current`` is the id to encrypt with (default: the
+    last key).  ``context`` is bound into every body as associated data (a
+    queue passes its name and type), so a body does not decrypt elsewhere.
+    Needs the ``crypto`` extra; :class:`~kew.ConfigError` for bad keys.
+    """
 
     def __init__(
         self,
@@ -86,12 +93,16 @@ class EncryptedCodec(Generic[T]):
         return f"EncryptedCodec(key ids={sorted(self._aead)}, current={self._current!r})"
 
     def encode(self, value: T, /) -> bytes:
+        """What the inner codec makes of ``value``, encrypted with the current key."""
         kid = self._current.encode()
         nonce = os.urandom(12)
         sealed = self._aead[self._current].encrypt(nonce, self._inner.encode(value), self._aad)
         return b"".join((MAGIC, bytes((len(kid),)), kid, nonce, sealed))
 
     def decode(self, data: bytes, /) -> T:
+        """Verify and decrypt with the key the body names, then decode with the inner codec;
+        :class:`~kew.DecodeError` if the body is not encrypted, its key is unknown, or it
+        fails authentication."""
         from cryptography.exceptions import InvalidTag
 
         if not data.startswith(MAGIC) or len(data) < 6:

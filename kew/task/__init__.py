@@ -1,14 +1,18 @@
 """kew.task: run / retry / notify on kew queues (see docs/tasks.md).
 
-from kew.task import App, Intervals, current
+    from kew.task import App, Intervals, current
 
-app = App()                                   # $KEW_URL, else SQLite
+    app = App()                                   # $KEW_URL, else SQLite
 
-@app.task(retry=Intervals.minutes(10, 10, 120))
-def resize(job: Resize) -> None:
-    current().log(f"resizing {job.path}")
+    @app.task(retry=Intervals.minutes(10, 10, 120))
+    def resize(job: Resize) -> None:
+        current().log(f"resizing {job.path}")
 
-resize.submit(Resize(path="a.png"))           # -> task id
+    resize.submit(Resize(path="a.png"))           # -> task id
+
+A task's handler runs on a worker (``kew worker MODULE:APP``, or ``app.worker()``); its
+status and output travel as task events, which a recorder keeps in the app's task store
+for anyone to read.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -70,8 +70,9 @@ __all__ = ["DEFAULT_STORE", "App", "TaskQueue"]
 T = TypeVar("T")
 log = logging.getLogger("kew.task")
 
-#: Where task status and output are kept when ``App(store=...)`` is not given.
 DEFAULT_STORE = "sqlite:///kew-tasks.sqlite3"
+"""Where task status and output are kept when ``App(store=...)`` is not
+given."""
 
 #: Event messages a recorder applies in one store transaction at most.
 RECORDER_BATCH = 512
@@ -610,6 +611,8 @@ class App:
 
     @property
     def store(self) -> TaskStore:
+        """The app's task store, opened on first use (``App(store=...)``,
+        default :data:`DEFAULT_STORE`)."""
         with self._store_lock:
             if self._store is None:
                 self._store = open_store(self._store_url)
@@ -745,6 +748,8 @@ class App:
         self._listeners.append(listener)
 
     def queue_names(self) -> list[str]:
+        """Every queue the app uses: its task queues, their outcome queues, its
+        extra consumers' queues and the events queue."""
         names: list[str] = []
         for tq in self.queues.values():
             names.append(tq.name)
@@ -757,9 +762,13 @@ class App:
     # -- reading ----------------------------------------------------------------
 
     def status(self, task_id: str) -> TaskRecord | None:
+        """The task's record (status, attempt, times, last error) from the
+        store; None if the store has not heard of it."""
         return self.store.get(task_id)
 
     def output(self, task_id: str, offset: int = 0) -> tuple[str, int]:
+        """The task's output from character ``offset`` on, and the offset to ask
+        for next."""
         return self.store.output(task_id, offset)
 
     # -- running ----------------------------------------------------------------
@@ -936,6 +945,8 @@ class App:
                         ctx.put_back(events)
 
     def close(self) -> None:
+        """Close the app's queues and store, and its connector if the app made
+        it from a URL."""
         self._closing.set()
         for tq in self.queues.values():
             tq.queue.close()

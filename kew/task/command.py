@@ -33,6 +33,8 @@ from kew.task.errors import Permanent, Retry
 __all__ = ["CommandResult", "CommandSpec", "ExitAction", "check_result", "run_command"]
 
 ExitAction = Literal["success", "retry", "permanent"]
+"""What an exit code means (``exit_codes={3: "permanent"}``): the task succeeded, the
+attempt failed and the retry policy decides, or the task failed for good."""
 
 #: Seconds between SIGTERM and SIGKILL when a command must stop.
 KILL_GRACE = 5.0
@@ -66,6 +68,11 @@ class CommandSpec:
 
 @dataclass(frozen=True)
 class CommandResult:
+    """How a command ended: the ``argv`` run (with a ``nice`` prefix, if any), its
+    ``returncode`` (negative: killed by that signal), whether its time limit was
+    reached (``timed_out``) or the task was handed back (``cancelled``), and the
+    wall-clock ``seconds`` it ran."""
+
     argv: tuple[str, ...]
     returncode: int
     timed_out: bool

@@ -106,6 +106,8 @@ class TaskContext:
     # -- for the runner -------------------------------------------------------
 
     def event(self, kind: EventKind, at: int | None = None, **fields: Any) -> TaskEvent:
+        """A :class:`~kew.task.TaskEvent` of this run (its task, attempt, run and worker),
+        at ``at`` (epoch ms, default now), with ``fields``.  For the runner."""
         return TaskEvent(
             self.id,
             self.queue,
@@ -118,6 +120,8 @@ class TaskContext:
         )
 
     def add_pending(self, event: TaskEvent) -> None:
+        """Queue a status event to be sent with the next flush, before the buffered
+        output.  For the runner."""
         with self._lock:
             self._pending.append(event)
 

@@ -27,6 +27,7 @@ TaskStatus = Literal["queued", "running", "retry-scheduled", "succeeded", "faile
 """Where a task is in its life."""
 
 FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
+"""The statuses a task does not leave: ``succeeded`` and ``failed``."""
 
 EventKind = Literal[
     "queued",  # submitted; the task message is on its queue
@@ -39,8 +40,6 @@ EventKind = Literal[
     "released",  # the run was handed back unfinished (worker shutdown): queued again
 ]
 
-#: Rank of a status-changing event within one attempt, so that a store
-#: applying events out of order (a redelivery) never moves a task backwards.
 STATUS_RANK: dict[str, int] = {
     "queued": 0,
     "running": 1,
@@ -49,6 +48,8 @@ STATUS_RANK: dict[str, int] = {
     "succeeded": 3,
     "failed": 3,
 }
+"""Rank of a status-changing event within one attempt, so that a store
+applying events out of order (a redelivery) never moves a task backwards."""
 
 
 class TaskEvent(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -99,6 +100,7 @@ class TaskRecord(msgspec.Struct, frozen=True, omit_defaults=True):
 
     @property
     def final(self) -> bool:
+        """Whether the task is done for good (succeeded or failed)."""
         return self.status in FINAL_STATUSES
 
 

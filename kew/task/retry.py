@@ -18,6 +18,12 @@ __all__ = ["DEFAULT_RETRY", "Exponential", "Intervals", "NoRetry", "RetryPolicy"
 
 @runtime_checkable
 class RetryPolicy(Protocol):
+    """How long to wait before the next attempt of a failed task, or whether to give up.
+
+    Anything with this ``delay`` method is a policy (``App.task(retry=...)``);
+    :class:`Intervals`, :class:`Exponential` and :class:`NoRetry` are the ones kew has.
+    """
+
     def delay(self, attempt: int) -> float | None:
         """Seconds before attempt ``attempt + 1``; ``None`` = give up."""
         ...
@@ -48,17 +54,21 @@ class Intervals:
 
     @classmethod
     def minutes(cls, *minutes: float) -> Intervals:
+        """Intervals given in minutes: ``Intervals.minutes(10, 120)``."""
         return cls([_seconds(m, f"retry interval {i + 1}") * 60 for i, m in enumerate(minutes)])
 
     @classmethod
     def of(cls, *seconds: float) -> Intervals:
+        """Intervals given as arguments, in seconds: ``Intervals.of(10, 60)``."""
         return cls(seconds)
 
     @property
     def max_attempts(self) -> int:
+        """How many attempts in all: one more than there are intervals."""
         return len(self.seconds) + 1
 
     def delay(self, attempt: int) -> float | None:
+        """The interval after attempt ``attempt`` (1-based) fails; ``None`` past the last."""
         if 1 <= attempt <= len(self.seconds):
             return self.seconds[attempt - 1]
         return None
@@ -96,6 +106,8 @@ class Exponential:
         return min(self.cap, self.base * 2.0 ** min(max(attempt - 1, 0), 1000))
 
     def delay(self, attempt: int) -> float | None:
+        """A wait up to :meth:`bound` (drawn at random with full jitter); ``None`` once
+        ``max_attempts`` attempts have run."""
         if attempt >= self.max_attempts:
             return None
         bound = self.bound(attempt)
@@ -114,12 +126,13 @@ class NoRetry:
     max_attempts = 1
 
     def delay(self, attempt: int) -> float | None:
+        """Always ``None``: no further attempt."""
         return None
 
     def __repr__(self) -> str:
         return "NoRetry()"
 
 
-#: The policy of a task queue declared without one: up to 5 attempts,
-#: waits drawn from 0-1 s, 0-2 s, 0-4 s, 0-8 s (capped at 5 minutes).
 DEFAULT_RETRY = Exponential(base=1.0, cap=300.0, max_attempts=5)
+"""The policy of a task queue declared without one: up to 5 attempts,
+waits drawn from 0-1 s, 0-2 s, 0-4 s, 0-8 s (capped at 5 minutes)."""

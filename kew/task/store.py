@@ -43,11 +43,19 @@ STATUS_KINDS = frozenset(
 
 @runtime_checkable
 class TaskStore(Protocol):
+    """Where task status and output are kept for anyone to read (see the module).
+
+    A recorder applies the task events to it; the REST front end, the CLI and
+    :meth:`App.status <kew.task.App.status>` read it.  :func:`open_store` opens one by URL.
+    """
+
     def apply(self, events: Sequence[TaskEvent]) -> None:
         """Apply a batch of events (idempotent, any order)."""
         ...
 
-    def get(self, task_id: str) -> TaskRecord | None: ...
+    def get(self, task_id: str) -> TaskRecord | None:
+        """The task's record; ``None`` if the store has never heard of it."""
+        ...
 
     def output(self, task_id: str, offset: int = 0) -> tuple[str, int]:
         """The task's output from character ``offset`` on, and the offset
@@ -58,14 +66,18 @@ class TaskStore(Protocol):
         """The newest tasks first (by creation)."""
         ...
 
-    def workers(self) -> list[WorkerRecord]: ...
+    def workers(self) -> list[WorkerRecord]:
+        """The workers seen through their heartbeats, by id."""
+        ...
 
     def prune(self, older_than_ms: int) -> int:
         """Drop final tasks finished before ``older_than_ms`` (epoch ms) with
         their output, and workers not seen since; returns the tasks dropped."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the store's resources (its database connection)."""
+        ...
 
 
 # -- the rules, shared by the stores -------------------------------------------
@@ -206,6 +218,7 @@ class MemoryTaskStore:
         self._workers: dict[str, WorkerRecord] = {}
 
     def apply(self, events: Sequence[TaskEvent]) -> None:
+        """Apply a batch of events (idempotent, any order)."""
         with self._lock:
             for ev in events:
                 if ev.kind == "worker":
@@ -222,17 +235,20 @@ class MemoryTaskStore:
                     )
 
     def get(self, task_id: str) -> TaskRecord | None:
+        """The task's record; ``None`` if the store has never heard of it."""
         with self._lock:
             row = self._rows.get(task_id)
         return row.record if row else None
 
     def output(self, task_id: str, offset: int = 0) -> tuple[str, int]:
+        """The task's output from character ``offset`` on, and the offset to ask for next."""
         with self._lock:
             chunks = sorted(self._output.get(task_id, {}).items())
         text = join_output((a, r, t) for (a, r, _), t in chunks)
         return text[offset:], max(len(text), offset)
 
     def recent(self, limit: int = 50, queue: str | None = None) -> list[TaskRecord]:
+        """The newest tasks first (by creation), of one ``queue`` if given."""
         with self._lock:
             records = [r.record for r in self._rows.values()]
         if queue is not None:
@@ -241,10 +257,13 @@ class MemoryTaskStore:
         return records[:limit]
 
     def workers(self) -> list[WorkerRecord]:
+        """The workers seen through their heartbeats, by id."""
         with self._lock:
             return sorted(self._workers.values(), key=lambda w: w.id)
 
     def prune(self, older_than_ms: int) -> int:
+        """Drop final tasks finished before ``older_than_ms`` (epoch ms) with their
+        output, and workers not seen since; returns the tasks dropped."""
         with self._lock:
             gone = [
                 tid
@@ -261,6 +280,7 @@ class MemoryTaskStore:
         return len(gone)
 
     def close(self) -> None:
+        """Nothing to release: the records stay until the object is dropped."""
         pass
 
 
@@ -392,6 +412,7 @@ class SqliteTaskStore:
         return f"SqliteTaskStore({str(self.path)!r})"
 
     def apply(self, events: Sequence[TaskEvent]) -> None:
+        """Apply a batch of events in one transaction (idempotent, any order)."""
         if not events:
             return
         with self._lock:
@@ -448,10 +469,12 @@ class SqliteTaskStore:
             return self._db.execute(sql, args).fetchall()
 
     def get(self, task_id: str) -> TaskRecord | None:
+        """The task's record; ``None`` if the store has never heard of it."""
         rows = self._read(f"SELECT {_COLUMNS} FROM kew_task WHERE id = ?", (task_id,))
         return _row(rows[0]).record if rows else None  # type: ignore[arg-type]
 
     def output(self, task_id: str, offset: int = 0) -> tuple[str, int]:
+        """The task's output from character ``offset`` on, and the offset to ask for next."""
         rows = self._read(
             "SELECT attempt, run, text FROM kew_task_output WHERE task_id = ? "
             "ORDER BY attempt, run, seq",
@@ -461,6 +484,7 @@ class SqliteTaskStore:
         return text[offset:], max(len(text), offset)
 
     def recent(self, limit: int = 50, queue: str | None = None) -> list[TaskRecord]:
+        """The newest tasks first (by creation), of one ``queue`` if given."""
         if queue is None:
             rows = self._read(
                 f"SELECT {_COLUMNS} FROM kew_task ORDER BY created_at DESC, id DESC LIMIT ?",
@@ -475,10 +499,13 @@ class SqliteTaskStore:
         return [_row(r).record for r in rows]  # type: ignore[arg-type]
 
     def workers(self) -> list[WorkerRecord]:
+        """The workers seen through their heartbeats, by id."""
         rows = self._read("SELECT id, queues, last_seen FROM kew_task_worker ORDER BY id")
         return [WorkerRecord(str(i), str(q), int(s)) for i, q, s in rows]  # type: ignore[call-overload]
 
     def prune(self, older_than_ms: int) -> int:
+        """Drop final tasks finished before ``older_than_ms`` (epoch ms) with their
+        output, and workers not seen since, in one transaction; returns the tasks dropped."""
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -501,6 +528,7 @@ class SqliteTaskStore:
         return int(n)
 
     def close(self) -> None:
+        """Close the database connection."""
         with self._lock:
             self._db.close()
 

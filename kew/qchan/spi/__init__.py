@@ -75,8 +75,6 @@ __all__ = [
 Headers = Mapping[str, "str | int"]
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class Message:
     """A message as the broker stores it.
