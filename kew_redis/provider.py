@@ -12,6 +12,11 @@ consumer.  While a delivery is held, its consumer resets the idle time
 (XCLAIM ... JUSTID) every lease/3, so a long handler is never stolen from a
 live worker.  Acked entries are deleted (XACK + XDEL), so streams do not grow.
 
+Entries another program wrote are read one by one (kew.qchan.spi.wire): an
+entry kew cannot read is dead-lettered at once with the reason, and the
+others of its batch are delivered.  A consumer group destroyed, or a stream
+deleted, by another program is created again by the next fetch.
+
 Options: ``prefix`` (default ``kew``), ``lease`` (seconds, default 30),
 ``retries`` (reconnect attempts before BrokerUnavailable, default 10),
 ``socket_timeout`` (seconds, default 10), ``max_message_size`` (bytes,
@@ -23,10 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -51,6 +58,9 @@ from kew.qchan.spi import (
     now_ms,
 )
 from kew.qchan.spi.dedupe import ClaimResult
+from kew.qchan.spi.wire import Malformed, check_id, headers_from_json, salvage
+
+log = logging.getLogger("kew.redis")
 
 SCHEMES = ("redis", "rediss")
 GROUP = "kew"
@@ -59,22 +69,33 @@ HOUSEKEEPING_MS = 250
 R = TypeVar("R")
 
 _encode_headers = msgspec.json.Encoder().encode
-_decode_headers = msgspec.json.Decoder(dict[str, str | int]).decode
 
 # Move due delayed messages into the stream; returns the due time (epoch ms)
 # of the next delayed message, or nil.  A delayed message is packed as
-# "<len(id)>:<id><len(headers)>:<headers><body>" (see _pack).
+# "<len(id)>:<id><len(headers)>:<headers><body>" (see _pack); a member that
+# is not (another program wrote it) goes to the dead letters, whole, as the
+# body (its id "delayed-<now>-<n>").  What the fields hold is checked by the
+# consumer, as for any entry.
 _MOVE_DUE = """
+local function field(s, p)
+  local n = string.match(s, '^%d+:', p)
+  if not n then return nil end
+  local len = tonumber(string.sub(n, 1, -2))
+  local from = p + #n
+  if from + len - 1 > #s then return nil end
+  return string.sub(s, from, from + len - 1), from + len
+end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
-for _, s in ipairs(due) do
-  local c1 = string.find(s, ':', 1, true)
-  local n1 = tonumber(string.sub(s, 1, c1 - 1))
-  local id = string.sub(s, c1 + 1, c1 + n1)
-  local c2 = string.find(s, ':', c1 + n1 + 1, true)
-  local n2 = tonumber(string.sub(s, c1 + n1 + 1, c2 - 1))
-  local headers = string.sub(s, c2 + 1, c2 + n2)
-  local body = string.sub(s, c2 + n2 + 1)
-  redis.call('XADD', KEYS[2], '*', 'id', id, 'body', body, 'headers', headers)
+for i, s in ipairs(due) do
+  local id, p = field(s, 1)
+  local headers
+  if id then headers, p = field(s, p) end
+  if headers then
+    redis.call('XADD', KEYS[2], '*', 'id', id, 'body', string.sub(s, p), 'headers', headers)
+  else
+    redis.call('XADD', KEYS[3], '*', 'id', 'delayed-' .. ARGV[1] .. '-' .. i, 'body', s,
+      'headers', '{}', 'count', 0, 'reason', ARGV[2], 'dead_at', ARGV[1])
+  end
   redis.call('ZREM', KEYS[1], s)
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -83,9 +104,99 @@ return false
 """
 
 
+_BAD_DELAYED = str(
+    Malformed(
+        "a delayed message (sorted-set member) that is not "
+        "<len(id)>:<id><len(headers)>:<headers><body>"
+    )
+)
+
+
 def _pack(message_id: str, headers: bytes, body: bytes) -> bytes:
     mid = message_id.encode()
     return b"%d:%s%d:%s%s" % (len(mid), mid, len(headers), headers, body)
+
+
+def _due(score: Any) -> int | None:
+    """The mover's answer (a sorted-set score): epoch ms, or None for none
+    (or a score that is never due, ``inf`` or ``nan``: another program's)."""
+    if score is None:
+        return None
+    try:
+        due = float(_text(score))
+    except ValueError:
+        return None
+    if math.isnan(due) or due == math.inf:
+        return None
+    return 0 if due == -math.inf else int(due)
+
+
+# -- entries ---------------------------------------------------------------
+
+_FIELDS = (b"id", b"body", b"headers")
+
+
+def _message(fields: Mapping[bytes, Any]) -> Message:
+    """The message of a stream entry (fields ``id``, ``body``, ``headers``;
+    others are ignored), or :class:`Malformed` saying what is wrong."""
+    if not any(f in fields for f in _FIELDS):
+        names = ", ".join(sorted(repr(k.decode(errors="replace")) for k in fields))
+        raise Malformed(f"a stream entry without kew's fields id, body, headers (it has {names})")
+    mid = check_id(fields.get(b"id"))
+    body = fields.get(b"body")
+    if body is None:
+        raise Malformed("the stream entry has no body field")
+    headers = fields.get(b"headers")
+    if headers is None:
+        raise Malformed("the stream entry has no headers field")
+    return Message(mid, body, headers_from_json(headers))
+
+
+def _salvaged(entry_id: str, fields: Mapping[bytes, Any]) -> Message:
+    """What can be kept of an entry kew cannot read (the entry id stands in
+    for a missing or bad message id)."""
+    raw = fields.get(b"headers")
+    try:
+        headers = msgspec.json.decode(raw) if isinstance(raw, bytes) else None
+    except msgspec.DecodeError:
+        headers = None
+    return salvage(
+        fields.get(b"id"),
+        fields.get(b"body"),
+        headers if isinstance(headers, dict) else None,
+        fallback_id=entry_id,
+    )
+
+
+def _int(raw: Any, default: int) -> int:
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return default
+
+
+def _dead_letter(entry_id: Any, fields: Mapping[bytes, Any]) -> DeadLetter:
+    """A dead-letter entry, read leniently (another program may have written
+    it): whatever is missing or unreadable gets a stand-in."""
+    eid = _text(entry_id)
+    reason = fields.get(b"reason")
+    return DeadLetter(
+        _salvaged(eid, fields),
+        _int(fields.get(b"count"), 1),
+        reason.decode(errors="replace") if isinstance(reason, bytes) else "(no reason recorded)",
+        _int(fields.get(b"dead_at"), _int(eid.partition("-")[0], 0)),
+    )
+
+
+def _dead_fields(m: Message, count: int, reason: str) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "body": m.body,
+        "headers": _encode_headers(m.headers),
+        "count": count,
+        "reason": reason,
+        "dead_at": now_ms(),
+    }
 
 
 # -- options ---------------------------------------------------------------
@@ -204,6 +315,16 @@ class RedisConnector:
     def keys(self, queue: str) -> _Keys:
         return _Keys.of(self.options.prefix, queue)
 
+    def move_due(self, keys: _Keys, client: Any = None) -> int | None:
+        """Move due delayed messages into the stream; the next due time."""
+        return _due(
+            self._move_due(
+                keys=[keys.delayed, keys.stream, keys.dead],
+                args=[now_ms(), _BAD_DELAYED],
+                client=client or self.redis,
+            )
+        )
+
     def declare(self, queue: str) -> None:
         try:
             _guard(
@@ -280,6 +401,7 @@ class RedisProducer:
 class RedisConsumer:
     def __init__(self, connector: RedisConnector, queue: str, prefetch: int) -> None:
         self._c = connector
+        self._queue = queue
         self._keys = connector.keys(queue)
         self._prefetch = prefetch
         self._lease = connector.options.lease_ms
@@ -297,19 +419,49 @@ class RedisConsumer:
         self._keeper.start()
 
     def _deliveries(self, entries: Any, counts: dict[str, int] | None = None) -> list[Delivery]:
-        out = []
+        """The deliveries of the entries read (now pending on this consumer),
+        held; an entry kew cannot read is dead-lettered at once, one deleted
+        while pending (no fields) is acked: neither is left pending."""
+        out: list[Delivery] = []
+        bad: list[tuple[str, Message, int, str]] = []
+        gone: list[str] = []
         for entry_id, fields in entries:
-            if not fields:  # deleted while pending
-                continue
             eid = _text(entry_id)
-            message = Message(
-                _text(fields[b"id"]), fields[b"body"], _decode_headers(fields[b"headers"])
-            )
-            out.append(Delivery(message, (counts or {}).get(eid, 1), eid))
+            count = (counts or {}).get(eid, 1)
+            if not fields:
+                gone.append(eid)
+                continue
+            try:
+                out.append(Delivery(_message(fields), count, eid))
+            except Malformed as e:
+                bad.append((eid, _salvaged(eid, fields), count, str(e)))
+        if bad or gone:
+            self._bury(bad, gone)
         with self._lock:
             for d in out:
                 self._held[cast(str, d.tag)] = d
         return out
+
+    def _bury(self, bad: list[tuple[str, Message, int, str]], gone: list[str]) -> None:
+        """Dead-letter ``bad`` (entry id, what was kept, count, reason) as
+        :meth:`dead_letter` does, and ack ``gone``, in one MULTI/EXEC.  If it
+        fails, the good entries of the batch are not held either: all are
+        reclaimed after the lease."""
+        pipe = self._redis.pipeline(transaction=True)
+        for _, m, count, reason in bad:
+            pipe.xadd(self._keys.dead, _dead_fields(m, count, reason))
+        tags = [eid for eid, *_ in bad] + gone
+        pipe.xack(self._keys.stream, GROUP, *tags)
+        pipe.xdel(self._keys.stream, *tags)
+        pipe.execute()
+        for eid, m, _, reason in bad:
+            log.warning(
+                "kew: dead-lettered entry %s of %s (message id %r): %s",
+                eid,
+                self._keys.stream,
+                m.id,
+                reason,
+            )
 
     def _reclaim(self, room: int) -> list[Delivery]:
         r = self._redis
@@ -329,6 +481,7 @@ class RedisConsumer:
 
     def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
         deadline = time.monotonic() + timeout
+        recreated = False
         while not self._closed.is_set():
             with self._lock:
                 room = min(max_count, self._prefetch - len(self._held))
@@ -337,7 +490,16 @@ class RedisConsumer:
                 if time.monotonic() >= deadline:
                     return []
                 continue
-            got = _guard(self._c.url, functools.partial(self._next, room, deadline))
+            try:
+                got = _guard(self._c.url, functools.partial(self._next, room, deadline))
+            except ResponseError as e:
+                if "NOGROUP" not in str(e) or recreated:
+                    raise  # the runtime retries
+                # Another program destroyed the group or deleted the stream.
+                log.warning("kew: %s; creating the group again", e)
+                self._c.declare(self._queue)
+                recreated = True
+                continue
             if got or time.monotonic() >= deadline:
                 return got
         return []
@@ -350,10 +512,7 @@ class RedisConsumer:
         r = self._redis
         now = now_ms()
         if now >= self._housekeeping_at or (self._next_due is not None and now >= self._next_due):
-            due = self._c._move_due(
-                keys=[self._keys.delayed, self._keys.stream], args=[now], client=r
-            )
-            self._next_due = None if due is None else int(float(_text(due)))
+            self._next_due = self._c.move_due(self._keys, r)
             self._housekeeping_at = now + HOUSEKEEPING_MS
             got = self._reclaim(room)
             if got:
@@ -406,19 +565,8 @@ class RedisConsumer:
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         if not self._forget(delivery):
             return
-        m = delivery.message
         pipe = self._redis.pipeline(transaction=True)
-        pipe.xadd(
-            self._keys.dead,
-            {
-                "id": m.id,
-                "body": m.body,
-                "headers": _encode_headers(m.headers),
-                "count": delivery.delivery_count,
-                "reason": reason,
-                "dead_at": now_ms(),
-            },
-        )
+        pipe.xadd(self._keys.dead, _dead_fields(delivery.message, delivery.delivery_count, reason))
         pipe.xack(self._keys.stream, GROUP, delivery.tag)
         pipe.xdel(self._keys.stream, delivery.tag)
         _guard(self._c.url, pipe.execute)
@@ -444,6 +592,8 @@ class RedisConsumer:
                 self._redis.xclaim(self._keys.stream, GROUP, self._name, 0, tags, justid=True)
             except redis.RedisError:
                 continue  # two more tries before the lease runs out
+            except Exception:  # never let this thread die: the leases would lapse
+                log.exception("kew: renewing the leases on %s failed", self._keys.stream)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -468,18 +618,27 @@ class RedisBrowser:
         self._keys = connector.keys(queue)
 
     def _undelivered(self, limit: int) -> list[Any]:
-        groups = self._r.xinfo_groups(self._keys.stream)
+        try:
+            groups = self._r.xinfo_groups(self._keys.stream)
+        except ResponseError as e:
+            if "no such key" in str(e).lower():
+                return []  # not declared, or deleted
+            raise
         last = next(
             (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP), "0-0"
         )
         return cast(list[Any], self._r.xrange(self._keys.stream, f"({last}", "+", count=limit))
 
     def peek(self, limit: int) -> Sequence[Message]:
-        self._c._move_due(keys=[self._keys.delayed, self._keys.stream], args=[now_ms()])
-        return [
-            Message(_text(f[b"id"]), f[b"body"], _decode_headers(f[b"headers"]))
-            for _, f in _guard(self._c.url, lambda: self._undelivered(limit))
-        ]
+        """Entries a consumer will dead-letter are shown as they will be kept."""
+        _guard(self._c.url, lambda: self._c.move_due(self._keys))
+        out = []
+        for entry_id, f in _guard(self._c.url, lambda: self._undelivered(limit)):
+            try:
+                out.append(_message(f))
+            except Malformed:
+                out.append(_salvaged(_text(entry_id), f))
+        return out
 
     def stats(self) -> QueueStats:
         k = self._keys
@@ -488,34 +647,40 @@ class RedisBrowser:
         pipe.xpending(k.stream, GROUP)
         pipe.zcard(k.delayed)
         pipe.xlen(k.dead)
-        length, pending, delayed, dead = _guard(self._c.url, pipe.execute)
+        length, pending, delayed, dead = _guard(
+            self._c.url, lambda: pipe.execute(raise_on_error=False)
+        )
+        for reply in (length, delayed, dead):
+            if isinstance(reply, Exception):
+                raise reply
+        if isinstance(pending, ResponseError) and "NOGROUP" in str(pending):
+            pending = {"pending": 0}  # the group is gone: its consumers create it again
+        elif isinstance(pending, Exception):
+            raise pending
         in_flight = int(pending["pending"])
         return QueueStats(int(length) - in_flight, in_flight, int(delayed), int(dead))
 
-    def _dead_entries(self, ids: Collection[str] | None) -> list[Any]:
+    def _dead_entries(self, ids: Collection[str] | None) -> list[tuple[Any, DeadLetter]]:
         entries = self._r.xrange(self._keys.dead, "-", "+")
-        return [e for e in entries if ids is None or _text(e[1][b"id"]) in ids]
+        out = [(e, _dead_letter(e, f)) for e, f in entries if f]
+        return [(e, d) for e, d in out if ids is None or d.message.id in ids]
 
     def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
         entries = _guard(
             self._c.url, lambda: self._r.xrange(self._keys.dead, "-", "+", count=limit)
         )
-        return [
-            DeadLetter(
-                Message(_text(f[b"id"]), f[b"body"], _decode_headers(f[b"headers"])),
-                int(f[b"count"]),
-                _text(f[b"reason"]),
-                int(f[b"dead_at"]),
-            )
-            for _, f in entries
-        ]
+        return [_dead_letter(e, f) for e, f in entries if f]
 
     def requeue_dead(self, ids: Collection[str] | None = None) -> int:
+        """Each back as kew reads it (an entry that was not kew's as what was
+        kept of it: its id, or the entry id, the body, the good headers)."""
         entries = _guard(self._c.url, lambda: self._dead_entries(ids))
         pipe = self._r.pipeline(transaction=True)
-        for entry_id, f in entries:
+        for entry_id, d in entries:
+            m = d.message
             pipe.xadd(
-                self._keys.stream, {"id": f[b"id"], "body": f[b"body"], "headers": f[b"headers"]}
+                self._keys.stream,
+                {"id": m.id, "body": m.body, "headers": _encode_headers(m.headers)},
             )
             pipe.xdel(self._keys.dead, entry_id)
         _guard(self._c.url, pipe.execute)

@@ -77,14 +77,14 @@ def test_amqps_round_trip_and_wrong_ca_refused(
     other = make_certs(tmp_path)  # a CA that did not sign the node's certificate
     bad = f"amqps://127.0.0.1:{rabbitmq_node.ssl_port}/?retries=0&ca_certs={other['ca']}"
     with pytest.raises(kew.BrokerUnavailable, match=r"(?i)TLS handshake.*certificate"):
-        kew.Queue(kew.connect(bad), "tls", str)
+        kew.Queue(kew.connect(bad), "tls", str).declare()
     system = f"amqps://127.0.0.1:{rabbitmq_node.ssl_port}/?retries=0"  # the system CAs
     with pytest.raises(kew.BrokerUnavailable, match=r"(?i)certificate"):
-        kew.Queue(kew.connect(system), "tls", str)
+        kew.Queue(kew.connect(system), "tls", str).declare()
     # no fallback to plain text, either way round
     tls_to_plain = f"amqps://127.0.0.1:{rabbitmq_node.port}/?retries=0&ca_certs={other['ca']}"
     with pytest.raises(kew.BrokerUnavailable, match="TLS handshake"):
-        kew.Queue(kew.connect(tls_to_plain), "tls", str)
+        kew.Queue(kew.connect(tls_to_plain), "tls", str).declare()
     plain_to_tls = f"amqp://127.0.0.1:{rabbitmq_node.ssl_port}/?retries=0"
     with pytest.raises(kew.BrokerUnavailable):
-        kew.Queue(kew.connect(plain_to_tls), "tls", str)
+        kew.Queue(kew.connect(plain_to_tls), "tls", str).declare()

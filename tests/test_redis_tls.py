@@ -30,9 +30,9 @@ def test_tls_round_trip_and_wrong_ca_refused(tmp_path: Path) -> None:
         other = make_certs(tmp_path / "other")  # a CA that did not sign the server's cert
         bad = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={other['ca']}&retries=0"
         with pytest.raises(kew.BrokerUnavailable, match=r"(?i)certificate"):
-            kew.Queue(kew.connect(bad), "tls", str)
+            kew.Queue(kew.connect(bad), "tls", str).declare()
         plain = f"redis://127.0.0.1:{server.port}/0?retries=0&socket_timeout=1"
         with pytest.raises(kew.BrokerUnavailable):  # no fallback to plain text
-            kew.Queue(kew.connect(plain), "tls", str)
+            kew.Queue(kew.connect(plain), "tls", str).declare()
     finally:
         server.kill()
