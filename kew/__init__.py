@@ -26,6 +26,7 @@ from kew.core.msg import (
 from kew.qchan import DeadLetters, InvalidValue, Queue, QueueBrowser, Subscription
 from kew.qchan.codec import DecodeError
 from kew.qchan.spi import (
+    AccessRefused,
     BrokerUnavailable,
     ConfigError,
     KewError,
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_URL",
+    "AccessRefused",
     "BrokerUnavailable",
     "ChannelMessage",
     "ChannelSink",

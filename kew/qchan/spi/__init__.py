@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 
 from kew.core.msg import now_ms
 from kew.qchan.spi.errors import (
+    AccessRefused,
     BrokerUnavailable,
     ConfigError,
     ConsumerFailed,
@@ -46,6 +47,7 @@ from kew.qchan.spi.errors import (
 from kew.qchan.spi.urls import ProviderURL
 
 __all__ = [
+    "AccessRefused",
     "AsyncOutboxConsumer",
     "BrokerUnavailable",
     "Browser",

@@ -19,6 +19,12 @@ class BrokerUnavailable(KewError, ConnectionError):
     """The broker could not be reached within the retry budget."""
 
 
+class AccessRefused(KewError, PermissionError):
+    """The broker refused the credentials or the permission (wrong user or
+    password, unknown or forbidden vhost, ACL).  Final: kew never retries
+    it, and the message names what was refused, never the password."""
+
+
 class ConsumerFailed(KewError):
     """A consumer can no longer deliver and will not recover by itself (its
     I/O thread died, its subscription was refused for good).  ``fetch``
