@@ -1,4 +1,4 @@
-"""kew_redis: the Redis Streams provider (``redis://``, ``rediss://``)."""
+"""kew_redis: the Redis Streams provider (``redis://``, ``rediss://``, ``unix://``)."""
 
 from kew_redis.provider import SCHEMES, RedisConnector, connect
 

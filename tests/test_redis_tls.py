@@ -36,3 +36,35 @@ def test_tls_round_trip_and_wrong_ca_refused(tmp_path: Path) -> None:
             kew.Queue(kew.connect(plain), "tls", str).declare()
     finally:
         server.kill()
+
+
+def test_tls_options(tmp_path: Path) -> None:
+    """redis-py's TLS options: verification off (``ssl_cert_reqs=none``, no
+    CA), on with the host name checked, and client certificate files."""
+    require(RedisServer.available(), "redis-server is not installed")
+    certs = make_certs(tmp_path)
+    server = RedisServer(tmp_path, tls=certs)
+    try:
+        server.start()
+    except AssertionError:
+        pytest.skip("this redis-server was built without TLS")
+    base = f"rediss://127.0.0.1:{server.port}/0?retries=0"
+    try:
+        unverified = kew.Queue(kew.connect(base + "&ssl_cert_reqs=none"), "tls-opts", str)
+        unverified.send("unverified")
+        assert unverified.browser().stats().ready == 1
+        checked = f"{base}&ssl_ca_certs={certs['ca']}&ssl_check_hostname=true"
+        checked += (
+            f"&ssl_cert_reqs=required&ssl_certfile={certs['cert']}&ssl_keyfile={certs['key']}"
+        )
+        q = kew.Queue(kew.connect(checked), "tls-opts", str)
+        got: list[str] = []
+        with q.sink(got.append):
+            wait_for(lambda: got, 10, what="the message over TLS")
+        assert got == ["unverified"]
+        with pytest.raises(kew.ConfigError, match="ssl_cert_reqs"):
+            kew.connect(base + "&ssl_cert_reqs=maybe")
+        with pytest.raises(kew.BrokerUnavailable, match=r"(?i)certificate"):  # no CA given
+            kew.Queue(kew.connect(base), "tls-opts", str).declare()
+    finally:
+        server.kill()

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, unquote
 
 from kew.qchan.spi.errors import ConfigError
 
-_SECRET_OPTIONS = frozenset({"password", "passcode", "token", "key", "secret"})
+_SECRET_OPTIONS = frozenset({"password", "passcode", "token", "key", "secret", "ssl_password"})
 
 
 def redact(url: str) -> str:
