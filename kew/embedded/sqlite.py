@@ -14,16 +14,26 @@ for cross-process work when idle, default 0.05), ``sync`` (``full``, the
 default: every commit is fsync'd before ``send`` returns; ``normal``: survives
 a process crash but maybe not a power loss), ``busy_timeout`` (seconds to
 wait for a lock, default 30), ``max_message_size`` (bytes, default 64 MiB).
+
+Another program may insert rows itself (docs/wire-format.md, SQLite): each
+row is read through :mod:`kew.qchan.spi.wire`, and one kew cannot read (bad
+id, headers that are not a JSON object of text and integers, a body that is
+not bytes, an ``avail_at`` that is not a number) is dead-lettered with the
+reason in the transaction that claimed it.  A consumer whose file was
+deleted, replaced or is no longer a database fails for good
+(``ConsumerFailed``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +42,7 @@ import msgspec
 from kew.qchan.spi import (
     Capability,
     ConfigError,
+    ConsumerFailed,
     DeadLetter,
     Delivery,
     Message,
@@ -41,6 +52,15 @@ from kew.qchan.spi import (
     now_ms,
 )
 from kew.qchan.spi.dedupe import ClaimResult
+from kew.qchan.spi.wire import (
+    Malformed,
+    check_id,
+    check_kew_headers,
+    headers_from_json,
+    salvage,
+)
+
+log = logging.getLogger("kew.sqlite")
 
 SCHEMES = ("sqlite",)
 
@@ -71,7 +91,120 @@ CREATE INDEX IF NOT EXISTS kew_dead_queue ON kew_dead (queue, seq);
 """
 
 _encode_headers = msgspec.json.Encoder().encode
-_decode_headers = msgspec.json.Decoder(dict[str, str | int]).decode
+_any_json = msgspec.json.Decoder().decode
+
+
+# -- reading rows another program wrote -------------------------------------
+#
+# Any program may insert rows with the sqlite3 module or any other SQLite
+# binding (docs/wire-format.md), and SQLite keeps whatever type it is given
+# in a column (a TEXT body, a BLOB id, a JSON array as headers).  So kew
+# reads every column that holds text or bytes CAST AS BLOB (the bytes stored:
+# the sqlite3 module cannot return TEXT that is not UTF-8 and would fail the
+# whole claim), with the SQL type where it matters, and checks each row
+# through kew.qchan.spi.wire.  A row it cannot read is dead-lettered at once
+# with the reason, in the transaction that found it; it is never held.
+
+#: A row's columns as kew reads them, in the order :func:`_read` takes them.
+_ROW = (
+    "seq, CAST(id AS BLOB), CAST(body AS BLOB), typeof(body), "
+    "CAST(headers AS BLOB), typeof(headers)"
+)
+
+_SQL_TYPES = {"null": "NULL", "integer": "an INTEGER", "real": "a REAL", "text": "TEXT"}
+
+
+def _message(raw_id: Any, body: Any, body_type: str, headers: Any, headers_type: str) -> Message:
+    """The message a row holds, or :class:`Malformed` saying what is wrong."""
+    mid = check_id(raw_id)
+    if body_type == "text":
+        try:
+            body.decode()
+        except UnicodeDecodeError:
+            raise Malformed(
+                "the body column is TEXT that is not UTF-8 (store bytes as a BLOB)"
+            ) from None
+    elif body_type != "blob":
+        raise Malformed(f"the body column is {_SQL_TYPES.get(body_type, body_type)}, not a BLOB")
+    if headers_type not in ("blob", "text"):
+        raise Malformed(
+            f"the headers column is {_SQL_TYPES.get(headers_type, headers_type)}, "
+            "not a JSON object (TEXT or BLOB)"
+        )
+    return Message(mid, body, _headers(headers))
+
+
+_typed_headers = msgspec.json.Decoder(dict[str, str | int]).decode
+
+
+def _headers(raw: bytes) -> dict[str, str | int]:
+    """``headers_from_json``, fast for good headers (kew's own: one typed
+    decode); any others go through it for the checks and the reason."""
+    try:
+        headers = _typed_headers(raw)
+    except msgspec.DecodeError:
+        return headers_from_json(raw)
+    check_kew_headers(headers)
+    return headers
+
+
+def _read(row: Sequence[Any], fallback_id: str) -> tuple[Message, Malformed | None]:
+    """A row's message and None, or what can be kept of it (``salvage``) and
+    why it cannot be delivered.  ``row`` starts with the columns of
+    :data:`_ROW`."""
+    _, raw_id, body, body_type, headers, headers_type = row[:6]
+    try:
+        return _message(raw_id, body, body_type, headers, headers_type), None
+    except Malformed as e:
+        table: Any = None
+        if isinstance(headers, bytes):
+            try:
+                table = _any_json(headers)
+            except msgspec.DecodeError:
+                table = None
+        kept = salvage(
+            raw_id, body, table if isinstance(table, dict) else None, fallback_id=fallback_id
+        )
+        return kept, e
+
+
+def _int(value: Any, default: int) -> int:
+    """An INTEGER column's value, or ``default`` when a program stored
+    something else there."""
+    return value if isinstance(value, int) else default
+
+
+def _text(value: Any) -> str:
+    """A TEXT column read CAST AS BLOB."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return "" if value is None else str(value)
+
+
+def _not_due(avail_type: str, avail_at: Any) -> Malformed:
+    shown = avail_at.decode(errors="replace") if isinstance(avail_at, bytes) else avail_at
+    if isinstance(shown, str) and len(shown) > 40:
+        shown = shown[:37] + "..."
+    detail = "" if shown is None else f" ({shown!r})"
+    return Malformed(
+        f"avail_at is {_SQL_TYPES.get(avail_type, 'a BLOB')}{detail}, "
+        "not a time in epoch milliseconds (an INTEGER)"
+    )
+
+
+# SQLite result codes (the low byte of an extended code) and extended codes
+# that mean the file this connection has open is not (or no longer) the
+# database: no retry can help, so a consumer fails for good.
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+_SQLITE_READONLY_DBMOVED = 1032
+
+
+def _lost(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    if not isinstance(code, int):
+        return "file is not a database" in str(e) or "malformed" in str(e)
+    return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or code == _SQLITE_READONLY_DBMOVED
 
 
 # -- options ---------------------------------------------------------------
@@ -134,6 +267,15 @@ def enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
             pause = min(pause * 2, 0.1)
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """The device and inode of a file (None: cannot tell)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class _Db:
     """One SQLite connection, shared by threads under a lock."""
 
@@ -150,6 +292,27 @@ class _Db:
         enable_wal(self.conn, options.busy_timeout)
         self.conn.execute(f"PRAGMA synchronous={(sync or options.sync).upper()}")
         self.lock = threading.Lock()
+        self.path = os.path.abspath(options.path)
+        self._identity = _identity(self.path)
+
+    def lost(self) -> str | None:
+        """Why the file this connection has open is no longer the database
+        at its path (deleted, or replaced by another file), or None.  The
+        connection would go on reading and writing the old file without an
+        error while everyone else uses the new one: only a look from outside
+        tells.  (A file overwritten in place SQLite tells itself, "file is
+        not a database", once it reads it again.)"""
+        if self._identity is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the database file {self.path} was deleted"
+        except OSError:
+            return None  # cannot tell now
+        if (st.st_dev, st.st_ino) != self._identity:
+            return f"the database file {self.path} was replaced by another file"
+        return None
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -159,7 +322,11 @@ class _Db:
             try:
                 yield self.conn
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                # (SQLite may have rolled back already: then the error that
+                # did it is the one to raise, not "no transaction is active")
+                if self.conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self.conn.execute("ROLLBACK")
                 raise
             self.conn.execute("COMMIT")
 
@@ -199,9 +366,14 @@ class SqliteConnector:
         self.options = Options.from_url(url)
         self.url = ProviderURL.parse(url, SCHEMES).redacted  # no password in repr or errors
         self.max_message_size = self.options.max_message_size
-        self._db = _Db(self.options)
-        with self._db.lock:
-            self._db.conn.executescript(_SCHEMA)
+        try:
+            self._db = _Db(self.options)
+            with self._db.lock:
+                self._db.conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            if _lost(e):
+                raise ConfigError(f"{self.options.path} is not a kew SQLite database: {e}") from e
+            raise
         self._signal = _signal(self.options.path)
 
     def __repr__(self) -> str:
@@ -282,6 +454,10 @@ class SqliteProducer:
 # -- consumer --------------------------------------------------------------
 
 
+#: Seconds between looks at a consumer's database file (``_Db.lost``).
+_CHECK_EVERY = 1.0
+
+
 class SqliteConsumer:
     def __init__(self, connector: SqliteConnector, queue: str, prefetch: int) -> None:
         # Claims, acks and dead-letter moves are not fsync'd: in WAL mode they
@@ -301,6 +477,8 @@ class SqliteConsumer:
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
         self._closed = threading.Event()
+        self._failed: ConsumerFailed | None = None
+        self._check_at = 0.0  # when to look at the database file next (lost())
         self._keeper = threading.Thread(
             target=self._keep_leases, name="kew-sqlite-lease", daemon=True
         )
@@ -308,31 +486,111 @@ class SqliteConsumer:
 
     def _claim(self, count: int) -> list[Delivery]:
         now = now_ms()
+        good: list[Delivery] = []
         with self._db.write() as c:
+            self._bury_undue(c, count)
             rows = c.execute(
                 "UPDATE kew_message SET avail_at = ?, owner = ?, count = count + 1 "
                 "WHERE seq IN (SELECT seq FROM kew_message WHERE queue = ? AND avail_at <= ? "
                 "ORDER BY avail_at, seq LIMIT ?) "
-                "RETURNING seq, id, body, headers, count",
+                f"RETURNING {_ROW}, count",
                 (now + self._lease, self._owner, self._queue, now, count),
             ).fetchall()
-        rows.sort()
+            rows.sort()
+            dead: list[tuple[int, Message, int, Malformed]] = []
+            seqs: list[int] = []
+            for row in rows:
+                seq, n = row[0], _int(row[6], 1)
+                message, problem = _read(row, f"sqlite-{seq}")
+                if problem is None:
+                    good.append(Delivery(message, max(n, 1), seq))
+                    seqs.append(seq)
+                else:
+                    dead.append((seq, message, n, problem))
+            self._bury(c, dead)
         with self._held_lock:
-            self._held.update(r[0] for r in rows)
-        return [
-            Delivery(Message(mid, body, _decode_headers(headers)), n, seq)
-            for seq, mid, body, headers, n in rows
-        ]
+            self._held.update(seqs)  # only rows delivered: a dead one is gone already
+        return good
+
+    def _bury_undue(self, c: sqlite3.Connection, count: int) -> None:
+        """Dead-letter rows whose ``avail_at`` is text, bytes (SQLite sorts
+        them after every number) or NULL (a table made without NOT NULL):
+        never due, they would wait for ever.  (Two index searches: an OR
+        would scan the queue.)"""
+        rows = c.execute(
+            f"SELECT {_ROW}, count, typeof(avail_at), CAST(avail_at AS BLOB) FROM kew_message "
+            "WHERE seq IN (SELECT seq FROM kew_message WHERE queue = ?1 AND avail_at >= '' "
+            "UNION ALL SELECT seq FROM kew_message WHERE queue = ?1 AND avail_at IS NULL) "
+            "LIMIT ?2",
+            (self._queue, count),
+        ).fetchall()
+        self._bury(
+            c,
+            [
+                (row[0], _read(row, f"sqlite-{row[0]}")[0], _int(row[6], 0), _not_due(*row[7:9]))
+                for row in rows
+            ],
+        )
+
+    def _bury(
+        self, c: sqlite3.Connection, dead: Sequence[tuple[int, Message, int, Malformed]]
+    ) -> None:
+        """Move rows kew cannot deliver to the dead letters (in the caller's
+        transaction): what could be read of them, and why."""
+        if not dead:
+            return
+        now = now_ms()
+        for seq, message, _, problem in dead:
+            log.warning(
+                "kew: row %d of %s (id %s) is dead-lettered: %s",
+                seq,
+                self._queue,
+                message.id,
+                problem,
+            )
+        c.executemany(
+            "INSERT INTO kew_dead (queue, id, body, headers, count, reason, dead_at) "
+            "VALUES (?,?,?,?,?,?,?)",
+            [
+                (self._queue, m.id, m.body, _encode_headers(m.headers), n, str(problem), now)
+                for _, m, n, problem in dead
+            ],
+        )
+        c.executemany("DELETE FROM kew_message WHERE seq = ?", [(seq,) for seq, *_ in dead])
 
     def _next_due(self) -> float | None:
         rows = self._db.read(
-            "SELECT MIN(avail_at) FROM kew_message WHERE queue = ?", (self._queue,)
+            "SELECT MIN(avail_at) FROM kew_message WHERE queue = ? AND avail_at < ''",
+            (self._queue,),
         )
-        return None if rows[0][0] is None else (rows[0][0] - now_ms()) / 1000
+        due = rows[0][0]
+        return None if not isinstance(due, int | float) else (due - now_ms()) / 1000
 
     def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return self._fetch(max_count, timeout)
+        except sqlite3.Error as e:
+            if _lost(e):
+                raise self._fail(f"{self._db.path}: {e}") from e
+            raise
+
+    def _fail(self, problem: str) -> ConsumerFailed:
+        """Fail for good: this fetch and every later one raise (the runtime
+        names the queue)."""
+        self._failed = ConsumerFailed(problem)
+        return self._failed
+
+    def _fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
         deadline = time.monotonic() + timeout
         while not self._closed.is_set():
+            now = time.monotonic()
+            if now >= self._check_at:  # at most once a second: a stat
+                self._check_at = now + _CHECK_EVERY
+                problem = self._db.lost()
+                if problem is not None:
+                    raise self._fail(problem)
             with self._held_lock:
                 room = min(max_count, self._prefetch - len(self._held))
             if room > 0:
@@ -397,8 +655,8 @@ class SqliteConsumer:
             delivery,
             (
                 "INSERT INTO kew_dead (queue, id, body, headers, count, reason, dead_at) "
-                "SELECT queue, id, body, headers, count, ?, ? FROM kew_message "
-                "WHERE seq = ? AND owner = ?",
+                "SELECT queue, CAST(id AS TEXT), CAST(body AS BLOB), headers, count, ?, ? "
+                "FROM kew_message WHERE seq = ? AND owner = ?",
                 (reason, now_ms()),
             ),
             ("DELETE FROM kew_message WHERE seq = ? AND owner = ?", ()),
@@ -441,12 +699,13 @@ class SqliteConsumer:
         with self._held_lock:
             held = list(self._held)
             self._held.clear()
-        with self._db.write() as c:
-            c.executemany(
-                "UPDATE kew_message SET avail_at = 0, owner = NULL, count = count - 1 "
-                "WHERE seq = ? AND owner = ?",
-                [(seq, self._owner) for seq in held],
-            )
+        if self._failed is None:  # else the file is gone: nothing to hand back to
+            with self._db.write() as c:
+                c.executemany(
+                    "UPDATE kew_message SET avail_at = 0, owner = NULL, count = count - 1 "
+                    "WHERE seq = ? AND owner = ?",
+                    [(seq, self._owner) for seq in held],
+                )
         self._db.close()
         with self._outbox_lock:
             if self._outbox is not None:
@@ -457,6 +716,13 @@ class SqliteConsumer:
 
 # -- browser ---------------------------------------------------------------
 
+_DEAD_ID = re.compile(r"sqlite-dead-([0-9]+)")
+
+
+def _dead_id(seq: int) -> str:
+    """The id a dead letter without a good one is listed under."""
+    return f"sqlite-dead-{seq}"
+
 
 class SqliteBrowser:
     def __init__(self, connector: SqliteConnector, queue: str) -> None:
@@ -465,12 +731,14 @@ class SqliteBrowser:
         self._signal = connector._signal
 
     def peek(self, limit: int) -> Sequence[Message]:
+        """Ready messages; a row kew cannot read shows as what a consumer
+        will keep of it in the dead letters."""
         rows = self._db.read(
-            "SELECT id, body, headers FROM kew_message WHERE queue = ? AND avail_at <= ? "
+            f"SELECT {_ROW} FROM kew_message WHERE queue = ? AND avail_at <= ? "
             "ORDER BY avail_at, seq LIMIT ?",
             (self._queue, now_ms(), limit),
         )
-        return [Message(i, b, _decode_headers(h)) for i, b, h in rows]
+        return [_read(row, f"sqlite-{row[0]}")[0] for row in rows]
 
     def stats(self) -> QueueStats:
         now = now_ms()
@@ -486,30 +754,49 @@ class SqliteBrowser:
 
     def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
         rows = self._db.read(
-            "SELECT id, body, headers, count, reason, dead_at FROM kew_dead WHERE queue = ? "
-            "ORDER BY seq LIMIT ?",
+            f"SELECT {_ROW}, count, CAST(reason AS BLOB), dead_at FROM kew_dead "
+            "WHERE queue = ? ORDER BY seq LIMIT ?",
             (self._queue, limit),
         )
-        return [DeadLetter(Message(i, b, _decode_headers(h)), n, r, t) for i, b, h, n, r, t in rows]
+        return [
+            DeadLetter(
+                _read(row, _dead_id(row[0]))[0], _int(row[6], 0), _text(row[7]), _int(row[8], 0)
+            )
+            for row in rows
+        ]
 
     def _where(self, ids: Collection[str] | None) -> tuple[str, list[Any]]:
+        """The dead letters of this queue (with these ids: as listed, so
+        also the ids :func:`_dead_id` gives rows without a good one)."""
         if ids is None:
             return "queue = ?", [self._queue]
         ids = list(ids)
-        return f"queue = ? AND id IN ({','.join('?' * len(ids))})", [self._queue, *ids]
+        seqs = [int(m.group(1)) for i in ids if (m := _DEAD_ID.fullmatch(i))]
+        return (
+            f"queue = ? AND (CAST(id AS TEXT) IN ({','.join('?' * len(ids))}) "
+            f"OR seq IN ({','.join('?' * len(seqs))}))",
+            [self._queue, *ids, *seqs],
+        )
 
     def requeue_dead(self, ids: Collection[str] | None = None) -> int:
+        """Each dead letter goes back as kew reads it (a row a program wrote
+        to ``kew_dead`` with a bad id or bad headers goes back with the id it
+        is listed under and the headers that could be kept)."""
         where, args = self._where(ids)
         with self._db.write() as c:
-            c.execute(
-                "INSERT INTO kew_message (queue, id, body, headers, avail_at) "
-                f"SELECT queue, id, body, headers, ? FROM kew_dead WHERE {where} ORDER BY seq",
-                (now_ms(), *args),
+            rows = c.execute(
+                f"SELECT {_ROW} FROM kew_dead WHERE {where} ORDER BY seq", args
+            ).fetchall()
+            now = now_ms()
+            messages = [_read(row, _dead_id(row[0]))[0] for row in rows]
+            c.executemany(
+                _INSERT,
+                [(self._queue, m.id, m.body, _encode_headers(m.headers), now) for m in messages],
             )
-            n = c.execute(f"DELETE FROM kew_dead WHERE {where}", args).rowcount
+            c.executemany("DELETE FROM kew_dead WHERE seq = ?", [(row[0],) for row in rows])
         with self._signal:
             self._signal.notify_all()
-        return int(n)
+        return len(rows)
 
     def purge_dead(self, ids: Collection[str] | None = None) -> int:
         where, args = self._where(ids)
