@@ -351,6 +351,17 @@ class Subscription:
         return 0
 
     @property
+    def stall_after(self) -> float:
+        """Seconds of failing fetches, or of work left waiting undelivered
+        while there was room, after which this subscription is no longer
+        alive / healthy (``STALL_AFTER`` unless given)."""
+        return self._stall_after
+
+    @stall_after.setter
+    def stall_after(self, seconds: float) -> None:
+        self._stall_after = seconds
+
+    @property
     def alive(self) -> bool:
         """The fetch loop is running, has polled recently, its consumer has
         not failed for good, and its fetches have not been failing for

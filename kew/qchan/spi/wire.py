@@ -190,7 +190,7 @@ _json_object = msgspec.json.Decoder(dict[str, object])
 def headers_from_json(raw: object, what: str = "the headers") -> dict[str, str | int]:
     """Headers stored as a JSON object (Redis, SQLite), checked."""
     if raw is None:
-        raise Malformed(f"no {what}")
+        raise Malformed(f"{what} are missing")
     if isinstance(raw, str):
         raw = raw.encode()
     if not isinstance(raw, bytes | bytearray | memoryview):
