@@ -7,8 +7,8 @@ import os
 import pytest
 
 from kew.testing.conformance import ProviderConformance
-from kew.testing.util import port_open, require
 from tests.brokers.activemq import ActiveMQServer
+from tests.brokers.stomp_server import require_rabbitmq_stomp
 
 
 class TestActiveMQConformance(ProviderConformance):
@@ -16,6 +16,7 @@ class TestActiveMQConformance(ProviderConformance):
 
     @pytest.fixture
     def url(self, activemq: ActiveMQServer) -> str:
+        # the fixture's broker was checked to answer as ActiveMQ on its port
         return f"stomp://127.0.0.1:{activemq.port}/?dialect=activemq&max_message_size=1048576"
 
 
@@ -24,7 +25,7 @@ class TestRabbitStompConformance(ProviderConformance):
 
     @pytest.fixture
     def url(self) -> str:
-        require(port_open("127.0.0.1", 61613), "RabbitMQ STOMP is not reachable on 127.0.0.1:61613")
+        require_rabbitmq_stomp()  # RabbitMQ answers on 61613, not another STOMP server
         return "stomp://guest:guest@127.0.0.1:61613/?dialect=rabbitmq&max_message_size=1048576"
 
 

@@ -30,16 +30,16 @@ def test_wrong_ca_is_refused_clearly(activemq: ActiveMQServer, tmp_path: Path) -
     url = f"stomp+ssl://127.0.0.1:{activemq.ssl_port}/?dialect=activemq&retries=2"
     url += f"&ca_certs={other['ca']}"
     with pytest.raises(kew.BrokerUnavailable, match=r"(?i)certificate verify failed"):
-        kew.Queue(kew.connect(url), "tls-wrong-ca", str)
+        kew.Queue(kew.connect(url), "tls-wrong-ca", str).declare()
 
 
 def test_no_fallback_to_plain_text(activemq: ActiveMQServer) -> None:
     # plain STOMP to the TLS port: the broker never talks in clear text
     plain = f"stomp://127.0.0.1:{activemq.ssl_port}/?dialect=activemq&retries=0&connect_timeout=2"
     with pytest.raises(kew.BrokerUnavailable):
-        kew.Queue(kew.connect(plain), "tls-plain", str)
+        kew.Queue(kew.connect(plain), "tls-plain", str).declare()
     # and TLS to the plain port does not quietly become plain text
     tls_to_plain = activemq.ssl_url.replace(str(activemq.ssl_port), str(activemq.port), 1)
     tls_to_plain = tls_to_plain.replace("retries=3", "retries=0&connect_timeout=2")
     with pytest.raises(kew.BrokerUnavailable):
-        kew.Queue(kew.connect(tls_to_plain), "tls-plain", str)
+        kew.Queue(kew.connect(tls_to_plain), "tls-plain", str).declare()

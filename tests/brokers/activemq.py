@@ -10,9 +10,11 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from kew.testing.util import free_port, port_open, wait_for
+from tests.brokers.stomp_server import listener_pids, probe, who_listens
 from tests.brokers.tls import make_certs
 
 HOME = Path("/usr/share/activemq")
@@ -80,6 +82,26 @@ class ActiveMQServer:
             return port_open("127.0.0.1", self.port) and port_open("127.0.0.1", self.ssl_port)
 
         wait_for(up, 120, interval=0.2, what="ActiveMQ's STOMP port")
+        self.verify()
+
+    def verify(self) -> None:
+        """The ports this broker was started on answer STOMP as ActiveMQ (a
+        port from free_port() may have been taken by something else)."""
+        for port, ca in ((self.port, None), (self.ssl_port, self.certs.get("ca"))):
+            deadline = time.monotonic() + 30
+            answer = probe("127.0.0.1", port, ca_certs=ca)
+            while answer.server is None and time.monotonic() < deadline:
+                time.sleep(0.5)  # the connector listens before the broker answers
+                answer = probe("127.0.0.1", port, ca_certs=ca)
+            pids = listener_pids(port)  # another session's ActiveMQ answers as ActiveMQ too
+            mine = self.proc is not None and (not pids or self.proc.pid in pids)
+            if not (answer.server or "").startswith("ActiveMQ/") or not mine:
+                what = repr(answer.server) if answer.server is not None else answer.problem
+                raise AssertionError(
+                    f"127.0.0.1:{port} is answered by {what}, not the ActiveMQ started here "
+                    f"(pid {self.proc.pid if self.proc else '?'}); listening there: "
+                    f"{who_listens(port)}"
+                )
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
