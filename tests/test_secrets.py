@@ -27,6 +27,7 @@ import pytest
 import kew
 from kew.qchan.spi import Message
 from kew.testing.util import free_port, port_open, require, wait_for
+from tests.brokers.stomp_server import require_rabbitmq_stomp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +167,7 @@ def test_a_rabbitmq_password_never_shows(debug_logs: pytest.LogCaptureFixture) -
 
 def test_a_stomp_passcode_never_shows(debug_logs: pytest.LogCaptureFixture) -> None:
     """stomp.py logs each frame it sends at DEBUG, CONNECT included."""
-    require(port_open("127.0.0.1", 61613), "no STOMP broker at 127.0.0.1:61613")
+    require_rabbitmq_stomp()  # RabbitMQ's STOMP plugin answers there, not another server
     wrong = planted("stomp-pw")
     with pytest.raises(kew.BrokerUnavailable) as refused:
         conn = kew.connect(f"stomp://guest:{wrong}@127.0.0.1:61613/?dialect=rabbitmq&retries=0")
