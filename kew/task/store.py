@@ -30,7 +30,7 @@ from typing import Protocol, runtime_checkable
 
 from msgspec.structs import replace
 
-from kew.embedded.sqlite import enable_wal
+from kew.core._sqlitefile import enable_wal
 from kew.task.model import FINAL_STATUSES, STATUS_RANK, TaskEvent, TaskRecord, WorkerRecord
 
 __all__ = ["MemoryTaskStore", "SqliteTaskStore", "TaskStore", "open_store"]
