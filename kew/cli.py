@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -348,6 +348,24 @@ app_option = click.option(
     help="On SIGTERM/SIGINT: time to finish running tasks before handing them back.",
 )
 @click.option(
+    "--health-file",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    metavar="PATH",
+    help="A file that exists while the worker is healthy (every consumer fetching, none "
+    "stalled): touched every 2 s, removed when not healthy and on exit. For a liveness "
+    "probe such as `test -f PATH`.",
+)
+@click.option(
+    "--stall-after",
+    type=click.FloatRange(min=0.1),
+    envvar="KEW_STALL_AFTER",
+    default=None,
+    metavar="SECONDS",
+    help="Advanced: a consumer whose fetches have failed (or that has left work waiting "
+    "undelivered) for this long makes the worker unhealthy. Default 60 ($KEW_STALL_AFTER).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     envvar="KEW_LOG_LEVEL",
@@ -364,13 +382,17 @@ def worker(
     metrics_port: int | None,
     metrics_addr: str,
     grace: float,
+    health_file: str | None,
+    stall_after: float | None,
     log_level: str,
 ) -> None:
     """Run the task queues of MODULE:APP until SIGTERM or SIGINT.
 
     A first signal stops taking work and lets running tasks finish within
     --grace seconds (then hands them back); a second hands everything back
-    and exits at once.  Exit code 0 after a graceful stop.
+    and exits at once.  Exit code 0 after a graceful stop; 1 when a
+    consumer failed for good (it can never fetch again: the worker stops
+    gracefully, and says which queue and why on stderr).
     """
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -386,13 +408,29 @@ def worker(
         with clear_errors("metrics"):
             metrics.install(app)
             metrics.serve(metrics_port, addr=metrics_addr)
+    from kew.task.worker import WorkerFailed
+
     with clear_errors():
         w = app.worker(
             concurrency=concurrency, queues=list(queues) or None, record=record, prefetch=prefetch
         )
         _set_grace(w, grace)
-        w.run()
+        w.health_file = Path(health_file) if health_file is not None else None
+        w.stall_after = stall_after
+        try:
+            w.run()
+        except WorkerFailed as e:
+            with suppress(Exception):
+                app.close()
+            raise WorkerExit(_one_line(e)) from None
     app.close()
+
+
+class WorkerExit(CliError):
+    """The worker stopped because a consumer failed for good: one line,
+    exit code 1 (a supervisor restarts it)."""
+
+    exit_code = 1
 
 
 def _set_grace(w: Any, grace: float) -> None:
@@ -402,15 +440,7 @@ def _set_grace(w: Any, grace: float) -> None:
 
 @main.command()
 @click.argument("app_spec", metavar="MODULE:APP")
-@click.option(
-    "-c",
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Event batches applied at once.",
-)
-def recorder(app_spec: str, concurrency: int) -> None:
+def recorder(app_spec: str) -> None:
     """Consume MODULE:APP's task events into its store until SIGTERM/SIGINT.
 
     Run one (or a few) of these so that `kew task`, the REST API and anyone
@@ -418,7 +448,7 @@ def recorder(app_spec: str, concurrency: int) -> None:
     """
     app = load_app(app_spec)
     with clear_errors():
-        sub = app.recorder(concurrency=concurrency)
+        sub = app.recorder()
     stop = threading.Event()
     _on_signals(lambda: stop.set())
     click.echo(f"kew recorder: {app.name} -> {_store_label(app)}", err=True)

@@ -14,7 +14,7 @@ import pytest
 from kew.qchan.runtime import AsyncGroupCommit, GroupCommit
 from kew.qchan.spi import Message, now_ms
 from kew.task import App, SqliteTaskStore, TaskEvent
-from kew.task.app import PACK_BYTES
+from kew.task._events import PACK_BYTES
 from kew.testing.util import wait_for
 
 
@@ -74,8 +74,8 @@ def test_event_messages_of_a_batch_are_packed_into_one(tmp_path: Path) -> None:
         per_attempt = [app.events._message(_events(app, 2 * i + 2, 2 * i)) for i in range(3)]
         single = app.events._message(_events(app, 7, 6)[0])  # an old-style single event
         other = Message("x", b"[1]")
-        assert app._pack_events("other.queue", [other, other]) == [other, other]
-        packed = app._pack_events(name, [*per_attempt, single])
+        assert app.emitter.pack("other.queue", [other, other]) == [other, other]
+        packed = app.emitter.pack(name, [*per_attempt, single])
         assert len(packed) == 1
         decoded = msgspec.json.decode(packed[0].body, type=list[TaskEvent])
         assert [e.task_id for e in decoded] == [f"t{i}" for i in range(7)]
@@ -85,7 +85,7 @@ def test_event_messages_of_a_batch_are_packed_into_one(tmp_path: Path) -> None:
             app.events._message([TaskEvent(f"b{i}", "q", "output", 1, text="x" * 100_000)])
             for i in range(6)
         ]
-        parts = app._pack_events(name, big)
+        parts = app.emitter.pack(name, big)
         assert 1 < len(parts) < 6
         assert all(len(p.body) <= PACK_BYTES for p in parts)
         ids = [e.task_id for p in parts for e in msgspec.json.decode(p.body, type=list[TaskEvent])]

@@ -1,4 +1,4 @@
-"""Worker processes (``python -m kew.task.worker``): SIGKILL mid-task, SIGTERM
+"""Worker processes (``kew worker``): SIGKILL mid-task, SIGTERM
 with and without time to finish, a second signal; on SQLite and Redis.
 
 Each test writes a small app module into its temp dir; the worker processes
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import kew
+from kew.cli import load_app
 from kew.task import App, TaskQueue, TaskRecord
-from kew.task.worker import load_app
 from kew.testing.util import port_open, require, wait_for
 
 APP = r"""
@@ -91,10 +91,10 @@ class Workers:
     def start(self, *args: str) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"worker{len(self.procs)}.log").open("wb")
         p = subprocess.Popen(
-            [sys.executable, "-m", "kew.task.worker", f"{self.tmp / 'app.py'}:app", *args],
+            [sys.executable, "-m", "kew.cli", "worker", f"{self.tmp / 'app.py'}:app", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "KEW_LOG_LEVEL": "INFO"},
+            env={**os.environ, "KEW_LOG_LEVEL": "info"},
         )
         self.procs.append(p)
         return p

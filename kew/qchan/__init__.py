@@ -107,6 +107,87 @@ def check_queue_name(name: str) -> str:
     return name
 
 
+# -- the pure half of a queue (no I/O), shared with kew.aio ------------------
+
+
+def queue_codecs(
+    name: str,
+    tp: type[T],
+    codec: str | Codec[T] = "json",
+    encryption_keys: str | Mapping[str, bytes] | None = None,
+) -> tuple[Codec[T], Codec[T]]:
+    """A queue's codecs, ``(plain, wire)``: values are checked with the plain
+    one; bodies travel in the wire one (the plain one, or with
+    ``encryption_keys`` the same encrypted, see kew.qchan.crypto)."""
+    plain = make_codec(tp, codec)
+    if encryption_keys is None:
+        return plain, plain
+    from kew.qchan.crypto import EncryptedCodec
+
+    return plain, EncryptedCodec(plain, encryption_keys, context=name)
+
+
+def encode_checked(queue: str, plain: Codec[T], wire: Codec[T], data: T) -> bytes:
+    """The body for ``data``, checked against the queue's type first (the
+    design promises validation on both ends): a value that would only fail
+    later, as a dead letter on the consumer, raises :class:`InvalidValue`
+    here, naming ``queue``, and nothing is stored."""
+    try:
+        body = plain.encode(data)
+        plain.decode(body)
+    except DecodeError as e:
+        raise InvalidValue(f"cannot send to queue {queue!r}: {e}") from None
+    except (TypeError, ValueError) as e:  # msgspec.EncodeError, unsupported types
+        raise InvalidValue(f"cannot send to queue {queue!r}: {type(e).__name__}: {e}") from None
+    return body if plain is wire else wire.encode(data)
+
+
+def make_message(
+    queue: str,
+    body: bytes,
+    *,
+    content_type: str,
+    type_label: str,
+    max_size: int,
+    durable: bool = True,
+    deliver_at: int | None = None,
+    count: int = 1,
+    id: str | None = None,
+    sent_at: int | None = None,
+) -> Message:
+    """kew's message for an encoded ``body`` (docs/wire-format.md): its size
+    checked against ``max_size`` (:class:`MessageTooLarge`), the headers
+    ``content-type``, ``kew-type``, ``kew-sent-at`` (``sent_at``, else now),
+    and ``kew-count`` / ``kew-deliver-at`` when not the default; ``id`` or a
+    new random one."""
+    if len(body) > max_size:
+        raise MessageTooLarge(len(body), max_size, queue)
+    headers: dict[str, str | int] = {
+        H_CONTENT_TYPE: content_type,
+        H_TYPE: type_label,
+        H_SENT_AT: now_ms() if sent_at is None else sent_at,
+    }
+    if count != 1:
+        headers[H_COUNT] = count
+    if deliver_at is not None:
+        headers[H_DELIVER_AT] = deliver_at
+    return Message(id or new_id(), body, headers, durable, deliver_at)
+
+
+def delivery_schedule(delivery: Delivery) -> CountedSchedule:
+    """A delivery's schedule from its headers: when it was due and its
+    ``kew-count`` (1 for a first delivery).  Raises kew.DecodeError when
+    those headers are not integers (or the count is below 1)."""
+    h = delivery.message.headers
+    when = h.get(H_DELIVER_AT) or h.get(H_SENT_AT) or now_ms()
+    count = h.get(H_COUNT, 1)
+    if not isinstance(when, int) or not isinstance(count, int) or count < 1:
+        raise DecodeError(
+            f"bad schedule headers: {H_DELIVER_AT}/{H_SENT_AT}={when!r}, {H_COUNT}={count!r}"
+        )
+    return CountedSchedule(FutureTimepoint(when), count)
+
+
 class Queue(Generic[T]):
     """A typed queue on a connector: sources, sinks, a browser, dead letters.
 
@@ -134,12 +215,8 @@ class Queue(Generic[T]):
         self.connector = connector
         self.name = check_queue_name(name)
         self.type = tp
-        self.codec: Codec[T] = make_codec(tp, codec)
-        self._plain = self.codec  # sends are validated with the plain codec
-        if encryption_keys is not None:
-            from kew.qchan.crypto import EncryptedCodec
-
-            self.codec = EncryptedCodec(self.codec, encryption_keys, context=name)
+        # sends are validated with the plain codec; bodies travel in self.codec
+        self._plain, self.codec = queue_codecs(name, tp, codec, encryption_keys)
         self.durable = durable
         self.max_deliveries = max_deliveries
         self.max_depth = max_depth
@@ -163,7 +240,10 @@ class Queue(Generic[T]):
                 self._declared = True
 
     @property
-    def _producer(self) -> Producer:
+    def producer(self) -> Producer:
+        """The queue's producer, made (and the queue declared) on first use:
+        for sending :class:`~kew.qchan.spi.Message` s built elsewhere (see
+        :meth:`message`), as they are."""
         producer = self._producer_
         if producer is None:
             self.declare()
@@ -172,6 +252,8 @@ class Queue(Generic[T]):
                     self._producer_ = self.connector.producer(self.name)
                 producer = self._producer_
         return producer
+
+    _producer = producer  # (the name this module's own helpers use)
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r}, {self._type_name}, {self.connector.url!r})"
@@ -183,34 +265,29 @@ class Queue(Generic[T]):
         (the design promises validation on both ends): a value that would
         only fail later, as a dead letter on the consumer, raises
         :class:`InvalidValue` here and nothing is stored."""
-        try:
-            body = self._plain.encode(data)
-            self._plain.decode(body)
-        except DecodeError as e:
-            raise InvalidValue(f"cannot send to queue {self.name!r}: {e}") from None
-        except (TypeError, ValueError) as e:  # msgspec.EncodeError, unsupported types
-            raise InvalidValue(
-                f"cannot send to queue {self.name!r}: {type(e).__name__}: {e}"
-            ) from None
-        return body if self._plain is self.codec else self.codec.encode(data)
+        return encode_checked(self.name, self._plain, self.codec, data)
 
-    def _message(
+    def message(
         self, data: T, deliver_at: int | None = None, count: int = 1, id: str | None = None
     ) -> Message:
-        body = self._encode(data)
-        limit = self.connector.max_message_size
-        if len(body) > limit:
-            raise MessageTooLarge(len(body), limit, self.name)
-        headers: dict[str, str | int] = {
-            H_CONTENT_TYPE: self.codec.content_type,
-            H_TYPE: self._type_name,
-            H_SENT_AT: now_ms(),
-        }
-        if count != 1:
-            headers[H_COUNT] = count
-        if deliver_at is not None:
-            headers[H_DELIVER_AT] = deliver_at
-        return Message(id or new_id(), body, headers, self.durable, deliver_at)
+        """The message :meth:`send` would send for ``data`` (checked and
+        encoded, with kew's headers), without sending it: for an outbox or
+        a batch that sends it later through :attr:`producer`.
+        ``deliver_at`` (epoch ms), ``count`` (``kew-count``) and ``id`` as
+        in :meth:`post`."""
+        return make_message(
+            self.name,
+            self._encode(data),
+            content_type=self.codec.content_type,
+            type_label=self._type_name,
+            max_size=self.connector.max_message_size,
+            durable=self.durable,
+            deliver_at=deliver_at,
+            count=count,
+            id=id,
+        )
+
+    _message = message  # (the name this module's own helpers use)
 
     def _stats(self) -> QueueStats:
         """The queue's counts, through a browser kept for the purpose."""
@@ -248,18 +325,19 @@ class Queue(Generic[T]):
     def send_many(self, items: Iterable[T], /) -> None:
         """Send every item; returns once the broker has them all (one batch)."""
         encode, limit, durable = self._encode, self.connector.max_message_size, self.durable
-        static: tuple[str, str, int] = (self.codec.content_type, self._type_name, now_ms())
-        batch = []
-        for data in items:  # encode all first: a bad item sends nothing
-            body = encode(data)
-            if len(body) > limit:
-                raise MessageTooLarge(len(body), limit, self.name)
-            headers: dict[str, str | int] = {
-                H_CONTENT_TYPE: static[0],
-                H_TYPE: static[1],
-                H_SENT_AT: static[2],
-            }
-            batch.append(Message(new_id(), body, headers, durable))
+        content_type, type_label, sent_at = self.codec.content_type, self._type_name, now_ms()
+        batch = [  # encode all first: a bad item sends nothing
+            make_message(
+                self.name,
+                encode(data),
+                content_type=content_type,
+                type_label=type_label,
+                max_size=limit,
+                durable=durable,
+                sent_at=sent_at,
+            )
+            for data in items
+        ]
         self._check_depth(len(batch))
         self._producer.send_many(batch)
 
@@ -395,15 +473,13 @@ class Queue(Generic[T]):
 
         return self._subscribe(consume, concurrency, prefetch)
 
-    def _schedule(self, delivery: Delivery) -> CountedSchedule:
-        h = delivery.message.headers
-        when = h.get(H_DELIVER_AT) or h.get(H_SENT_AT) or now_ms()
-        count = h.get(H_COUNT, 1)
-        if not isinstance(when, int) or not isinstance(count, int) or count < 1:
-            raise DecodeError(
-                f"bad schedule headers: {H_DELIVER_AT}/{H_SENT_AT}={when!r}, {H_COUNT}={count!r}"
-            )
-        return CountedSchedule(FutureTimepoint(when), count)
+    def schedule(self, delivery: Delivery) -> CountedSchedule:
+        """A delivery's schedule from its headers: when it was due and its
+        ``kew-count`` (1 for a first delivery).  Raises kew.DecodeError when
+        those headers are not integers (or the count is below 1)."""
+        return delivery_schedule(delivery)
+
+    _schedule = schedule  # (the name this module's own helpers use)
 
     def _subscribe(
         self,
@@ -534,6 +610,7 @@ class DeadLetterInfo:
 class QueueBrowser(Generic[T]):
     """Reads a queue without consuming it (``Queue.browser()``): peek,
     stats, purge."""
+
     def __init__(self, queue: Queue[T]) -> None:
         self._queue = queue
         self._browser = queue.connector.browser(queue.name)
@@ -563,6 +640,7 @@ class QueueBrowser(Generic[T]):
 class DeadLetters:
     """The dead letters of a queue (``Queue.dead``): list, requeue and purge
     them."""
+
     def __init__(self, queue: Queue[Any]) -> None:
         self._browser = queue.connector.browser(queue.name)
 

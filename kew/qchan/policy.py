@@ -1,4 +1,5 @@
-"""Per-delivery policy, in one place for plain queues and task queues.
+"""Per-delivery policy, in one place for plain queues, task queues and
+:mod:`kew.aio`.
 
 Before any handler runs, a delivery is *admitted*: a message delivered
 more than ``max_deliveries`` times without being settled (its consumer
@@ -6,7 +7,13 @@ keeps dying on it) goes to the dead letters, and so does a body that does
 not decode as the queue's type (with msgspec's reason, and the content
 type it was sent with when that differs from the queue's).  What a handler
 raises, and how that is logged, is the caller's policy (a sink
-dead-letters, a repeat sink or a task retries).
+dead-letters, a repeat sink or a task retries); :meth:`DeliveryPolicy.failure`
+is a sink's.
+
+The decisions are pure (:meth:`DeliveryPolicy.judge`, :meth:`DeliveryPolicy.failure`
+do no I/O); :meth:`~DeliveryPolicy.admit` settles through a sync consumer and
+:meth:`~DeliveryPolicy.admit_async` through an async one, so that both APIs
+dead-letter with the same reasons and log the same lines.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from typing import Generic, TypeVar
 
 from kew.qchan.codec import Codec, DecodeError
 from kew.qchan.spi import Consumer, Delivery
+from kew.qchan.spi.aio import AsyncConsumer
 from kew.qchan.spi.wire import H_CONTENT_TYPE
 
-__all__ = ["DeliveryPolicy", "failure_text"]
+__all__ = ["DeliveryPolicy", "failure_text", "log_failure"]
 
 T = TypeVar("T")
 
@@ -49,28 +57,71 @@ class DeliveryPolicy(Generic[T]):
         self.type_label = type_label
         self.max_deliveries = max_deliveries
 
+    def judge(
+        self, delivery: Delivery, decode: Callable[[bytes], T] | None = None
+    ) -> tuple[T] | str:
+        """The decision, without I/O: ``(value,)``, or the reason (a str) the
+        delivery must go to the dead letters with."""
+        if delivery.delivery_count > self.max_deliveries:
+            return (
+                f"delivered {delivery.delivery_count} times without being settled "
+                f"(more than max_deliveries={self.max_deliveries}): its consumer may crash on it"
+            )
+        try:
+            return ((decode or self.codec.decode)(delivery.message.body),)
+        except DecodeError as e:
+            return f"cannot decode as {self.type_label}: {e}{self.sent_as(delivery)}"
+
     def admit(
         self, consumer: Consumer, delivery: Delivery, decode: Callable[[bytes], T] | None = None
     ) -> tuple[T] | None:
         """``(value,)``, or None when the delivery was dead-lettered here
         (with the reason, logged at WARNING)."""
-        if delivery.delivery_count > self.max_deliveries:
-            self._dead(
-                consumer,
-                delivery,
-                f"delivered {delivery.delivery_count} times without being settled "
-                f"(more than max_deliveries={self.max_deliveries}): its consumer may crash on it",
-            )
+        verdict = self.judge(delivery, decode)
+        if isinstance(verdict, str):
+            self._log_dead(delivery, verdict)
+            consumer.dead_letter(delivery, verdict)
             return None
-        try:
-            return ((decode or self.codec.decode)(delivery.message.body),)
-        except DecodeError as e:
-            self._dead(
-                consumer,
-                delivery,
-                f"cannot decode as {self.type_label}: {e}{self.sent_as(delivery)}",
-            )
+        return verdict
+
+    async def admit_async(
+        self,
+        consumer: AsyncConsumer,
+        delivery: Delivery,
+        decode: Callable[[bytes], T] | None = None,
+    ) -> tuple[T] | None:
+        """:meth:`admit` through an async consumer."""
+        verdict = self.judge(delivery, decode)
+        if isinstance(verdict, str):
+            self._log_dead(delivery, verdict)
+            await consumer.dead_letter(delivery, verdict)
             return None
+        return verdict
+
+    def failure(self, delivery: Delivery, error: Exception) -> str:
+        """What a sink does when its handler raised ``error``: logs it (a
+        :class:`DecodeError` at WARNING, anything else once at ERROR, the
+        traceback at DEBUG) and returns the dead letter's reason."""
+        if isinstance(error, DecodeError):
+            log.warning(
+                "kew: %s: message %s goes to the dead letters: cannot decode: %s",
+                self.queue,
+                delivery.message.id,
+                error,
+            )
+            return f"cannot decode: {error}"
+        log_failure(
+            logging.ERROR,
+            "kew: %s: handler failed on message %s (delivery %d); "
+            "it goes to the dead letters: %s: %s",
+            self.queue,
+            delivery.message.id,
+            delivery.delivery_count,
+            type(error).__name__,
+            error,
+            error=error,
+        )
+        return failure_text(error)
 
     def sent_as(self, delivery: Delivery) -> str:
         """For a body that did not decode: a note when it was sent with
@@ -82,11 +133,10 @@ class DeliveryPolicy(Generic[T]):
             return ""
         return f" (sent as {sent[:80]!r}; queue {self.queue!r} reads {mine})"
 
-    def _dead(self, consumer: Consumer, delivery: Delivery, reason: str) -> None:
+    def _log_dead(self, delivery: Delivery, reason: str) -> None:
         log.warning(
             "kew: %s: message %s goes to the dead letters: %s",
             self.queue,
             delivery.message.id,
             reason,
         )
-        consumer.dead_letter(delivery, reason)

@@ -1,7 +1,6 @@
 """The worker runtime: runs an app's task queues and extra consumers.
 
-    python -m kew.task.worker mymodule:app --concurrency 8
-    kew worker mymodule:app --concurrency 8          # the same, via the CLI
+    kew worker mymodule:app --concurrency 8
 
 * One subscription per queue; a task queue runs ``concurrency`` handlers
   with prefetch = concurrency (no hidden multiplier).  A queue declared with
@@ -13,20 +12,22 @@
   ``queued`` again (a ``released`` event), so none is left "running".  A
   second signal hands everything back at once.
 * Every ``heartbeat`` seconds a ``worker`` event tells the store the worker
-  is alive; ``healthy()`` says whether every subscription's loop is alive,
-  and ``health_file`` (if given) is touched while it is.
+  is alive.  ``healthy()`` says whether every subscription is healthy (its
+  loop alive, its fetches not failing for longer than ``stall_after``, no
+  work left waiting while it had room); ``health_file`` (if given) exists
+  while it is: touched every ``health_interval`` seconds, removed when not.
+* A consumer that fails for good (``ConsumerFailed``: it can never deliver
+  again) stops the worker gracefully, and ``run()`` raises
+  :class:`WorkerFailed` (``kew worker`` exits with 1): a supervisor
+  restarts it, rather than leaving a worker that takes nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib
-import importlib.util
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -35,18 +36,25 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from kew.qchan import Subscription
-from kew.qchan.spi import now_ms
+from kew.qchan.spi import KewError, now_ms
 from kew.task.model import TaskEvent
 
 if TYPE_CHECKING:
     from kew.task.app import App
 
-__all__ = ["Worker", "load_app", "main"]
+__all__ = ["Worker", "WorkerFailed"]
 
 log = logging.getLogger("kew.worker")
 
 #: Seconds between heartbeat events.
 HEARTBEAT = 5.0
+#: Seconds between looks at the worker's health (for ``health_file``).
+HEALTH_INTERVAL = 2.0
+
+
+class WorkerFailed(KewError):
+    """A consumer of the worker failed for good (``ConsumerFailed``); the
+    worker stopped.  The message names the queue and why."""
 
 
 class Worker:
@@ -62,8 +70,10 @@ class Worker:
         heartbeat: float = HEARTBEAT,
         prefetch: int | None = None,
         health_file: str | os.PathLike[str] | None = None,
+        health_interval: float = HEALTH_INTERVAL,
+        stall_after: float | None = None,
     ) -> None:
-        from kew.task.app import new_worker_id
+        from kew.task._events import new_worker_id
 
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -81,6 +91,10 @@ class Worker:
         self.grace = grace
         self.heartbeat = heartbeat
         self.health_file = Path(health_file) if health_file is not None else None
+        self.health_interval = health_interval
+        #: Seconds of failing fetches (or of work waiting undelivered) after
+        #: which a subscription is unhealthy; None: the runtime's default.
+        self.stall_after = stall_after
         self.id = new_worker_id()
         known = list(app.queues) + [q.name for q, _, _ in app.consumers]
         if queues is not None:
@@ -98,6 +112,8 @@ class Worker:
         self._stopped = threading.Event()
         self._beat_ok = time.monotonic()
         self._beater: threading.Thread | None = None
+        self._prober: threading.Thread | None = None
+        self._health_lock = threading.Lock()  # a probe's touch vs stop()'s removal
         self._signals = 0
         self._signalled = threading.Event()
 
@@ -133,44 +149,88 @@ class Worker:
             for sub in self.subscriptions:
                 sub.stop(0)
             raise
+        if self.stall_after is not None:
+            for sub in self._all():
+                # (the runtime takes it at construction; App and Queue do not pass it on)
+                sub.stall_after = self.stall_after
         self._beat()
         self._beater = threading.Thread(target=self._beat_loop, name="kew-heartbeat", daemon=True)
         self._beater.start()
+        if self.health_file is not None:
+            self._probe()
+            self._prober = threading.Thread(target=self._probe_loop, name="kew-health", daemon=True)
+            self._prober.start()
         log.info("kew worker %s: running %s", self.id, ", ".join(self.queues) or "nothing")
         return self
+
+    def _all(self) -> list[Subscription]:
+        return self.subscriptions + ([self._recorder] if self._recorder is not None else [])
 
     def _beat(self) -> None:
         event = TaskEvent("", "", "worker", now_ms(), worker=self.id, text=",".join(self.queues))
         try:
-            self.app._emit([event])
+            self.app.emitter.emit([event])
             self._beat_ok = time.monotonic()
         except Exception as e:
             log.warning("kew worker %s: heartbeat failed: %s", self.id, e)
-        if self.health_file is not None and self.healthy():
-            try:
-                self.health_file.touch()
-            except OSError as e:
-                log.warning("kew worker %s: cannot touch %s: %s", self.id, self.health_file, e)
 
     def _beat_loop(self) -> None:
         while not self._stopping.wait(self.heartbeat):
             self._beat()
 
+    def _probe(self) -> None:
+        """Touch the health file while healthy, remove it when not."""
+        path = self.health_file
+        if path is None:
+            return
+        healthy = self.healthy()  # (outside the lock: it may ask the broker)
+        with self._health_lock:
+            if self._stopping.is_set():
+                return  # stop() removes it
+            try:
+                if healthy:
+                    path.touch()
+                elif path.exists():
+                    log.warning("kew worker %s: not healthy; removing %s", self.id, path)
+                    path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("kew worker %s: cannot update %s: %s", self.id, path, e)
+
+    def _remove_health_file(self) -> None:
+        if self.health_file is not None:
+            with self._health_lock, contextlib.suppress(OSError):
+                self.health_file.unlink(missing_ok=True)
+
+    def _probe_loop(self) -> None:
+        while not self._stopping.wait(self.health_interval):
+            self._probe()
+
     def healthy(self) -> bool:
-        """Started, not stopping, every consumer loop alive, and (when the
-        app sends events) a heartbeat got through recently."""
+        """Started, not stopping, every subscription healthy (its loop
+        alive, its consumer not failed, its fetches not failing for longer
+        than ``stall_after``, no work waiting on the broker undelivered for
+        that long), and (when the app sends events) a heartbeat got through
+        recently.  May ask the broker how much waits (a sink's ready count):
+        call it every few seconds, not in a tight loop."""
         if not self._started or self._stopping.is_set():
             return False
-        subs = self.subscriptions + ([self._recorder] if self._recorder else [])
-        if not all(s.alive for s in subs):
+        if not all(s.healthy() for s in self._all()):
             return False
         return (
             not self.app.events_enabled
             or time.monotonic() - self._beat_ok < 3 * self.heartbeat + 10
         )
 
+    def failure(self) -> str | None:
+        """Why the worker cannot go on (a consumer failed for good:
+        ``ConsumerFailed``), naming the queue; None while it can."""
+        for sub in self._all():
+            if sub.error is not None:
+                return f"the consumer of queue {sub.name!r} failed and cannot recover: {sub.error}"
+        return None
+
     def _mine(self) -> list[Any]:
-        return [c for c in self.app.active() if c.worker == self.id]
+        return [c for c in self.app.running.active() if c.worker == self.id]
 
     def stop(self, grace: float | None = None) -> bool:
         """Stop taking work; give running tasks ``grace`` seconds (default
@@ -204,15 +264,13 @@ class Worker:
                 len(left),
                 grace,
             )
-            self.app._hand_back(left)
+            self.app.running.hand_back(left)
         for t in threads:
             t.join()
         if self._recorder is not None:
             self._recorder.stop(5.0)
         self._stopped.set()
-        if self.health_file is not None:
-            with contextlib.suppress(OSError):
-                self.health_file.unlink(missing_ok=True)
+        self._remove_health_file()
         return not left and all(finished)
 
     def stop_now(self) -> None:
@@ -220,12 +278,13 @@ class Worker:
         self._stopping.set()
         left = self._mine()
         if left:
-            self.app._hand_back(left)
+            self.app.running.hand_back(left)
         for sub in self.subscriptions:
             sub.stop(0)
         if self._recorder is not None:
             self._recorder.stop(1.0)
         self._stopped.set()
+        self._remove_health_file()
 
     # -- blocking run with signals ---------------------------------------------------
 
@@ -235,7 +294,10 @@ class Worker:
 
     def run(self) -> bool:
         """Start, block until SIGTERM/SIGINT, stop gracefully (a second
-        signal: at once).  Returns True if every task finished in time."""
+        signal: at once).  Returns True if every task finished in time.
+
+        Raises :class:`WorkerFailed`, after a graceful stop, when a consumer
+        failed for good (``ConsumerFailed``)."""
         main = threading.current_thread() is threading.main_thread()
         old: dict[signal.Signals, Any] = {}
         if main:
@@ -243,96 +305,29 @@ class Worker:
                 old[sig] = signal.signal(sig, self._on_signal)
         try:
             self.start()
-            while not self._signalled.wait(1.0):
-                pass
-            log.info("kew worker %s: stopping (grace %.1f s)", self.id, self.grace)
+            failure = None
+            while failure is None and not self._signalled.wait(0.5):
+                failure = self.failure()
+            if failure is None:
+                log.info("kew worker %s: stopping (grace %.1f s)", self.id, self.grace)
+            else:
+                log.error("kew worker %s: %s; stopping", self.id, failure)
             result: list[bool] = []
             stopper = threading.Thread(
                 target=lambda: result.append(self.stop()), name="kew-worker-stop", daemon=True
             )
             stopper.start()
+            at_once = 1 if failure is not None else 2  # the signal that hands back at once
             while stopper.is_alive():
                 stopper.join(0.1)
-                if self._signals >= 2:
+                if self._signals >= at_once:
                     log.warning("kew worker %s: second signal, handing everything back", self.id)
                     self.stop_now()
-                    return False
+                    result = [False]
+                    break
+            if failure is not None:
+                raise WorkerFailed(failure)
             return bool(result and result[0])
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-
-
-# -- python -m kew.task.worker MODULE:APP ---------------------------------------------
-
-
-def load_app(spec: str) -> App:
-    """``package.module:attr`` or ``path/to/file.py:attr`` (``attr``
-    defaults to ``app``)."""
-    from kew.task.app import App
-
-    module_name, _, attr = spec.partition(":")
-    attr = attr or "app"
-    if module_name.endswith(".py") or os.sep in module_name:
-        path = Path(module_name)
-        if not path.exists():
-            raise SystemExit(f"kew: no such file {path}")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-        if mod_spec is None or mod_spec.loader is None:
-            raise SystemExit(f"kew: cannot import {path}")
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[path.stem] = module
-        sys.path.insert(0, str(path.parent.resolve()))
-        mod_spec.loader.exec_module(module)
-    else:
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise SystemExit(f"kew: {module_name} has no attribute {attr!r}") from None
-    if not isinstance(obj, App):
-        raise SystemExit(f"kew: {spec} is a {type(obj).__name__}, not a kew.task.App")
-    return obj
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kew.task.worker", description="Run the task queues of MODULE:APP."
-    )
-    parser.add_argument("app", metavar="MODULE:APP")
-    parser.add_argument("-c", "--concurrency", type=int, default=4)
-    parser.add_argument("--prefetch", type=int, help="deliveries held per task queue")
-    parser.add_argument("-q", "--queue", action="append", dest="queues")
-    parser.add_argument("--record", action="store_true", help="also record task events")
-    parser.add_argument("--grace", type=float, default=30.0)
-    parser.add_argument("--metrics-port", type=int)
-    parser.add_argument("--health-file")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("KEW_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    app = load_app(args.app)
-    try:
-        worker = Worker(
-            app,
-            concurrency=args.concurrency,
-            queues=args.queues,
-            record=args.record,
-            metrics_port=args.metrics_port,
-            grace=args.grace,
-            health_file=args.health_file,
-            prefetch=args.prefetch,
-        )
-        worker.run()
-    finally:
-        app.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,585 @@
+"""A task queue and the state machine of one attempt.
+
+How an attempt runs (:meth:`TaskQueue.subscribe`): the task's message is
+delivered (its id is the task id, its ``kew-count`` header the attempt
+number) and admitted by the queue's :class:`~kew.qchan.policy.DeliveryPolicy`
+(poison cap, decode; what it dead-letters is also recorded as a failed
+task); the handler runs with a :class:`~kew.task.context.TaskContext`;
+then, *before* the delivery is acked:
+
+* success: the attempt's events (``running``, output, ``succeeded``) are
+  sent in one batch, the ``succeeded`` outcome if the queue notifies;
+* failure with another attempt allowed: the task's message is sent again
+  (same id, ``kew-count`` + 1, delivered at now + the policy's delay), then
+  the events (``retry-scheduled``) and the ``attempt-failed`` outcome;
+  logged at WARNING (INFO for a :class:`~kew.task.errors.Retry` raised on
+  purpose) with when the next attempt is due;
+* final failure (:class:`~kew.task.errors.Permanent`, or no attempt left):
+  the exceeded handler runs once, the events (``failed``) and the
+  ``failed`` outcome are sent, and the message goes to the queue's dead
+  letters with the error, where it can be listed and requeued; logged at
+  ERROR.
+
+So a crash at any point repeats work (at-least-once) but never loses a task.
+Log lines name the queue, the task id, the attempt and the exception's type
+and message (never the task's value); tracebacks only at DEBUG.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
+
+import msgspec
+
+from kew.core.msg import CountedSchedule, FutureTimepoint
+from kew.qchan import H_COUNT, H_DELIVER_AT, Queue, Subscription, check_sync
+from kew.qchan.codec import Codec, DecodeError
+from kew.qchan.policy import DeliveryPolicy
+from kew.qchan.runtime import GroupSettle
+from kew.qchan.spi import Consumer, Delivery, Message, now_ms
+from kew.task.context import TaskContext, reset_current, set_current
+from kew.task.errors import Permanent, Retry
+from kew.task.model import Outcome, OutcomeKind, TaskEvent
+from kew.task.retry import DEFAULT_RETRY, RetryPolicy
+
+if TYPE_CHECKING:
+    from kew.task.app import App
+
+__all__ = ["Hold", "TaskQueue", "error_text"]
+
+T = TypeVar("T")
+log = logging.getLogger("kew.task")
+
+Hold = Callable[[], Callable[[], None]]
+"""``Subscription.hold``: keeps a delivery counted as held until called back."""
+
+_JSON = msgspec.json.Encoder()
+
+
+def error_text(e: BaseException) -> str:
+    """A task's ``last_error`` (and dead-letter reason) for what its
+    handler raised: the message of a Permanent or Retry, else type and
+    message."""
+    text = str(e)
+    if isinstance(e, (Permanent, Retry)):
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# A secret-looking ``name=value`` / ``name: value``, and a URL's password.
+_SECRET_PAIR = re.compile(
+    r"(?i)\b((?:pass(?:word|wd|code)?|secret|token|session[ _-]?key|api[ _-]?key|"
+    r"credentials?)\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;&)\]}'\"]+)"
+)
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s/@]+@", re.I)
+
+
+def scrub(text: str) -> str:
+    """``text`` for a log line: the values of secret-looking pairs
+    (``password=...``, ``token: ...``) and URL passwords as ``***``."""
+    return _URL_PASSWORD.sub(r"\1***@", _SECRET_PAIR.sub(r"\1***", text))
+
+
+def _logged(e: BaseException) -> str:
+    """What a log line says of an exception: its type and its message."""
+    text = str(e)
+    return scrub(f"{type(e).__name__}: {text}" if text else type(e).__name__)
+
+
+def _log_failure(level: int, message: str, *args: object, error: BaseException | None) -> None:
+    """One log line for a failure, with the traceback only when DEBUG is
+    on (as :func:`kew.qchan.policy.log_failure`), scrubbed like the line:
+    a handler's exception message may hold what it should not."""
+    if error is not None and log.isEnabledFor(logging.DEBUG):
+        message += "\n%s"
+        args += (scrub("".join(traceback.format_exception(error)).rstrip()),)
+    log.log(level, message, *args)
+
+
+def _iso(epoch_ms: int) -> str:
+    return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+class _Attempt:
+    """One run of one attempt, and what settling it needs."""
+
+    __slots__ = ("consumer", "ctx", "delivery", "hold", "schedule", "settler")
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        delivery: Delivery,
+        ctx: TaskContext,
+        schedule: CountedSchedule,
+        settler: GroupSettle | None,
+        hold: Hold | None,
+    ) -> None:
+        self.consumer = consumer
+        self.delivery = delivery
+        self.ctx = ctx
+        self.schedule = schedule
+        self.settler = settler
+        self.hold = hold
+
+
+class _RecordingDeadLetters:
+    """A consumer whose dead letters (the admission policy's: poison cap,
+    decode) are also recorded as failed tasks."""
+
+    def __init__(self, consumer: Consumer, record: Callable[[Delivery, str], None]) -> None:
+        self._consumer = consumer
+        self._record = record
+
+    def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+        return self._consumer.fetch(max_count, timeout)
+
+    def ack(self, delivery: Delivery) -> None:
+        self._consumer.ack(delivery)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self._consumer.dead_letter(delivery, reason)
+        self._record(delivery, reason)
+
+    def release(self, delivery: Delivery) -> None:
+        self._consumer.release(delivery)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class TaskQueue(Generic[T]):
+    """A typed queue + handler + retry policy + exceeded handler.
+
+    ``submit`` queues a task and returns its id; workers (``App.worker``,
+    ``kew worker``) run the handler.  Any program may also submit a task by
+    sending a plain ``T`` on :attr:`queue`: the message id is the task id.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        name: str,
+        tp: type[T],
+        handler: Callable[[T], object],
+        *,
+        retry: RetryPolicy | None = None,
+        on_exceeded: Callable[[T], object] | None = None,
+        notify: bool = False,
+        codec: str | Codec[T] = "json",
+        encryption_keys: str | Mapping[str, bytes] | None = None,
+        concurrency: int | None = None,
+        track: bool = True,
+    ) -> None:
+        if not callable(handler):
+            raise TypeError(f"the handler of task queue {name!r} must be callable, not {handler!r}")
+        check_sync(handler, "the task handler")
+        if on_exceeded is not None:
+            check_sync(on_exceeded, "the on_exceeded handler")
+        retry = DEFAULT_RETRY if retry is None else retry
+        if not callable(getattr(retry, "delay", None)):
+            raise TypeError(
+                f"retry must be a RetryPolicy (Intervals, Exponential, NoRetry...), not {retry!r}"
+            )
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        self.app = app
+        self.name = name
+        self.type = tp
+        self.handler = handler
+        self.retry: RetryPolicy = retry
+        self.on_exceeded = on_exceeded
+        self.concurrency = concurrency
+        self.track = track
+        self.queue: Queue[T] = Queue(
+            app.connector, name, tp, codec=codec, encryption_keys=encryption_keys
+        )
+        # The queue's admission policy, naming the type as the task layer does.
+        self.queue.policy = DeliveryPolicy(
+            name, self.queue.codec, self._type_label(), self.queue.max_deliveries
+        )
+        self.outcomes: Queue[Outcome[T]] | None = None
+        if notify:
+            self.outcomes = Queue(
+                app.connector,
+                f"{name}.outcomes",
+                cast("type[Outcome[T]]", Outcome[tp]),  # type: ignore[valid-type]
+                codec="json" if isinstance(codec, str) and codec == "json" else "msgpack",
+                encryption_keys=encryption_keys,
+            )
+        self._json = msgspec.json.Decoder(tp)
+
+    def __repr__(self) -> str:
+        return f"TaskQueue({self.name!r}, {getattr(self.type, '__name__', self.type)})"
+
+    # -- submitting -----------------------------------------------------------
+
+    def submit(self, data: T, *, delay: float | None = None, id: str | None = None) -> str:
+        """Queue a task (to run after ``delay`` seconds) and return its id.
+
+        ``data`` is checked against the queue's type first (a worker could
+        not decode it): kew.DecodeError says what is wrong, and nothing is
+        sent."""
+        self.validate(data)
+        deliver_at = None
+        if delay is not None:
+            if not delay >= 0:
+                raise ValueError(f"delay must be a non-negative number of seconds, not {delay!r}")
+            deliver_at = now_ms() + round(delay * 1000)
+        task_id = self.queue.post(data, id=id, deliver_at=deliver_at)
+        if self.track:
+            event = TaskEvent(task_id, self.name, "queued", now_ms(), next_at=deliver_at)
+            self.app.emitter.tell(event)
+            try:
+                self.app.emitter.emit([event])
+            except Exception:  # the task is queued: its status shows once it runs
+                log.exception("kew: task %s is queued but its 'queued' event failed", task_id)
+        return task_id
+
+    def validate(self, data: T) -> None:
+        """Raise kew.DecodeError if ``data`` would not decode as the
+        queue's type on a worker (a wrong type, a field of the wrong type)."""
+        try:
+            self._json.decode(_JSON.encode(data))
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as e:
+            raise DecodeError(f"not a valid {self._type_label()}: {e}") from None
+
+    def decode_json(self, body: bytes | str) -> T:
+        """``body`` (JSON) as a ``T``; raises kew.DecodeError saying why not."""
+        try:
+            return self._json.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise DecodeError(f"not a valid {self._type_label()}: {e}") from None
+
+    def submit_json(self, body: bytes | str, *, delay: float | None = None) -> str:
+        """Validate ``body`` against the queue's type, then :meth:`submit`."""
+        return self.submit(self.decode_json(body), delay=delay)
+
+    def _type_label(self) -> str:
+        return getattr(self.type, "__name__", None) or repr(self.type)
+
+    def __call__(self, data: T) -> object:
+        """Run the handler here and now, with a task context whose output
+        goes to the ``kew.task.output`` logger (tests, local use)."""
+        out = logging.getLogger("kew.task.output")
+
+        def emit(events: Sequence[TaskEvent]) -> None:
+            for e in events:
+                if e.text:
+                    out.info("%s", e.text.rstrip("\n"))
+
+        ctx = TaskContext(f"local-{os.urandom(8).hex()}", self.name, 1, data=data, emit=emit)
+        token = set_current(ctx)
+        try:
+            return self.handler(data)
+        finally:
+            reset_current(token)
+            ctx.flush()
+
+    # -- running ----------------------------------------------------------------
+
+    def subscribe(
+        self, worker_id: str, concurrency: int, prefetch: int | None = None
+    ) -> Subscription:
+        """Start consuming: ``concurrency`` handlers, prefetch = concurrency
+        unless given (never less than concurrency)."""
+        policy, schedule = self.queue.policy, self.queue.schedule
+
+        def handler(consumer: Consumer, delivery: Delivery) -> None:
+            admitted = policy.admit(admitting, delivery)  # poison cap, decode
+            if admitted is None:
+                return
+            try:
+                current = schedule(delivery)
+            except DecodeError as e:  # bad kew-count / kew-deliver-at headers
+                admitting.dead_letter(delivery, f"cannot decode as {self._type_label()}: {e}")
+                return
+            # (the subscription's threads may start before it is assigned)
+            hold = subs[0].hold if subs else None
+            self._run(consumer, delivery, admitted[0], current, worker_id, settler, hold)
+
+        events = self.app.emitter.queue
+        producers = {self.name: self.queue.producer, events.name: events.producer}
+
+        def send_many(queue: str, messages: Sequence[Message]) -> None:
+            producers[queue].send_many(messages)
+
+        self.queue.declare()
+        consumer = self.app.connector.consumer(self.name, prefetch or concurrency)
+        admitting = _RecordingDeadLetters(
+            consumer, lambda d, reason: self._failed_for_good(d, worker_id, reason)
+        )
+        # Handlers finishing together settle together: their last events (or
+        # next attempts) and their acks in one commit (see GroupSettle).
+        settler = GroupSettle(consumer, send_many, pack=self.app.emitter.pack)
+        subs: list[Subscription] = []
+        sub = Subscription(
+            consumer,
+            handler,
+            name=self.name,
+            concurrency=concurrency,
+            prefetch=prefetch or concurrency,
+        )
+        subs.append(sub)
+        return sub
+
+    def _failed_for_good(self, delivery: Delivery, worker_id: str, reason: str) -> None:
+        """A delivery dead-lettered before its handler ran (poison cap, a
+        body or headers that do not decode): logged, and recorded as a
+        failed task."""
+        task_id = delivery.message.id
+        log.error(
+            "kew: %s: task %s failed for good: %s; it went to the dead letters",
+            self.name,
+            task_id,
+            scrub(reason),
+        )
+        if not self.track:
+            return
+        count = delivery.message.headers.get(H_COUNT, 1)
+        event = TaskEvent(
+            task_id,
+            self.name,
+            "failed",
+            now_ms(),
+            attempt=count if isinstance(count, int) else 1,
+            run=now_ms(),
+            worker=worker_id,
+            error=reason,
+        )
+        self.app.emitter.tell(event)
+        try:
+            self.app.emitter.emit([event])
+        except Exception:
+            log.exception("kew: cannot record the failure of task %s", task_id)
+
+    def _run(
+        self,
+        consumer: Consumer,
+        delivery: Delivery,
+        data: T,
+        schedule: CountedSchedule,
+        worker_id: str,
+        settler: GroupSettle | None = None,
+        hold: Hold | None = None,
+    ) -> None:
+        emitter, running = self.app.emitter, self.app.running
+        ctx = TaskContext(
+            delivery.message.id,
+            self.name,
+            schedule.count,
+            worker=worker_id,
+            data=data,
+            emit=emitter.emit if self.track else None,
+        )
+        started = ctx.event("running", at=ctx.run)
+        emitter.tell(started)
+        if self.track:
+            ctx.add_pending(started)
+        running.start(ctx, delivery)
+        att = _Attempt(consumer, delivery, ctx, schedule, settler, hold)
+        try:
+            error = self._call(ctx, data)
+            if ctx.cancelled.is_set() and running.handed_back(ctx):
+                return  # handed back already (worker shutdown): the next run records itself
+            if error is None:
+                self._succeed(att)
+                return
+            delay = None if isinstance(error, Permanent) else self.retry.delay(ctx.attempt)
+            if delay is not None and isinstance(error, Retry) and error.after is not None:
+                delay = error.after
+            if delay is None:
+                self._fail(att, error)
+            else:
+                self._reschedule(att, error, delay)
+        finally:
+            running.end(ctx)
+
+    def _call(self, ctx: TaskContext, data: T) -> Exception | None:
+        """Run the handler in ``ctx``; what it raised, written to the output."""
+        token = set_current(ctx)
+        try:
+            self.handler(data)
+            return None
+        except Exception as e:
+            if isinstance(e, (Permanent, Retry)):
+                ctx.log(f"[kew] attempt {ctx.attempt} failed: {error_text(e)}")
+            else:
+                tb = e.__traceback__.tb_next if e.__traceback__ else None  # not kew's frame
+                ctx.write("".join(traceback.format_exception(type(e), e, tb)))
+            return e
+        finally:
+            reset_current(token)
+
+    def _attempt_of(self, attempt: int) -> str:
+        """``"2 of 5"``, or ``"2"`` when the policy does not say how many."""
+        most = getattr(self.retry, "max_attempts", None)
+        return f"{attempt} of {most}" if isinstance(most, int) else str(attempt)
+
+    def _last_events(self, ctx: TaskContext, final: TaskEvent) -> list[TaskEvent]:
+        """The attempt's last output and its end event, to send in one batch
+        (none when not tracked).  A "running" event not sent yet (a short
+        attempt) is left out: the end event says as much (its ``run`` is when
+        the attempt started)."""
+        emitter = self.app.emitter
+        events = ctx.take()
+        if events and events[0].kind == "running":
+            del events[0]
+        for e in events:
+            if e.kind == "output":
+                emitter.tell(e)
+        emitter.tell(final)
+        if not self.track:
+            return []
+        events.append(final)
+        return events
+
+    def _settle(
+        self,
+        att: _Attempt,
+        events: Sequence[TaskEvent],
+        next_attempt: Message | None = None,
+    ) -> None:
+        """Make ``events`` (and ``next_attempt``) durable, then ack: in one
+        group commit when there is a settler, else one step after the other.
+        With a ``hold`` (the subscription's), the handler thread does not wait
+        for the commit: the delivery stays counted as held until it is done,
+        and the thread takes the next delivery meanwhile."""
+        emitter = self.app.emitter
+        consumer, delivery, settler, hold = att.consumer, att.delivery, att.settler, att.hold
+        if settler is not None and (not events or emitter.outbox):
+            sends = [(emitter.queue.name, emitter.message(events))] if events else []
+            if next_attempt is not None:
+                sends.append((self.name, next_attempt))
+            if hold is None:
+                settler.settle((delivery,), sends)
+                return
+            settled = hold()
+            task_id = delivery.message.id
+
+            def done(error: BaseException | None) -> None:
+                try:
+                    if error is not None:
+                        log.error(
+                            "kew: settling task %s on %s failed (%s); it will be delivered again",
+                            task_id,
+                            self.name,
+                            error_text(error),
+                        )
+                        consumer.release(delivery)
+                except Exception:
+                    log.exception("kew: handing back task %s failed", task_id)
+                finally:
+                    settled()
+
+            settler.settle_later((delivery,), sends, done)
+            return
+        if next_attempt is not None:
+            self.queue.producer.send(next_attempt)
+        if events:
+            emitter.emit(events)
+        consumer.ack(delivery)
+
+    def _outcome(
+        self, ctx: TaskContext, kind: OutcomeKind, error: str, next_at: int | None
+    ) -> None:
+        if self.outcomes is not None:
+            self.outcomes.send(
+                Outcome(
+                    ctx.id,
+                    self.name,
+                    kind,
+                    ctx.attempt,
+                    now_ms(),
+                    cast(T, ctx.data),
+                    error=error,
+                    next_at=next_at,
+                )
+            )
+
+    def _succeed(self, att: _Attempt) -> None:
+        ctx = att.ctx
+        events = self._last_events(ctx, ctx.event("succeeded"))
+        self._outcome(ctx, "succeeded", "", None)
+        self._settle(att, events)
+
+    def _fail(self, att: _Attempt, error: BaseException) -> None:
+        """The last attempt failed: exceeded handler, ``failed`` event and
+        outcome, dead letter."""
+        ctx = att.ctx
+        text = error_text(error)
+        permanent = isinstance(error, Permanent)
+        if permanent:
+            reason = f"permanent failure in attempt {ctx.attempt}: {text}"
+        else:
+            reason = f"failed after {ctx.attempt} attempt{'s' if ctx.attempt > 1 else ''}: {text}"
+        _log_failure(
+            logging.ERROR,
+            "kew: %s: task %s attempt %s failed (%s); %s: it goes to the dead letters",
+            self.name,
+            ctx.id,
+            self._attempt_of(ctx.attempt),
+            _logged(error),
+            "a permanent failure" if permanent else "no attempts left",
+            error=error,
+        )
+        if self.on_exceeded is not None:
+            self._exceeded(ctx)
+        events = self._last_events(ctx, ctx.event("failed", error=reason))
+        if events:
+            self.app.emitter.emit(events)
+        self._outcome(ctx, "failed", reason, None)
+        att.consumer.dead_letter(att.delivery, reason)
+
+    def _exceeded(self, ctx: TaskContext) -> None:
+        assert self.on_exceeded is not None
+        token = set_current(ctx)
+        try:
+            self.on_exceeded(cast(T, ctx.data))
+        except Exception as e:
+            _log_failure(
+                logging.ERROR,
+                "kew: %s: the exceeded handler failed for task %s (%s)",
+                self.name,
+                ctx.id,
+                _logged(e),
+                error=e,
+            )
+            ctx.write("[kew] the exceeded handler failed:\n" + traceback.format_exc())
+        finally:
+            reset_current(token)
+
+    def _reschedule(self, att: _Attempt, error: BaseException, delay: float) -> None:
+        """Another attempt is allowed: the task's message again (same id,
+        body and headers; count + 1, due after ``delay``), then the events
+        and the ``attempt-failed`` outcome, then the ack."""
+        ctx, msg = att.ctx, att.delivery.message
+        nxt = att.schedule.next(FutureTimepoint.after(max(delay, 0.0)))
+        headers: dict[str, str | int] = dict(msg.headers)
+        headers[H_COUNT] = nxt.count
+        headers[H_DELIVER_AT] = nxt.when.epoch_ms
+        # The next attempt is durable before (or together with) this one's ack.
+        next_attempt = Message(msg.id, msg.body, headers, msg.durable, nxt.when.epoch_ms)
+        on_purpose = isinstance(error, Retry)
+        _log_failure(
+            logging.INFO if on_purpose else logging.WARNING,
+            "kew: %s: task %s attempt %s %s (%s); next attempt at %s",
+            self.name,
+            ctx.id,
+            self._attempt_of(ctx.attempt),
+            "asked to be retried" if on_purpose else "failed",
+            _logged(error),
+            _iso(nxt.when.epoch_ms),
+            error=None if on_purpose else error,
+        )
+        text = error_text(error)
+        events = self._last_events(
+            ctx, ctx.event("retry-scheduled", error=text, next_at=nxt.when.epoch_ms)
+        )
+        self._outcome(ctx, "attempt-failed", text, nxt.when.epoch_ms)
+        self._settle(att, events, next_attempt)
