@@ -399,71 +399,7 @@ def test_retry_policies() -> None:
         Retry("x", after=-1)
 
 
-# -- the store ------------------------------------------------------------------------
-
-
-def ev(kind: str, attempt: int = 1, run: int = 100, at: int = 1000, **kw: object) -> TaskEvent:
-    return TaskEvent("t1", "q", kind, at, attempt=attempt, run=run, **kw)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-def test_store_is_idempotent_and_order_tolerant(kind: str, tmp_path: Path) -> None:
-    def fresh() -> kew.task.TaskStore:
-        if kind == "memory":
-            return MemoryTaskStore()
-        return SqliteTaskStore(tmp_path / f"s{_suffix()}.sqlite3")
-
-    life = [
-        TaskEvent("t1", "q", "queued", 900),
-        ev("running", 1, 100, 1000),
-        ev("output", 1, 100, 1001, text="a1\n"),
-        ev("retry-scheduled", 1, 100, 1002, error="E1", next_at=2000),
-        ev("running", 2, 200, 2000),
-        ev("output", 2, 200, 2001, text="a2\n"),
-        ev("output", 2, 200, 2002, seq=1, text="b2\n"),
-        ev("succeeded", 2, 200, 2003),
-    ]
-    expected_text = "a1\n--- attempt 2 ---\na2\nb2\n"
-    orders = [life, list(reversed(life)), life[3:] + life[:3], life + life[2:5]]
-    for order in orders:
-        s = fresh()
-        for e in order:  # one by one, and again as one batch: same result
-            s.apply([e])
-        s.apply(order)
-        r = s.get("t1")
-        assert r is not None
-        assert (r.status, r.attempt, r.created_at, r.finished_at) == ("succeeded", 2, 900, 2003)
-        assert r.last_error == "E1"
-        assert s.output("t1") == (expected_text, len(expected_text))
-        s.close()
-    # a rerun of the same attempt (worker died) after a final status reopens it
-    s = fresh()
-    s.apply(life)
-    s.apply([ev("running", 2, 300, 3000), ev("output", 2, 300, 3001, text="again\n")])
-    assert s.get("t1").status == "running"  # type: ignore[union-attr]
-    assert s.output("t1")[0].endswith(
-        "b2\n--- attempt 2 (run again: its last run was interrupted) ---\nagain\n"
-    )
-    # a handed-back run goes back to queued; a late event of it changes nothing
-    s.apply([ev("released", 2, 300, 3002)])
-    assert s.get("t1").status == "queued"  # type: ignore[union-attr]
-    s.apply([ev("running", 2, 300, 3000)])
-    assert s.get("t1").status == "queued"  # type: ignore[union-attr]
-    s.apply([ev("running", 2, 400, 4000), ev("failed", 2, 400, 4001, error="E2")])
-    r = s.get("t1")
-    assert r is not None and (r.status, r.last_error) == ("failed", "E2")
-    s.apply([ev("released", 2, 400, 4002)])  # only a running run can be released
-    assert s.get("t1").status == "failed"  # type: ignore[union-attr]
-    # workers and retention
-    s.apply([TaskEvent("", "", "worker", 5000, worker="w1", text="q")])
-    assert [(w.id, w.last_seen) for w in s.workers()] == [("w1", 5000)]
-    s.apply([TaskEvent("t2", "q", "queued", 4500)])
-    assert s.prune(4001) == 0  # finished at 4001: not before
-    assert s.prune(4002) == 1
-    assert s.get("t1") is None and s.output("t1") == ("", 0)
-    assert [r.id for r in s.recent()] == ["t2"]  # not final: kept
-    assert s.workers()  # seen at 5000
-    s.close()
+# -- the store (the stores themselves, on every kind: tests/test_task_store.py) -------
 
 
 STORE_READER = r"""
@@ -517,7 +453,7 @@ def test_open_store_urls(tmp_path: Path) -> None:
     s = open_store(f"sqlite:///{tmp_path}/x.sqlite3")
     assert isinstance(s, SqliteTaskStore) and s.path == tmp_path / "x.sqlite3"
     with pytest.raises(ValueError, match="unknown task store URL"):
-        open_store("postgres://x")
+        open_store("mysql://x")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_store(f"sqlite:///{tmp_path}/missing/dir/x.sqlite3")
     assert now_ms() > 0

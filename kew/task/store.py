@@ -66,6 +66,43 @@ class TaskStore(Protocol):
         """The newest tasks first (by creation)."""
         ...
 
+    def search(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        statuses: Sequence[str] | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        updated_since: int | None = None,
+        error: str | None = None,
+        worker: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """The tasks every given filter selects, newest first (the REST
+        ``GET /tasks`` filters and the page's search).
+
+        A filter that is ``None`` (or an empty sequence, or ``""``) selects
+        every task; the others all apply (AND):
+
+        * ``queues``: ``queue`` is one of them;
+        * ``statuses``: ``status`` is one of them (``queued``, ``running``,
+          ``retry-scheduled``, ``succeeded``, ``failed``);
+        * ``since`` / ``until``: epoch ms bounds of ``created_at``,
+          ``since <= created_at < until``;
+        * ``updated_since``: ``updated_at >= updated_since`` (the charts ask
+          for every task that started or finished in their window this way);
+        * ``error``: ``last_error`` contains it, case-insensitively (ASCII
+          case folding is enough: ``lower()`` on both sides in SQL); a literal
+          substring, no wildcards (``%`` and ``_`` are plain characters);
+        * ``worker``: ``worker`` equals it.
+
+        Order: ``created_at`` descending, then ``id`` descending (as
+        :meth:`recent`); then ``offset`` rows are skipped and at most
+        ``limit`` returned (``limit >= 1``, ``offset >= 0``).
+        """
+        ...
+
     def workers(self) -> list[WorkerRecord]:
         """The workers seen through their heartbeats, by id."""
         ...
@@ -255,6 +292,38 @@ class MemoryTaskStore:
             records = [r for r in records if r.queue == queue]
         records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
         return records[:limit]
+
+    def search(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        statuses: Sequence[str] | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        updated_since: int | None = None,
+        error: str | None = None,
+        worker: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """The tasks every given filter selects, newest first (see
+        :meth:`TaskStore.search`)."""
+        with self._lock:
+            records = [r.record for r in self._rows.values()]
+        needle = error.lower() if error else ""
+        hits = [
+            r
+            for r in records
+            if (not queues or r.queue in queues)
+            and (not statuses or r.status in statuses)
+            and (since is None or r.created_at >= since)
+            and (until is None or r.created_at < until)
+            and (updated_since is None or r.updated_at >= updated_since)
+            and (not needle or needle in r.last_error.lower())
+            and (not worker or r.worker == worker)
+        ]
+        hits.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        return hits[offset : offset + limit]
 
     def workers(self) -> list[WorkerRecord]:
         """The workers seen through their heartbeats, by id."""
@@ -498,6 +567,48 @@ class SqliteTaskStore:
             )
         return [_row(r).record for r in rows]  # type: ignore[arg-type]
 
+    def search(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        statuses: Sequence[str] | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        updated_since: int | None = None,
+        error: str | None = None,
+        worker: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """The tasks every given filter selects, newest first (see
+        :meth:`TaskStore.search`), in one query."""
+        where: list[str] = []
+        args: list[object] = []
+        for column, values in (("queue", queues), ("status", statuses)):
+            if values:
+                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                args.extend(values)
+        for clause, value in (
+            ("created_at >= ?", since),
+            ("created_at < ?", until),
+            ("updated_at >= ?", updated_since),
+        ):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        if error:
+            where.append("instr(lower(last_error), lower(?)) > 0")
+            args.append(error)
+        if worker:
+            where.append("worker = ?")
+            args.append(worker)
+        sql = f"SELECT {_COLUMNS} FROM kew_task"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+        rows = self._read(sql, (*args, limit, offset))
+        return [_row(r).record for r in rows]  # type: ignore[arg-type]
+
     def workers(self) -> list[WorkerRecord]:
         """The workers seen through their heartbeats, by id."""
         rows = self._read("SELECT id, queues, last_seen FROM kew_task_worker ORDER BY id")
@@ -534,7 +645,10 @@ class SqliteTaskStore:
 
 
 def open_store(url: str) -> TaskStore:
-    """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``memory://``."""
+    """``sqlite:///relative/path``, ``sqlite:////absolute/path``, ``memory://``,
+    or ``postgresql://user@host:5432/db?schema=kew`` (also ``postgres://``: a
+    :class:`~kew.task._pgstore.PostgresTaskStore` that recorders and readers on
+    several hosts share; needs ``pip install 'ome-kew[postgres]'``)."""
     if url in ("memory://", "memory:"):
         return MemoryTaskStore()
     scheme, sep, rest = url.partition("://")
@@ -546,7 +660,19 @@ def open_store(url: str) -> TaskStore:
                 f"task store URL {url!r} names no file: use sqlite:///path/to/tasks.sqlite3"
             )
         return SqliteTaskStore(path)
+    if scheme in ("postgresql", "postgres") and sep:
+        from kew.connect import install_hint
+        from kew.qchan.spi.errors import ProviderNotFound
+
+        try:
+            from kew.task._pgstore import PostgresTaskStore
+        except ImportError as e:
+            raise ProviderNotFound(
+                f"the PostgreSQL task store cannot be imported: {e}; "
+                f"install it with: {install_hint('postgres')}"
+            ) from None
+        return PostgresTaskStore(url)
     raise ValueError(
         f"unknown task store URL {url!r}: use sqlite:///path (relative), "
-        "sqlite:////path (absolute) or memory://"
+        "sqlite:////path (absolute), postgresql://host/db?schema=kew or memory://"
     )
