@@ -395,11 +395,17 @@ def test_page_login_sets_a_session_cookie(server: WebServer) -> None:
         only_slow = c.get("/ui/overview", params={"queue": "slow"}).text
         assert "Recent tasks of" in only_slow
         assert '<td class="mono">thumbs</td>' not in only_slow.split("Recent tasks")[1]
-        # A cookie authenticates reads, never writes.
+        # A cookie authenticates reads; a write needs the session's CSRF token too.
         assert c.get("/queues").status_code == 200
-        assert c.post("/queues/thumbs/tasks", json={"image_id": 1}).status_code == 401
-        c.post("/ui/logout")
+        refused = c.post("/queues/thumbs/tasks", json={"image_id": 1})
+        assert refused.status_code == 403
+        assert "CSRF" in refused.json()["detail"]
+        csrf = page.text.split('name="csrf-token" content="')[1].split('"')[0]
+        ok = c.post("/queues/thumbs/tasks", json={"image_id": 1}, headers={"X-CSRF-Token": csrf})
+        assert ok.status_code == 202
+        c.post("/ui/logout", data={"csrf": csrf})
         assert c.get("/queues").status_code == 401
+        assert c.post("/queues/thumbs/tasks", json={"image_id": 1}).status_code == 401
 
 
 # -- secrets --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from litestar.response import Redirect
 from litestar.types import ExceptionHandlersMap
 
 from kew.web import validate
+from kew.web._state import web_state
 
 
 class BadBody(ClientException):
@@ -61,6 +62,13 @@ class Forbidden(PermissionDeniedException):
     detail = "this needs a token with the admin scope"
 
 
+class CsrfRefused(PermissionDeniedException):
+    """403: a request that changes something, made with the page's session
+    cookie, without the session's CSRF token (``X-CSRF-Token`` or ``csrf``)."""
+
+    detail = "this request needs the page session's CSRF token"
+
+
 class NoSuchQueue(NotFoundException):
     """404: the app has no queue of that name."""
 
@@ -84,8 +92,9 @@ def invalid(bad: validate.Invalid) -> ClientException:
 
 
 def to_login(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    """Handler of :class:`LoginRequired`: redirect to the login form."""
-    return Redirect("/ui/login")
+    """Handler of :class:`LoginRequired`: redirect to the login form (under
+    the configured root path)."""
+    return Redirect(web_state(request.app.state).link("/ui/login"))
 
 
 def problem(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:

@@ -11,21 +11,24 @@ import msgspec
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import (
     Components,
     OpenAPIMediaType,
     Reference,
     RequestBody,
     SecurityScheme,
+    Server,
 )
 
+from kew.web._apidoc import HtmlDocs
 from kew.web._queues import DeadLetterIds
 from kew.web.backend import TaskApp
 
 
-def openapi_config(title: str) -> OpenAPIConfig:
-    """The document at ``/schema`` (Swagger UI there too), with the bearer scheme."""
+def openapi_config(title: str, root_path: str = "") -> OpenAPIConfig:
+    """The document at ``/schema/openapi.json``, an HTML reference of it at
+    ``/schema`` (rendered on the server: no CDN), with the bearer scheme;
+    its server is the root path."""
     components = Components(
         security_schemes={
             "bearer": SecurityScheme(type="http", scheme="bearer", description="read or admin")
@@ -36,7 +39,8 @@ def openapi_config(title: str) -> OpenAPIConfig:
         version="1",
         path="/schema",
         components=components,
-        render_plugins=[SwaggerRenderPlugin()],
+        servers=[Server(url=root_path or "/")],
+        render_plugins=[HtmlDocs()],
     )
 
 

@@ -1,5 +1,6 @@
 """Queue routes: every queue's depths, a queue's dead letters, and putting
-them back or deleting them (``admin``)."""
+them back or deleting them (``admin``; each logged at INFO by
+``kew.web.audit`` with who asked: the token's name, never the token)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from litestar.params import Parameter
 
 from kew.web import validate
 from kew.web._errors import ADMIN_ERRORS, AUTH_ERRORS, BadValue, NoSuchQueue, invalid
-from kew.web._state import in_thread, web_state
+from kew.web._state import audit, id_list, in_thread, web_state
 from kew.web.backend import Backend, DeadLetterOut, QueueInfo
 
 
@@ -81,7 +82,10 @@ async def _on_dead(
             ids = validate.parse(body, DeadLetterIds).ids
         except validate.Invalid as bad:
             raise invalid(bad) from None
-    return Count(await in_thread(act, backend, queue, ids))
+    count = await in_thread(act, backend, queue, ids)
+    verb = "requeued" if act is Backend.requeue else "purged"
+    audit(request, f"{verb} {count} dead letter(s) of {queue!r} (asked: {id_list(ids)}) via API")
+    return Count(count)
 
 
 @post(

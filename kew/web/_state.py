@@ -1,5 +1,6 @@
 """What kew.web's route modules share: the per-application
-:class:`WebState`, and running a blocking call off the event loop.
+:class:`WebState`, who made a request, and running a blocking call off the
+event loop.
 
 :func:`kew.web.create_app` keeps the :class:`WebState` in the application's
 ``state``; a handler takes Litestar's reserved ``state: State`` parameter
@@ -8,38 +9,77 @@ hooks (from ``connection.app.state``, ``asgi.state``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar, cast
 
 import anyio.to_thread
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 
-from kew.web.auth import Sessions
+from kew.web.auth import Identity, Sessions
 from kew.web.backend import Backend, TaskApp
 from kew.web.config import WebConfig
+from kew.web.history import DepthHistory, Sampler
 
 R = TypeVar("R")
 
 #: The key of the :class:`WebState` in ``Litestar.state``.
 STATE_KEY = "kew.web"
+#: Where the guard leaves the request's :class:`~kew.web.auth.Identity` (ASGI scope).
+IDENTITY_KEY = "kew.identity"
+
+audit_log = logging.getLogger("kew.web.audit")
 
 
 @dataclass(frozen=True)
 class WebState:
     """One served app: the task app, the settings, serialised access to the
-    broker and store, and the page logins."""
+    broker and store, the page logins, the queue depth history, and the
+    workers this process runs (id -> threads, for the workers view)."""
 
     app: TaskApp
     config: WebConfig
     backend: Backend
     sessions: Sessions
+    history: DepthHistory
+    local_workers: dict[str, int] = field(default_factory=dict)
+    samplers: list[Sampler] = field(default_factory=list)
+
+    def link(self, path: str) -> str:
+        """``path`` (absolute, ``/ui``) under the configured root path."""
+        return self.config.root_path + path
 
 
 def web_state(state: State) -> WebState:
     """The :class:`WebState` in an application's ``state``."""
     return cast(WebState, state[STATE_KEY])
+
+
+def set_identity(connection: ASGIConnection[Any, Any, Any, Any], who: Identity) -> None:
+    cast(dict[str, Any], connection.scope)[IDENTITY_KEY] = who
+
+
+def identity(connection: ASGIConnection[Any, Any, Any, Any]) -> Identity | None:
+    """Who made the request (set by the guard), or None on a public route."""
+    found = cast(dict[str, Any], connection.scope).get(IDENTITY_KEY)
+    return found if isinstance(found, Identity) else None
+
+
+def audit(connection: ASGIConnection[Any, Any, Any, Any], what: str) -> None:
+    """Log, at INFO, that the request's identity did ``what``."""
+    who = identity(connection)
+    audit_log.info("audit: %s %s", who if who is not None else "anonymous", what)
+
+
+def id_list(ids: list[str] | None, most: int = 10) -> str:
+    """Dead-letter ids for the audit log: all of them, or the first ``most``."""
+    if ids is None:
+        return "all"
+    shown = ", ".join(repr(i) for i in ids[:most])
+    return f"[{shown}{f', ... {len(ids) - most} more' if len(ids) > most else ''}]"
 
 
 async def in_thread(fn: Callable[..., R], *args: Any) -> R:

@@ -5,6 +5,7 @@ recent tasks, a task's status, and its output, streamed."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -14,14 +15,14 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import NotFoundException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import Parameter
 from litestar.response import Stream
 
 from kew.qchan.codec import DecodeError
 from kew.qchan.spi import BrokerUnavailable, MessageTooLarge, QueueFull, now_ms
-from kew.task.model import TaskEvent, TaskRecord
+from kew.task.model import TaskEvent, TaskRecord, TaskStatus
 from kew.web import validate
 from kew.web._errors import (
     AUTH_ERRORS,
@@ -33,6 +34,7 @@ from kew.web._errors import (
 )
 from kew.web._state import in_thread, web_state
 from kew.web.backend import Backend
+from kew.web.search import TaskQuery, search_tasks, to_ms
 
 log = logging.getLogger("kew.web")
 
@@ -95,7 +97,7 @@ async def submit(
         raise TooLarge(detail=str(e)) from None
     except (QueueFull, BrokerUnavailable) as e:
         raise Unavailable(detail=str(e), headers={"Retry-After": "5"}) from None
-    base = str(request.base_url).rstrip("/")
+    base = str(request.base_url).rstrip("/")  # with the root path
     status_url = f"{base}/tasks/{task_id}"
     return Response(
         Submitted(task_id, "queued", status_url, f"{status_url}/output"),
@@ -141,18 +143,52 @@ async def submit_unknown(
 
 @get(
     "/tasks",
-    summary="Recent tasks, newest first",
+    summary="Tasks, newest first: recent, or found by filters",
+    description="Every filter given must match; repeat `queue` or `status` for several "
+    "values (any of them). `since`/`until` bound the creation time (ISO 8601, UTC when it "
+    "has no offset; `since` included, `until` excluded); `error` is a case-insensitive "
+    "substring of the last error; `worker` a worker id. Page with `offset` (a page shorter "
+    "than `limit` is the last).",
     raises=AUTH_ERRORS,
     tags=["tasks"],
     sync_to_thread=True,
 )
 def recent_tasks(
     state: State,
-    limit: int = Parameter(default=50, ge=1, le=1000),
-    queue: str | None = Parameter(default=None, max_length=200),
+    limit: int = Parameter(default=50, ge=1, le=1000, description="at most this many"),
+    offset: int = Parameter(default=0, ge=0, le=1_000_000, description="skip this many first"),
+    queue: Annotated[
+        list[str] | None, Parameter(max_items=50, description="only tasks of these queues")
+    ] = None,
+    status: Annotated[
+        list[TaskStatus] | None,
+        Parameter(max_items=5, description="only tasks with one of these statuses"),
+    ] = None,
+    since: Annotated[dt.datetime | None, Parameter(description="created at or after")] = None,
+    until: Annotated[dt.datetime | None, Parameter(description="created before")] = None,
+    error: Annotated[
+        str | None,
+        Parameter(max_length=500, description="the last error contains this (any case)"),
+    ] = None,
+    worker: Annotated[
+        str | None, Parameter(max_length=300, description="ran (or runs) on this worker")
+    ] = None,
 ) -> list[TaskRecord]:
-    """The latest ``limit`` tasks (of ``queue`` only if given)."""
-    return web_state(state).backend.store(lambda s: list(s.recent(limit=limit, queue=queue)))
+    """The latest ``limit`` tasks after ``offset`` that every given filter selects."""
+    try:
+        q = TaskQuery(
+            queues=tuple(queue or ()),
+            statuses=tuple(status or ()),
+            since=to_ms(since),
+            until=to_ms(until),
+            error=error or "",
+            worker=worker or "",
+            limit=limit,
+            offset=offset,
+        )
+    except ValueError as e:
+        raise ValidationException(detail=str(e)) from None
+    return web_state(state).backend.store(lambda s: search_tasks(s, q))
 
 
 def _record(backend: Backend, task_id: str) -> TaskRecord:

@@ -36,6 +36,13 @@ log = logging.getLogger("kew.web")
     help="Also run a worker with N threads in this process (default 0: none).",
 )
 @click.option(
+    "--root-path",
+    default=None,
+    metavar="PATH",
+    help="Path prefix the server is reached under behind a reverse proxy (e.g. /kew); "
+    "every link starts with it. Requests with or without it are both served.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -48,14 +55,16 @@ def serve(
     config_path: str | None,
     recorder: bool | None,
     worker_concurrency: int | None,
+    root_path: str | None,
     log_level: str,
 ) -> None:
     """Serve the REST API and monitoring page of MODULE:APP."""
     import uvicorn
 
     from kew.cli import fail, load_app
+    from kew.web._state import web_state
     from kew.web.app import create_app
-    from kew.web.config import load_config
+    from kew.web.config import load_config, normalize_root
 
     try:
         config = load_config(config_path)
@@ -65,6 +74,11 @@ def serve(
         config.recorder = recorder
     if worker_concurrency is not None:
         config.worker_concurrency = worker_concurrency
+    if root_path is not None:
+        try:
+            config.root_path = normalize_root(root_path)
+        except KewError as e:
+            fail(str(e))
     if not config.tokens:
         fail(
             "no API tokens configured: set KEW_WEB_ADMIN_TOKENS / KEW_WEB_READ_TOKENS, "
@@ -86,8 +100,16 @@ def serve(
             worker = app.worker(concurrency=config.worker_concurrency)
             worker.start()
             running.append(worker)
+            worker_id = getattr(worker, "id", None)
+            if isinstance(worker_id, str):
+                web_state(asgi.state).local_workers[worker_id] = config.worker_concurrency
         logging.basicConfig(level=log_level.upper())
-        click.echo(f"kew: serving {app_spec} on http://{host}:{port}/ (page: /ui)", err=True)
+        click.echo(
+            f"kew: serving {app_spec} on http://{host}:{port}{config.root_path}/ "
+            f"(page: {config.root_path}/ui; queue depths sampled every "
+            f"{config.sample_seconds:g} s for the charts)",
+            err=True,
+        )
         uvicorn.run(
             asgi,
             host=host,

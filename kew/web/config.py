@@ -13,7 +13,8 @@ at its top level or under a ``[web]`` table; the environment overrides it::
     token = "a-long-random-read-token"
 
 Environment: ``KEW_WEB_READ_TOKENS`` and ``KEW_WEB_ADMIN_TOKENS`` (comma
-separated; each a token or ``sha256:<hex digest>``), ``KEW_WEB_MAX_BODY_BYTES``.
+separated; each a token or ``sha256:<hex digest>``), ``KEW_WEB_MAX_BODY_BYTES``,
+``KEW_WEB_ROOT_PATH``.
 
 Tokens are kept only as SHA-256 digests and compared in constant time; a
 token never appears in a ``repr``, a log line or a response.
@@ -38,6 +39,7 @@ from kew.qchan.spi import ConfigError
 Scope = Literal["read", "admin"]
 
 _HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+_ROOT = re.compile(r"^(/[A-Za-z0-9._~-]+)*$")
 MIN_TOKEN_LENGTH = 16
 
 
@@ -111,14 +113,39 @@ class WebConfig:
     session_hours: float = 12.0
     #: Page title.
     title: str = "kew"
+    #: The path the server is reached under behind a reverse proxy (``/kew``; "" for none).
+    root_path: str = ""
+    #: Seconds between two samples of every queue's depths (kept in memory for the charts).
+    sample_seconds: float = 15.0
+    #: Hours of queue depth samples kept, and the longest window the charts show.
+    history_hours: float = 6.0
 
     def __post_init__(self) -> None:
+        self.root_path = normalize_root(self.root_path)
+        if not 0.1 <= self.sample_seconds <= 3600:
+            raise ConfigError(
+                f"sample_seconds must be between 0.1 and 3600, not {self.sample_seconds}"
+            )
+        if not 0 < self.history_hours <= 168:
+            raise ConfigError(f"history_hours must be in (0, 168], not {self.history_hours}")
         if self.max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes must be positive, not {self.max_body_bytes}")
         if self.worker_concurrency < 0:
             raise ConfigError(
                 f"worker_concurrency must be 0 or more, not {self.worker_concurrency}"
             )
+
+
+def normalize_root(path: str) -> str:
+    """A root path as the server uses it: ``""`` or ``/a/b`` (no trailing ``/``)."""
+    root = path.strip().rstrip("/")
+    if root and not root.startswith("/"):
+        root = "/" + root
+    if not _ROOT.match(root):
+        raise ConfigError(
+            f"root_path {path!r} is not a path prefix like /kew (letters, digits, . _ ~ -)"
+        )
+    return root
 
 
 class _TokenEntry(msgspec.Struct, forbid_unknown_fields=True):
@@ -138,6 +165,9 @@ class _FileConfig(msgspec.Struct, forbid_unknown_fields=True):
     health_timeout: float = 5.0
     session_hours: float = 12.0
     title: str = "kew"
+    root_path: str = ""
+    sample_seconds: float = 15.0
+    history_hours: float = 6.0
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -212,4 +242,7 @@ def load_config(
         health_timeout=fc.health_timeout,
         session_hours=fc.session_hours,
         title=fc.title,
+        root_path=env.get("KEW_WEB_ROOT_PATH", fc.root_path),
+        sample_seconds=fc.sample_seconds,
+        history_hours=fc.history_hours,
     )

@@ -1,143 +1,214 @@
 """The monitoring page: server-rendered HTML (Jinja2), a little JavaScript
-to refresh the overview and follow a task's output live."""
+to refresh the overview and follow a task's output live.
+
+Pages: the overview (``/ui``: queues, trends, tasks with filters and
+paging), a task (``/ui/tasks/{id}``), dead letters with their actions
+(:mod:`kew.web._page_dead`), workers and charts
+(:mod:`kew.web._page_views`), the API reference (:mod:`kew.web._apidoc`),
+and the login form.  Every link, form and script URL starts with the
+configured root path; every form that changes something carries the
+session's CSRF token (checked by the guard)."""
 
 from __future__ import annotations
 
-import datetime as dt
+import logging
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-import jinja2
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.exceptions import NotFoundException
 from litestar.params import Parameter
 from litestar.response import Redirect
 
-from kew.web.auth import Sessions, bearer_scope
-from kew.web.backend import Backend
-from kew.web.config import WebConfig
+from kew.web._apidoc import APIDOC_ROUTES
+from kew.web._errors import CsrfRefused
+from kew.web._page_dead import DEAD_PAGE_ROUTES
+from kew.web._page_views import VIEW_ROUTES
+from kew.web._render import PAGE, page_context, render
+from kew.web._state import WebState, audit_log, web_state
+from kew.web._stats import compute_stats
+from kew.web.auth import CSRF_FIELD, CSRF_HEADER, Sessions, token_identity
+from kew.web.search import STATUSES, TaskQuery, parse_local, search_tasks, to_ms
 
-_env = jinja2.Environment(
-    loader=jinja2.PackageLoader("kew.web", "templates"),
-    autoescape=True,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
+log = logging.getLogger("kew.web")
 
-
-def _when(ms: int | None) -> str:
-    if not ms:
-        return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _n(value: int) -> str:
-    return "?" if value < 0 else str(value)
+#: Tasks per page of the overview.
+PAGE_SIZE = 50
+#: The filters the overview's form sends (query parameters of ``/ui``).
+FILTERS = ("queue", "status", "since", "until", "error")
 
 
-_env.globals.update(when=_when, n=_n)
+def _query(web: WebState, params: dict[str, str]) -> tuple[TaskQuery, str]:
+    """The task query of the overview's form, and what is wrong with it."""
+    problem = ""
+    queue = params.get("queue") or ""
+    status = params.get("status") or ""
+    bounds: list[int | None] = []
+    for name in ("since", "until"):
+        try:
+            bounds.append(to_ms(parse_local(params.get(name))))
+        except ValueError:
+            problem = f"{name}: not a date and time ({params.get(name)!r})"
+            bounds.append(None)
+    try:
+        offset = max(0, int(params.get("offset") or 0))
+    except ValueError:
+        offset = 0
+    q = TaskQuery(
+        queues=(queue,) if queue in web.app.queues else (),
+        statuses=(status,) if status in STATUSES else (),
+        since=bounds[0],
+        until=bounds[1],
+        error=(params.get("error") or "").strip()[:500],
+        limit=PAGE_SIZE + 1,  # one more: is there a next page?
+        offset=offset,
+    )
+    return q, problem
 
-HTML = "text/html; charset=utf-8"
-PAGE = {"page": True}
+
+def overview_context(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    web = web_state(request.app.state)
+    params = {k: str(v) for k, v in request.query_params.items()}
+    q, problem = _query(web, params)
+    found = web.backend.store(lambda s: search_tasks(s, q))
+    kept = {k: params[k] for k in FILTERS if params.get(k)}
+
+    def page_link(offset: int) -> str:
+        args = {**kept, **({"offset": str(offset)} if offset else {})}
+        return web.link("/ui") + ("?" + urlencode(args) if args else "")
+
+    only = q.queues[0] if q.queues else None
+    stats = compute_stats(web, 60, only)
+    return {
+        "queues": web.backend.queue_infos(),
+        "tasks": found[:PAGE_SIZE],
+        "only": only,
+        "filtered": q.filtered,
+        "searching": bool(q.statuses or q.since or q.until or q.error),
+        "problem": problem,
+        "offset": q.offset,
+        "newer": page_link(max(0, q.offset - PAGE_SIZE)) if q.offset else "",
+        "older": page_link(q.offset + PAGE_SIZE) if len(found) > PAGE_SIZE else "",
+        "stats": stats,
+        "task_series": stats.tasks[0] if stats.tasks else None,
+        "depth_series": stats.depth[0] if stats.depth else None,
+    }
 
 
-def page_routes(backend: Backend, config: WebConfig, sessions: Sessions) -> list[Any]:
-    def render(name: str, status: int = 200, **context: Any) -> Response[str]:
-        context.setdefault("title", config.title)
-        context.setdefault("heading", "")
-        context.setdefault("nav", True)
-        return Response(
-            _env.get_template(name).render(**context),
-            media_type=HTML,
-            status_code=status,
-            headers={"Cache-Control": "no-store"},
-        )
+@get("/", include_in_schema=False, opt=PAGE)
+async def root(request: Request[Any, Any, Any]) -> Redirect:
+    return Redirect(web_state(request.app.state).link("/ui"))
 
-    def overview_context(queue: str | None) -> dict[str, Any]:
-        if queue is not None and queue not in backend.app.queues:
-            queue = None
-        return {
-            "queues": backend.queue_infos(),
-            "tasks": backend.store(lambda s: list(s.recent(limit=50, queue=queue))),
-            "only": queue,
-        }
 
-    @get("/", include_in_schema=False, opt=PAGE)
-    async def root() -> Redirect:
-        return Redirect("/ui")
+@get("/ui", include_in_schema=False, opt=PAGE, sync_to_thread=True)
+def index(request: Request[Any, Any, Any]) -> Response[str]:
+    web = web_state(request.app.state)
+    form = {k: str(request.query_params.get(k) or "") for k in FILTERS}
+    return render(
+        request,
+        "index.html",
+        heading="Overview",
+        form=form,
+        task_queues=sorted(web.app.queues),
+        statuses=STATUSES,
+        **overview_context(request),
+    )
 
-    @get("/ui", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def index(
-        queue: Annotated[str | None, Parameter(description="only this queue")] = None,
-    ) -> Response[str]:
-        return render("index.html", heading="Overview", **overview_context(queue))
 
-    @get("/ui/overview", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def overview(
-        queue: Annotated[str | None, Parameter(description="only this queue")] = None,
-    ) -> Response[str]:
-        return render("_overview.html", **overview_context(queue))
+@get("/ui/overview", include_in_schema=False, opt=PAGE, sync_to_thread=True)
+def overview(request: Request[Any, Any, Any]) -> Response[str]:
+    return render(request, "_overview.html", **overview_context(request))
 
-    def task_record(task_id: str) -> Any:
-        rec = backend.store(lambda s: s.get(task_id))
-        if rec is None:
-            raise NotFoundException(detail=f"no task {task_id!r}")
-        return rec
 
-    @get("/ui/tasks/{task_id:str}", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def task_page(task_id: Annotated[str, Parameter()]) -> Response[str]:
-        return render("task.html", heading=f"task {task_id}", task=task_record(task_id))
+def _task_record(request: Request[Any, Any, Any], task_id: str) -> Any:
+    rec = web_state(request.app.state).backend.store(lambda s: s.get(task_id))
+    if rec is None:
+        raise NotFoundException(detail=f"no task {task_id!r}")
+    return rec
 
-    @get("/ui/tasks/{task_id:str}/status", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def task_status(task_id: Annotated[str, Parameter()]) -> Response[str]:
-        return render("_task.html", task=task_record(task_id))
 
-    @get("/ui/queues/{queue:str}/dead", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-    def dead_page(queue: Annotated[str, Parameter()]) -> Response[str]:
-        if not backend.known(queue):
-            raise NotFoundException(detail=f"no queue named {queue!r}")
+@get("/ui/tasks/{task_id:str}", include_in_schema=False, opt=PAGE, sync_to_thread=True)
+def task_page(request: Request[Any, Any, Any], task_id: Annotated[str, Parameter()]) -> Any:
+    return render(
+        request, "task.html", heading=f"task {task_id}", task=_task_record(request, task_id)
+    )
+
+
+@get("/ui/tasks/{task_id:str}/status", include_in_schema=False, opt=PAGE, sync_to_thread=True)
+def task_status(request: Request[Any, Any, Any], task_id: Annotated[str, Parameter()]) -> Any:
+    return render(request, "_task.html", task=_task_record(request, task_id))
+
+
+@get("/ui/login", include_in_schema=False, opt={"scope": "public"})
+async def login_form(request: Request[Any, Any, Any]) -> Response[str]:
+    return render(request, "login.html", heading="sign in", nav=False)
+
+
+@post("/ui/login", include_in_schema=False, opt={"scope": "public"}, status_code=303)
+async def login(request: Request[Any, Any, Any]) -> Response[Any]:
+    web = web_state(request.app.state)
+    form = await request.form()
+    token = form.get("token")
+    who = token_identity(web.config.tokens, token) if isinstance(token, str) else None
+    if who is None:
+        audit_log.info("audit: page login refused (unknown token)")
         return render(
-            "dead.html",
-            heading=f"dead letters of {queue}",
-            queue=queue,
-            dead=backend.dead_letters(queue, 200),
+            request, "login.html", 401, heading="sign in", nav=False, error="Unknown token."
         )
+    sid = web.sessions.open(who)
+    audit_log.info("audit: page login with token %r (%s)", who.name, who.scope)
+    return Redirect(
+        web.link("/ui"),
+        status_code=303,
+        cookies=[
+            Cookie(
+                key=Sessions.COOKIE,
+                value=sid,
+                path=web.link("/"),
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+                max_age=int(web.config.session_hours * 3600),
+            )
+        ],
+    )
 
-    @get("/ui/login", include_in_schema=False, opt={"scope": "public"})
-    async def login_form() -> Response[str]:
-        return render("login.html", heading="sign in", nav=False)
 
-    @post("/ui/login", include_in_schema=False, opt={"scope": "public"}, status_code=303)
-    async def login(request: Request[Any, Any, Any]) -> Response[Any]:
+@post("/ui/logout", include_in_schema=False, opt={"scope": "public"}, status_code=303)
+async def logout(request: Request[Any, Any, Any]) -> Response[Any]:
+    web = web_state(request.app.state)
+    sid = request.cookies.get(Sessions.COOKIE)
+    session = web.sessions.get(sid)
+    if session is not None:
         form = await request.form()
-        token = form.get("token")
-        scope = bearer_scope(config.tokens, f"Bearer {token}") if isinstance(token, str) else None
-        if scope is None:
-            return render("login.html", 401, heading="sign in", nav=False, error="Unknown token.")
-        sid = sessions.open(scope)
-        return Redirect(
-            "/ui",
-            status_code=303,
-            cookies=[
-                Cookie(
-                    key=Sessions.COOKIE,
-                    value=sid,
-                    path="/",
-                    httponly=True,
-                    samesite="strict",
-                    secure=request.url.scheme == "https",
-                    max_age=int(config.session_hours * 3600),
-                )
-            ],
-        )
+        presented = request.headers.get(CSRF_HEADER) or form.get(CSRF_FIELD)
+        if not session.csrf_ok(presented if isinstance(presented, str) else None):
+            raise CsrfRefused()  # another site cannot log the visitor out either
+        audit_log.info("audit: %s logged out", session.identity)
+    web.sessions.close(sid)
+    return Redirect(
+        web.link("/ui/login"),
+        status_code=303,
+        cookies=[Cookie(key=Sessions.COOKIE, value="", path=web.link("/"), max_age=0)],
+    )
 
-    @post("/ui/logout", include_in_schema=False, opt={"scope": "public"}, status_code=303)
-    async def logout(request: Request[Any, Any, Any]) -> Response[Any]:
-        sessions.close(request.cookies.get(Sessions.COOKIE))
-        return Redirect(
-            "/ui/login",
-            status_code=303,
-            cookies=[Cookie(key=Sessions.COOKIE, value="", path="/", max_age=0)],
-        )
 
-    return [root, index, overview, task_page, task_status, dead_page, login_form, login, logout]
+def page_routes() -> list[Any]:
+    """Every route of the page."""
+    return [
+        root,
+        index,
+        overview,
+        task_page,
+        task_status,
+        login_form,
+        login,
+        logout,
+        *DEAD_PAGE_ROUTES,
+        *VIEW_ROUTES,
+        *APIDOC_ROUTES,
+    ]
+
+
+__all__ = ["page_context", "page_routes"]
