@@ -12,7 +12,11 @@ guards its connection with a lock; a consumer runs its connection on its own
 I/O thread.  Acks and requeues from handler threads are queued for it (one
 ``add_callback_threadsafe`` wake-up for all queued) and do not wait; a dead
 letter waits for its confirm.  That thread keeps heartbeats going however
-long a handler runs.  See docs/providers/rabbitmq.md.
+long a handler runs.  A message whose envelope kew cannot read (another
+program's: see kew.qchan.spi.wire) is dead-lettered by that thread at once
+with the reason; an unexpected error there is logged and recovered from by
+reconnecting, and too many, a refused login or a deleted queue make
+``fetch`` raise ConsumerFailed.  See docs/providers/rabbitmq.md.
 
 Delayed delivery needs no plugin: a message due in d ms goes to the queue
 ``<q>.delay.<D>`` where D is d rounded *up* to ``delay_granularity`` ms;
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import logging
 import queue as queue_mod
 import ssl
@@ -43,14 +48,24 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import pika
-from pika.exceptions import AMQPChannelError, AMQPConnectionError, AMQPError
+from pika.exceptions import (
+    AMQPChannelError,
+    AMQPConnectionError,
+    AMQPError,
+    AuthenticationError,
+    ChannelClosedByBroker,
+    ProbableAccessDeniedError,
+    ProbableAuthenticationError,
+)
 
 from kew.qchan.spi import (
     BrokerUnavailable,
     Capability,
     ConfigError,
+    ConsumerFailed,
     DeadLetter,
     Delivery,
+    Headers,
     Message,
     MessageTooLarge,
     ProviderURL,
@@ -58,12 +73,23 @@ from kew.qchan.spi import (
     SendError,
     now_ms,
 )
+from kew.qchan.spi.wire import (
+    H_CONTENT_TYPE,
+    H_DEAD_AT,
+    H_DEAD_COUNT,
+    H_DEAD_REASON,
+    Malformed,
+    check_id,
+    header_value,
+    headers_from_mapping,
+    salvage,
+)
 
 SCHEMES = ("amqp", "amqps")
 R = TypeVar("R")
 
-# Dead-letter headers (next to the message's own).
-H_REASON, H_COUNT, H_DEAD_AT = "kew-dead-reason", "kew-dead-count", "kew-dead-at"
+# Dead-letter headers (next to the message's own, on messages in <q>.dead).
+_DEAD_HEADERS = (H_DEAD_REASON, H_DEAD_COUNT, H_DEAD_AT)
 
 log = logging.getLogger("kew.consumer")
 
@@ -122,8 +148,24 @@ class Options:
         return options
 
 
+class _Refused(BrokerUnavailable):
+    """The broker refuses these credentials or this virtual host: trying
+    again does not help."""
+
+
+def _refused(e: AMQPConnectionError) -> bool:
+    if isinstance(e, AuthenticationError):  # no common SASL mechanism
+        return True
+    if isinstance(e, ProbableAuthenticationError | ProbableAccessDeniedError):
+        # pika guesses from the stage the connection ended at: only the
+        # broker's own refusal counts, not a connection lost meanwhile
+        return "ACCESS_REFUSED" in str(e) or "NOT_ALLOWED" in str(e)
+    return False
+
+
 def _connect(options: Options, url: str) -> pika.BlockingConnection:
-    """A connection, retried with backoff; BrokerUnavailable when spent."""
+    """A connection, retried with backoff; BrokerUnavailable when spent,
+    at once (``_Refused``) when the broker refuses the login or vhost."""
     delay = 0.1
     for attempt in range(options.retries + 1):
         try:
@@ -138,6 +180,8 @@ def _connect(options: Options, url: str) -> pika.BlockingConnection:
                 f"TLS handshake with RabbitMQ at {url} failed{hint}: {e}"
             ) from None
         except AMQPConnectionError as e:
+            if _refused(e):
+                raise _Refused(f"RabbitMQ at {url} refused the connection: {e!r}") from None
             if attempt == options.retries:
                 raise BrokerUnavailable(f"RabbitMQ at {url} is unreachable: {e!r}") from None
             time.sleep(delay)
@@ -146,21 +190,145 @@ def _connect(options: Options, url: str) -> pika.BlockingConnection:
 
 
 def _properties(m: Message) -> pika.BasicProperties:
+    # the content type in AMQP's property too, for other programs; none if
+    # the message has none (read back, the property becomes the header)
+    content_type = m.headers.get(H_CONTENT_TYPE)
+    if not isinstance(content_type, str) or len(content_type.encode()) > 255:
+        content_type = None  # not a short string: in the headers only
     return pika.BasicProperties(
         message_id=m.id,
         headers=dict(m.headers),
         delivery_mode=2 if m.durable else 1,
-        content_type=str(m.headers.get("content-type", "application/octet-stream")),
+        content_type=content_type,
     )
 
 
-def _message(props: pika.BasicProperties, body: bytes) -> Message:
-    headers = {
-        k: (int(v) if isinstance(v, int) else v.decode() if isinstance(v, bytes) else str(v))
-        for k, v in (props.headers or {}).items()
-        if k not in (H_REASON, H_COUNT, H_DEAD_AT) and not k.startswith("x-")
-    }
-    return Message(props.message_id or "", body, headers)
+# -- reading what another program wrote -------------------------------------
+#
+# Anything an AMQP client can put in a message's properties reaches these
+# functions; none of them raises for it.  A message kew cannot read (see
+# kew.qchan.spi.wire) is dead-lettered by the consumer with the reason, as
+# much of it kept as can be; the browser lists, requeues and purges such
+# messages like any other.
+
+
+def _own_headers(props: Any) -> dict[Any, object]:
+    """The message's header table without the broker's own headers (names
+    starting ``x-``: ``x-death``, ``x-delivery-count``, ...)."""
+    table = props.headers
+    if not isinstance(table, dict):
+        return {}
+    return {k: v for k, v in table.items() if not (isinstance(k, str) and k.startswith("x-"))}
+
+
+def _message(props: Any, body: bytes) -> Message:
+    """The message, or :class:`Malformed` saying what kew cannot read.
+    kew's dead-letter headers are not part of it (the browser reads them)."""
+    mid = check_id(props.message_id)
+    headers = headers_from_mapping(_own_headers(props), skip=_DEAD_HEADERS)
+    if props.content_type is not None:  # AMQP's own property, for a foreign producer
+        headers[H_CONTENT_TYPE] = header_value(H_CONTENT_TYPE, props.content_type)
+    return Message(mid, body, _plain(headers, strict=True))
+
+
+def _plain(headers: Headers, strict: bool) -> dict[str, str | int]:
+    """Integers as ints (pika decodes them as its own ``long(int)``), and
+    only those AMQP can carry: an integer beyond 64 bits comes from an AMQP
+    double, which pika reads as an integer; kew could not write it back.
+    ``strict``: Malformed for one, else it is left out."""
+    out: dict[str, str | int] = {}
+    for name, value in headers.items():
+        if isinstance(value, int):
+            if not -(2**63) <= value < 2**63:
+                if strict:
+                    raise Malformed(
+                        f"header {name!r} holds a number beyond the 64-bit integers of AMQP "
+                        f"({str(value)[:30]}...); kew header values are text or integers"
+                    )
+                continue
+            value = int(value)
+        out[name] = value
+    return out
+
+
+def _read(props: Any, body: bytes) -> tuple[Message, str]:
+    """``(message, "")``; or, for a message kew cannot read, what can be
+    kept of it and why (``malformed envelope: ...``)."""
+    try:
+        return _message(props, body), ""
+    except Malformed as e:
+        why = str(e)
+    except Exception as e:  # a bug of kew's: that one message goes, not the consumer
+        log.exception("kew: cannot read a message's envelope")
+        why = str(Malformed(f"kew cannot read it ({type(e).__name__}: {e})"))
+    headers = {k: v for k, v in _own_headers(props).items() if k not in _DEAD_HEADERS}
+    if props.content_type is not None:
+        headers[H_CONTENT_TYPE] = props.content_type
+    kept = salvage(props.message_id, body, headers, fallback_id=_fallback_id(props, body))
+    return Message(kept.id, kept.body, _plain(kept.headers, strict=False)), why
+
+
+def _fallback_id(props: Any, body: bytes) -> str:
+    """An id for a message without a usable one: a digest of what its
+    producer wrote (not of what the broker adds), so that every reading of
+    it gives the same id: a listing, then a requeue by that id."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((props.message_id, props.content_type, _own_headers(props))).encode())
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def _delivery_count(props: Any, redelivered: bool, quorum: bool) -> int:
+    """1 for a first delivery; on a redelivery the quorum queue's
+    ``x-delivery-count`` + 1, else 2.  The header is read only where the
+    broker sets it (quorum queues, redeliveries): one that a producer wrote
+    (copied from another message, or not a number) says nothing."""
+    if not redelivered:
+        return 1
+    table = props.headers
+    count = table.get("x-delivery-count") if quorum and isinstance(table, dict) else None
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 1:
+        return count + 1
+    return 2
+
+
+def _int_or(value: object, default: int) -> int:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+# A content header frame: 8 bytes of frame, 12 of class, weight and body size,
+# then the properties.  The broker closes a connection that sends a frame over
+# its frame_max; a dead letter that did that would come back for ever.
+_FRAME_OVERHEAD = 20
+
+
+def _header_size(name: str, value: str | int) -> int:
+    """What one header costs in an AMQP table (pika's encoding)."""
+    return 1 + len(name.encode()) + (9 if isinstance(value, int) else 5 + len(value.encode()))
+
+
+def _fit(m: Message, frame_max: int) -> Message:
+    """The dead letter ``m``, made to fit one AMQP frame: its largest headers
+    left out, then its reason cut, the reason saying so."""
+    size = len(b"".join(_properties(m).encode())) + _FRAME_OVERHEAD
+    if size <= frame_max:
+        return m
+    headers = dict(m.headers)
+    reason = str(headers.pop(H_DEAD_REASON, ""))
+    size -= _header_size(H_DEAD_REASON, reason)
+    left_out: list[str] = []
+    room = frame_max - 1024  # for the reason
+    # the largest first, the content type last
+    for name in sorted(headers, key=lambda k: (k == H_CONTENT_TYPE, -_header_size(k, headers[k]))):
+        if size <= room:
+            break
+        if name not in _DEAD_HEADERS:
+            size -= _header_size(name, headers.pop(name))
+            left_out.append(name)
+    note = f" [left out to fit one AMQP frame: headers {', '.join(left_out)}"[:300] + "]"
+    cut = max(0, frame_max - size - len(note.encode()) - _header_size(H_DEAD_REASON, "") - 64)
+    headers[H_DEAD_REASON] = reason.encode()[:cut].decode(errors="ignore") + note
+    return Message(m.id, m.body, headers, m.durable, m.deliver_at)
 
 
 def _tag(delivery: Delivery) -> tuple[int, int]:
@@ -520,20 +688,39 @@ def _settle_error(url: str, queue: str, why: str) -> BrokerUnavailable:
     )
 
 
+class _Cancelled(Exception):
+    """The broker cancelled the consumer (basic.cancel)."""
+
+
+class _NotConsumable(Exception):
+    """basic.consume was refused: no such queue (404), or no access (403)."""
+
+
 class RabbitConsumer:
     #: Longest a settle (or dead letter) waits for its confirms.
     COMMIT_TIMEOUT = 60.0
+    #: Unexpected errors on the I/O thread (each is logged and recovered
+    #: from by reconnecting) tolerated within ``UNEXPECTED_WINDOW`` seconds;
+    #: one more and the consumer fails (``ConsumerFailed``).
+    UNEXPECTED_LIMIT = 5
+    UNEXPECTED_WINDOW = 60.0
+    #: How long basic.consume may be refused (queue missing, access denied)
+    #: before the consumer fails.
+    GONE_AFTER = 5.0
 
     def __init__(self, connector: RabbitConnector, queue: str, prefetch: int) -> None:
         self._c = connector
         self._queue = queue
         self._prefetch = prefetch
-        self._buffer: queue_mod.Queue[Delivery] = queue_mod.Queue()
+        self._quorum = connector.options.queue_type == "quorum"
+        # deliveries; None wakes a fetch to tell it the consumer failed
+        self._buffer: queue_mod.Queue[Delivery | None] = queue_mod.Queue()
         self._generation = 0
         self._conn: pika.BlockingConnection | None = None
         self._channel: Any = None
         self._ready = threading.Event()
         self._closed = threading.Event()
+        self._failure: tuple[str, BaseException | None] | None = None  # for good
         self._ops_lock = threading.Lock()
         self._ops: list[_Op] = []  # for the I/O thread
         self._held: set[int] = set()  # delivery tags of this generation not settled
@@ -545,46 +732,42 @@ class RabbitConsumer:
         self._unconfirmed: collections.deque[tuple[int, _Settle]] = collections.deque()
         self._returned: set[str] = set()  # ids of messages the broker could not route
         self._delay_queues: dict[str, float] = {}
+        self._cancelled = False  # by the broker
+        self._frame_max = 131_072  # negotiated with the broker when connected
         self.reconnects = 0
-        self._thread = threading.Thread(target=self._io_loop, name=f"kew-amqp-{queue}", daemon=True)
+        self.unexpected_errors = 0  # on the I/O thread, each logged with its traceback
+        self._thread = threading.Thread(target=self._run_io, name=f"kew-amqp-{queue}", daemon=True)
         self._thread.start()
         if not self._ready.wait(30):
             raise BrokerUnavailable(f"cannot consume from {queue!r} at {connector.url}")
+        self._check()  # refused at once: the login, or no such queue
 
-    # The I/O thread: owns the connection, reconnects, resubscribes.
+    # The I/O thread: owns the connection, reconnects, resubscribes.  Nothing
+    # ends it but close() or a failure for good (then fetch raises
+    # ConsumerFailed): a message kew cannot read is dead-lettered
+    # (_on_message), an unexpected error is logged and recovered from like a
+    # lost connection, up to UNEXPECTED_LIMIT of them in UNEXPECTED_WINDOW s.
+    def _run_io(self) -> None:
+        try:
+            self._io_loop()
+        except BaseException as e:  # a bug in the recovery itself: never silent
+            log.exception("kew: the I/O thread of the consumer of %s failed", self._queue)
+            self._fail(f"its I/O thread failed: {type(e).__name__}: {e}", e)
+
     def _io_loop(self) -> None:
         delay = 0.1
+        unexpected: collections.deque[float] = collections.deque()
+        refused_since: float | None = None
         while not self._closed.is_set():
             try:
-                conn = _connect(self._c.options, self._c.url)
-                ch = conn.channel()
-                ch.basic_qos(prefetch_count=self._prefetch)
-                pub = self._confirm_channel(conn)
-                self._fail_open("the connection was lost")  # their ops are void
-                with self._ops_lock:  # ops of the lost connection are void
-                    self._ops, self._flush_scheduled = [], False
-                    self._held.clear()
-                    self._generation += 1
-                    self._conn, self._channel = conn, ch
-                self._pub, self._seq = pub, 0
-                self._returned.clear()
-                self._delay_queues.clear()
-
-                def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
-                    count = int((props.headers or {}).get("x-delivery-count", 0)) + 1
-                    if method.redelivered and count == 1:
-                        count = 2
-                    # callbacks come only for the current connection
-                    tag = (self._generation, method.delivery_tag)
-                    with self._ops_lock:
-                        self._held.add(method.delivery_tag)
-                    self._buffer.put(Delivery(_message(props, body), count, tag))
-
-                ch.basic_consume(self._queue, on_message)
+                conn = self._subscribe()
+                refused_since = None
                 self._ready.set()
                 delay = 0.1
                 while not self._closed.is_set():
                     conn.process_data_events(time_limit=0.2)
+                    if self._cancelled:
+                        raise _Cancelled()
                 with contextlib.suppress(AMQPError):
                     self._flush_ops()  # acks queued while closing
                     deadline = time.monotonic() + 10
@@ -593,19 +776,149 @@ class RabbitConsumer:
                     conn.close()
                 self._fail_open("the consumer was closed first")
                 return
-            except (AMQPError, BrokerUnavailable, OSError):
-                lost = self._conn
-                if lost is not None and lost.is_open:  # e.g. only the channel failed
-                    with contextlib.suppress(Exception):
-                        lost.close()
-                self._unconfirmed.clear()
-                self._fail_open("the connection was lost")
-                if self._closed.is_set():
+            except _Refused as e:  # the login or the vhost: retrying does not help
+                self._fail(str(e), e)
+                return
+            except _Cancelled:
+                # The broker cancelled the consumer: its queue was deleted (by
+                # an operator, or by kew's delete()), or on a cluster became
+                # unavailable.  Subscribing again tells which: a queue that is
+                # there is consumed again; one missing for GONE_AFTER s fails
+                # the consumer (below).  It does not declare the queue again:
+                # that would undo an operator's deletion, and race delete()
+                # (a queue back without its dead letters).  A supervisor that
+                # restarts the process on ConsumerFailed declares it anew.
+                log.warning("kew: the broker cancelled the consumer of %s", self._queue)
+            except _NotConsumable as e:
+                now = time.monotonic()
+                refused_since = now if refused_since is None else refused_since
+                if now - refused_since >= self.GONE_AFTER:
+                    self._fail(str(e), e)
                     return
-                self._drop_buffer()
-                self.reconnects += 1
-                self._closed.wait(delay)
-                delay = min(delay * 2, 2.0)
+            except (AMQPError, BrokerUnavailable, OSError):
+                pass  # the connection was lost: reconnect
+            except Exception as e:
+                log.exception("kew: unexpected error on the I/O thread of %s", self._queue)
+                self.unexpected_errors += 1
+                now = time.monotonic()
+                unexpected.append(now)
+                while unexpected[0] < now - self.UNEXPECTED_WINDOW:
+                    unexpected.popleft()
+                if len(unexpected) >= self.UNEXPECTED_LIMIT:
+                    self._fail(
+                        f"{len(unexpected)} unexpected errors on its I/O thread within "
+                        f"{self.UNEXPECTED_WINDOW:.0f} s, the last: {type(e).__name__}: {e}",
+                        e,
+                    )
+                    return
+            self._lose("the connection was lost")
+            if self._closed.is_set():
+                return
+            self.reconnects += 1
+            self._closed.wait(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _subscribe(self) -> pika.BlockingConnection:
+        """Connect, open the consumer's and the confirm channel, consume."""
+        conn = _connect(self._c.options, self._c.url)
+        try:
+            ch = conn.channel()
+            ch.basic_qos(prefetch_count=self._prefetch)
+            pub = self._confirm_channel(conn)
+            self._fail_open("the connection was lost")  # their ops are void
+            with self._ops_lock:  # ops of the lost connection are void
+                self._ops, self._flush_scheduled = [], False
+                self._held.clear()
+                self._generation += 1
+                self._conn, self._channel = conn, ch
+            self._pub, self._seq = pub, 0
+            self._returned.clear()
+            self._delay_queues.clear()
+            self._cancelled = False
+            self._frame_max = int(getattr(conn._impl.params, "frame_max", 0)) or 131_072
+            ch.add_on_cancel_callback(self._on_cancel)
+            try:
+                ch.basic_consume(self._queue, self._on_message)
+            except ChannelClosedByBroker as e:
+                if e.reply_code not in (403, 404):
+                    raise
+                raise _NotConsumable(
+                    f"cannot consume from {self._queue!r}: ({e.reply_code}) {e.reply_text}"
+                ) from e
+        except BaseException:
+            if conn.is_open:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            raise
+        return conn
+
+    def _on_cancel(self, _frame: Any) -> None:
+        self._cancelled = True  # the I/O loop subscribes again
+
+    def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
+        # callbacks come only for the current connection
+        tag = (self._generation, method.delivery_tag)
+        with self._ops_lock:
+            self._held.add(method.delivery_tag)
+        count = _delivery_count(props, method.redelivered, self._quorum)
+        message, why = _read(props, body)
+        delivery = Delivery(message, count, tag)
+        if why:
+            self._dead_letter_soon(delivery, why)
+        else:
+            self._buffer.put(delivery)
+
+    def _dead_letter_soon(self, delivery: Delivery, reason: str) -> None:
+        """On the I/O thread: a message kew cannot read goes to the dead
+        letters at once: published on the confirm channel and acked on its
+        confirm (a settle), not waited for, so the I/O thread goes on."""
+        mid = delivery.message.id
+        log.warning("kew: dead-lettering message %s of %s: %s", mid, self._queue, reason)
+
+        def done(error: BaseException | None) -> None:
+            if error is not None:  # not acked: it comes again
+                log.warning("kew: could not dead-letter message %s: %s", mid, error)
+
+        try:
+            sends = [self._dead_send(delivery, reason)]
+        except Exception as e:  # a bug of kew's: keep the body and the reason
+            log.exception("kew: cannot write message %s's headers", mid)
+            bare = Delivery(
+                Message(mid, delivery.message.body), delivery.delivery_count, delivery.tag
+            )
+            sends = [self._dead_send(bare, f"{reason} [headers left out: {e!r}]"[:10_000])]
+        self._send_then_ack([delivery], sends, done, held_only=True)
+
+    def _lose(self, why: str) -> None:
+        """The connection is gone (or is given up): close it, fail what waited
+        on it; the broker requeues what it held."""
+        lost = self._conn
+        if lost is not None and lost.is_open:  # e.g. only the channel failed
+            with contextlib.suppress(Exception):
+                lost.close()
+        self._unconfirmed.clear()
+        self._fail_open(why)
+        self._drop_buffer()
+
+    def _fail(self, why: str, cause: BaseException | None) -> None:
+        """For good: fetch raises ConsumerFailed from now on."""
+        self._failure = (f"the consumer of {self._queue!r} at {self._c.url} failed: {why}", cause)
+        log.error("kew: %s", self._failure[0])
+        self._lose(why)
+        with self._ops_lock:
+            self._ops, self._flush_scheduled = [], False
+            self._held.clear()
+            self._generation += 1
+            self._conn = None
+        self._buffer.put(None)  # wakes a waiting fetch
+        self._ready.set()
+
+    def _check(self) -> None:
+        failure = self._failure
+        if failure is None and not self._thread.is_alive() and not self._closed.is_set():
+            failure = (f"the I/O thread of the consumer of {self._queue!r} has ended", None)
+        if failure is not None:
+            raise ConsumerFailed(failure[0]) from failure[1]
 
     def _confirm_channel(self, conn: pika.BlockingConnection) -> Any:
         """A channel in confirm mode whose confirms and returns come to
@@ -630,13 +943,19 @@ class RabbitConsumer:
                 return
 
     def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+        self._check()
         out: list[Delivery] = []
         try:
-            out.append(self._buffer.get(timeout=timeout))
-            while len(out) < max_count:
-                out.append(self._buffer.get_nowait())
+            got = self._buffer.get(timeout=timeout)
+            while True:
+                if got is not None:
+                    out.append(got)
+                if len(out) >= max_count:
+                    break
+                got = self._buffer.get_nowait()
         except queue_mod.Empty:
             pass
+        self._check()
         return [d for d in out if _tag(d)[0] == self._generation]
 
     def _take(self, deliveries: Sequence[Delivery]) -> list[int]:
@@ -823,15 +1142,18 @@ class RabbitConsumer:
         if outcome[0] is not None:
             raise outcome[0]
 
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+    def _dead_send(self, delivery: Delivery, reason: str) -> tuple[str, Message]:
         m = delivery.message
         headers = {
             **m.headers,
-            H_REASON: reason,
-            H_COUNT: delivery.delivery_count,
+            H_DEAD_REASON: reason,
+            H_DEAD_COUNT: delivery.delivery_count,
             H_DEAD_AT: now_ms(),
         }
-        sends = [(f"{self._queue}.dead", Message(m.id, m.body, headers))]
+        return f"{self._queue}.dead", _fit(Message(m.id, m.body, headers), self._frame_max)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        sends = [self._dead_send(delivery, reason)]
         with contextlib.suppress(BrokerUnavailable):  # not acked: delivered again
             self._wait(lambda done: self._send_then_ack([delivery], sends, done, held_only=True))
 
@@ -879,7 +1201,7 @@ class RabbitBrowser:
             before = self._count(conn_ch, self._queue)
             ch = conn_ch.connection.channel()
             try:
-                return [_message(p, b) for _, p, b in self._take(ch, self._queue, limit)]
+                return [_read(p, b)[0] for _, p, b in self._take(ch, self._queue, limit)]
             finally:
                 ch.close()  # unacked: requeued in place
                 self._handed_back(conn_ch, self._queue, before, timeout=1.0)
@@ -899,15 +1221,7 @@ class RabbitBrowser:
             before = self._count(conn_ch, self._dead)
             ch = conn_ch.connection.channel()
             try:
-                letters = [
-                    DeadLetter(
-                        _message(p, b),
-                        int((p.headers or {}).get(H_COUNT, 1)),
-                        str((p.headers or {}).get(H_REASON, "")),
-                        int((p.headers or {}).get(H_DEAD_AT, 0)),
-                    )
-                    for _, p, b in self._take(ch, self._dead, limit)
-                ]
+                letters = [_dead_letter(p, b) for _, p, b in self._take(ch, self._dead, limit)]
             finally:
                 ch.close()
                 self._handed_back(conn_ch, self._dead, before)
@@ -925,10 +1239,10 @@ class RabbitBrowser:
             n = 0
             try:
                 for method, props, body in self._take(ch, self._dead, 1_000_000):
-                    if ids is not None and props.message_id not in ids:
+                    m = _read(props, body)[0]
+                    if ids is not None and m.id not in ids:
                         continue  # handed back when the channel closes
                     if requeue:
-                        m = _message(props, body)
                         ch.basic_publish("", self._queue, body, _properties(m))
                     ch.basic_ack(method.delivery_tag)
                     n += 1
@@ -950,6 +1264,20 @@ class RabbitBrowser:
 
     def close(self) -> None:
         pass
+
+
+def _dead_letter(props: Any, body: bytes) -> DeadLetter:
+    """A message of ``<q>.dead`` as a dead letter, whoever wrote it: what
+    cannot be read is left out (a count of 1, a time of 0, the problem as
+    the reason when there is none)."""
+    message, why = _read(props, body)
+    table = props.headers if isinstance(props.headers, dict) else {}
+    try:
+        reason = str(header_value(H_DEAD_REASON, table.get(H_DEAD_REASON, why)))
+    except Malformed as e:
+        reason = why or str(e)
+    count = _int_or(table.get(H_DEAD_COUNT), 1)
+    return DeadLetter(message, count, reason, _int_or(table.get(H_DEAD_AT), 0))
 
 
 def connect(url: str) -> RabbitConnector:

@@ -484,6 +484,7 @@ class ProviderConformance:
 
     def test_poison_body_goes_to_dead_letters(self, connector: Connector, queue_name: str) -> None:
         q = kew.Queue(connector, queue_name, Point)
+        q.declare()  # a Queue declares on first use; the raw sends below come first
         connector.producer(queue_name).send(Message("bad-1", b'{"x": "not a number"}'))
         connector.producer(queue_name).send(Message("bad-2", b"\xff\x00 not json"))
         q.send(Point(1, 2.0))

@@ -131,7 +131,7 @@ def header_value(name: str, value: object) -> str | int:
     if isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
+        return int(value)  # a client's int subclass becomes a plain int
     if isinstance(value, bytes | bytearray):
         try:
             return bytes(value).decode()
