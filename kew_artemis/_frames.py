@@ -1,7 +1,7 @@
 """What kew_artemis puts in STOMP frames and reads back (pure, no broker):
-the URL options, SEND and SUBSCRIBE headers per dialect, and a MESSAGE
-frame read into a :class:`~kew.qchan.spi.Message` through
-:mod:`kew.qchan.spi.wire`."""
+SEND and SUBSCRIBE headers per dialect, and a MESSAGE frame read into a
+:class:`~kew.qchan.spi.Message` through :mod:`kew.qchan.spi.wire` (the
+wire format's names are that module's; this one adds STOMP's own)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ import json
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import msgspec
 
-from kew.qchan.spi import ConfigError, Message, ProviderURL, SendError
+from kew.qchan.spi import Message, SendError
+from kew.qchan.spi.kit import ttl_delay_route
 from kew.qchan.spi.wire import (
+    H_CONTENT_TYPE,
+    H_COUNT,
     H_DEAD_AT,
     H_DEAD_COUNT,
+    H_DELIVER_AT,
+    H_SENT_AT,
+    H_TYPE,
     INT_HEADERS,
     Malformed,
     check_id,
@@ -26,10 +31,7 @@ from kew.qchan.spi.wire import (
     salvage,
 )
 
-SCHEMES = ("stomp", "stomp+ssl")
-DIALECTS = ("artemis", "activemq", "rabbitmq")
-
-# kew's own STOMP headers.
+# kew's own STOMP headers (the wire format's names are kew.qchan.spi.wire's).
 H_ID = "kew-id"
 H_INTS = "kew-ints"  # JSON list of the header names whose values are ints
 H_REDELIVERIES = "kew-redeliveries"  # releases by kew (a copy is sent, then acked)
@@ -55,90 +57,6 @@ RESERVED = frozenset(
 BROKER_PREFIXES = ("amq_", "_amq", "jms", "activemq.", "x-", "__amq", "nms")
 
 
-# -- options ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Options:
-    """The options of a ``stomp://`` URL.
-
-    ``dialect`` (artemis|activemq|rabbitmq), ``heartbeat`` (ms,
-    default 10000, 0 off), ``retries`` (connection rounds before
-    BrokerUnavailable, default 10), ``receipt_timeout`` (s, default 30),
-    ``connect_timeout`` (s, default 10: TCP connect, TLS handshake, CONNECTED),
-    ``window_bytes`` (Artemis: consumer-window-size per prefetched message,
-    default 1, so at most ``prefetch`` messages are in flight; raise it to about
-    the message size for throughput), ``batch`` (how ``send_many`` stores a
-    batch: ``pipeline`` = every SEND receipted, all receipts awaited together;
-    ``tx`` = the SENDs inside a STOMP transaction whose one receipted COMMIT
-    stores the whole batch (a SEND in a transaction is only stored at COMMIT,
-    so its own receipt would promise nothing); ``auto``, the default, is ``tx``
-    on ActiveMQ, which stores plain receipted SENDs one at a time, and
-    ``pipeline`` elsewhere), ``delay_granularity`` (ms, default 100: RabbitMQ's
-    delay queues round a delay up to this), ``browse_idle`` (s, default 0.3: how long a drain
-    waits for one more message where the broker cannot say the queue is
-    empty), ``max_message_size`` (bytes, default 64 MiB), ``vhost`` (the
-    CONNECT host header; default the host name, ``/`` on RabbitMQ),
-    ``ca_certs``, ``certfile``, ``keyfile`` (stomp+ssl).
-    Login and passcode come from the URL's user info.
-    """
-
-    hosts: list[tuple[str, int]]
-    tls: bool
-    ca_certs: str | None
-    certfile: str | None
-    keyfile: str | None
-    login: str | None
-    passcode: str | None
-    vhost: str | None
-    dialect: str
-    heartbeat: int
-    retries: int
-    receipt_timeout: float
-    connect_timeout: float
-    window_bytes: int
-    batch: str
-    delay_granularity: int
-    browse_idle: float
-    max_message_size: int
-
-    @classmethod
-    def from_url(cls, url: str) -> Options:
-        p = ProviderURL.parse(url, SCHEMES)
-        tls = p.scheme == "stomp+ssl"
-        files = {k: p.get_str(k) for k in ("ca_certs", "certfile", "keyfile")}
-        if any(files.values()) and not tls:
-            raise ConfigError(f"TLS files need a stomp+ssl:// URL: {p.redacted!r}")
-        if files["keyfile"] and not files["certfile"]:
-            raise ConfigError(f"keyfile without certfile in {p.redacted!r}")
-        options = cls(
-            hosts=[(h or "127.0.0.1", port or 61613) for h, port in p.hosts]
-            or [("127.0.0.1", 61613)],
-            tls=tls,
-            ca_certs=files["ca_certs"],
-            certfile=files["certfile"],
-            keyfile=files["keyfile"],
-            login=p.username,
-            passcode=p.password,
-            vhost=p.get_str("vhost"),
-            dialect=p.get_choice("dialect", "artemis", DIALECTS),
-            heartbeat=p.get_int("heartbeat", 10_000),
-            retries=p.get_int("retries", 10),
-            receipt_timeout=p.get_float("receipt_timeout", 30.0, minimum=0.1),
-            connect_timeout=p.get_float("connect_timeout", 10.0, minimum=0.1),
-            window_bytes=p.get_int("window_bytes", 1, minimum=1),
-            batch=p.get_choice("batch", "auto", ("auto", "pipeline", "tx")),
-            delay_granularity=p.get_int("delay_granularity", 100, minimum=1),
-            browse_idle=p.get_float("browse_idle", 0.3, minimum=0.01),
-            max_message_size=p.get_int("max_message_size", 64 * 1024 * 1024, minimum=1),
-        )
-        p.finish()
-        if options.batch == "auto":  # ActiveMQ syncs its journal per plain SEND
-            batch = "tx" if options.dialect == "activemq" else "pipeline"
-            options = dataclasses.replace(options, batch=batch)
-        return options
-
-
 # -- frames kew writes -------------------------------------------------------
 
 
@@ -149,7 +67,7 @@ def destination(dialect: str, queue: str) -> str:
 
 
 #: kew's wire-format headers that travel under their own names.
-PLAIN_KEW = frozenset({"kew-type", "kew-sent-at", "kew-deliver-at", "kew-count"})
+PLAIN_KEW = frozenset({H_TYPE, H_SENT_AT, H_DELIVER_AT, H_COUNT})
 
 
 def _wire_name(name: str) -> str:
@@ -176,7 +94,7 @@ def send_headers(
     h: dict[str, str] = {H_ID: message.id, "persistent": "true" if message.durable else "false"}
     ints: list[str] = []
     for k, v in message.headers.items():
-        if k == "content-type":
+        if k == H_CONTENT_TYPE:
             h[k] = str(v)
             continue
         name = _wire_name(k)
@@ -220,21 +138,19 @@ def send_frame(
     exchange; the queue expires when unused.  Every message of a delay queue
     has the same TTL, so they expire in order, and never early.
     """
-    due = message.deliver_at is not None and message.deliver_at > now
-    if dialect != "rabbitmq" or not due or message.deliver_at is None:
+    route = ttl_delay_route(queue, message.deliver_at, granularity, now)
+    if dialect != "rabbitmq" or route is None:
         return destination(dialect, queue), send_headers(dialect, message, extra, now=now)
-    delay = message.deliver_at - now
-    bucket = -(-delay // granularity) * granularity
     headers = send_headers(dialect, dataclasses.replace(message, deliver_at=None), extra, now=now)
     headers.update(
         {
-            "x-message-ttl": str(bucket),
+            "x-message-ttl": str(route.ttl),
             "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": queue,
-            "x-expires": str(bucket + 60_000),
+            "x-dead-letter-routing-key": route.target,
+            "x-expires": str(route.expires),
         }
     )
-    return destination(dialect, f"{queue}.delay.{bucket}"), headers
+    return destination(dialect, route.queue), headers
 
 
 def subscribe_headers(dialect: str, prefetch: int, window_bytes: int = 1) -> dict[str, str]:

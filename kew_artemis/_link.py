@@ -1,18 +1,43 @@
 """One STOMP connection of kew's own (stomp.py's reconnect is off): receipts
 awaited by id, ERROR frames turned into refusals or a loss, MESSAGE frames
-handed to a callback that can never stop stomp.py's receiver thread."""
+handed to a callback that can never stop stomp.py's receiver thread.
+
+Opening a connection raises kew's errors only:
+
+=============================================  ===================================
+what the server (or the network) did           raised
+=============================================  ===================================
+an ERROR frame about the login, passcode or    :class:`AccessRefused`, at once
+virtual host (RabbitMQ ``Access refused``,
+``Virtual host ... access denied``; ActiveMQ
+``User name [...] or password is invalid``)
+another ERROR frame answering CONNECT          :class:`BrokerUnavailable`, at once
+bytes that do not start a STOMP frame (Redis,  :class:`BrokerUnavailable`, at once,
+AMQP, HTTP, a TLS port)                        naming what it said
+a certificate the CA does not sign, TLS to a   :class:`BrokerUnavailable`, at once
+port without TLS
+refused, reset, timed out, no CONNECTED        :class:`BrokerUnavailable` after
+                                               ``retries`` rounds (:class:`Backoff`)
+=============================================  ===================================
+
+A connection belongs to the process that opened it: in a child made by
+``os.fork`` it is dropped without a frame (the parent still uses the
+socket) and the child opens its own (:func:`reset_in_child`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import logging
+import os
 import re
 import socket
 import ssl
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -20,8 +45,10 @@ import stomp
 from stomp.exception import ConnectionClosedException, InterruptedException, StompException
 from stomp.utils import HEARTBEAT_FRAME, parse_frame
 
-from kew.qchan.spi import BrokerUnavailable, ConfigError, SendError
-from kew_artemis._frames import H_UNREADABLE, Options
+from kew.qchan.spi import AccessRefused, BrokerUnavailable, ConfigError, KewError, SendError
+from kew.qchan.spi.kit import DELAY_EXPIRES, Backoff
+from kew_artemis._frames import H_UNREADABLE
+from kew_artemis._options import Options
 
 log = logging.getLogger("kew.stomp")
 
@@ -31,6 +58,43 @@ _CONTENT_LENGTH = re.compile(rb"^content-length:[ \t]*([0-9]+)\r?$", re.MULTILIN
 #: Bytes of an unfinished frame beyond its connection's max_message_size
 #: after which the stream is taken as broken (the connection is dropped).
 _HEADROOM = 16 << 20
+#: What an ERROR frame answering CONNECT says when the broker refused the
+#: login, the passcode or the virtual host (RabbitMQ, ActiveMQ, Artemis).
+_REFUSAL = re.compile(
+    r"(?i)access refused|access denied|not authori[sz]ed|password|passcode|credential"
+    r"|authenticat|unable to validate user|security|login|virtual host|vhost"
+)
+#: The first bytes of servers of other protocols, and what they are.
+_SPEAKERS = (
+    (b"AMQP", "an AMQP server"),
+    (b"-ERR", "a Redis server"),
+    (b"-NOAUTH", "a Redis server"),
+    (b"HTTP/", "an HTTP server"),
+    (b"\x15\x03", "a TLS server: use stomp+ssl://"),
+    (b"\x16\x03", "a TLS server: use stomp+ssl://"),
+)
+
+
+# -- one process's connections ---------------------------------------------------
+
+_IN_CHILD: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def reset_in_child(obj: Any) -> None:
+    """Have ``obj._in_child()`` called in a child process made by
+    ``os.fork`` (or ``multiprocessing`` with the fork start method), before
+    the child does anything else: the child's one thread drops what the
+    parent's threads held (connections, locks)."""
+    _IN_CHILD.add(obj)
+
+
+def _after_fork() -> None:
+    for obj in list(_IN_CHILD):
+        with contextlib.suppress(Exception):
+            obj._in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _unreadable(head: bytes) -> str | None:
@@ -76,6 +140,7 @@ class _FrameReader:
         self._end: int | None = None  # where it ends (by content-length), if known
         self._head = 0  # where its headers end
         self._scan = 0  # where to go on looking for the blank line or the NUL
+        self._sniffed = False  # the server's first bytes were a STOMP frame's
 
     def __call__(self) -> None:
         t = self._t
@@ -94,6 +159,8 @@ class _FrameReader:
                     return  # TLS: nothing decrypted yet
                 raise ConnectionClosedException()
             self._buf += chunk
+            if not self._sniffed and not self._sniff():
+                return
             try:
                 got = self._frames()
             except Exception as e:  # never stop stomp.py's I/O thread
@@ -103,6 +170,24 @@ class _FrameReader:
                 return
             if got and t.blocking:
                 return
+
+    def _sniff(self) -> bool:
+        """Whether the server's first bytes may start a STOMP frame
+        (CONNECTED or ERROR); if they cannot, the server speaks another
+        protocol: the connection is lost, saying what it sent."""
+        head = bytes(self._buf).lstrip(b"\r\n")
+        line, eol, _ = head.partition(b"\n")
+        line = line.rstrip(b"\r")
+        commands = (b"CONNECTED", b"ERROR")
+        if eol and line in commands:
+            self._sniffed = True
+        elif not eol and any(c.startswith(line) for c in commands):
+            pass  # not enough yet
+        else:
+            self._link.foreign = line[:48] or head[:48]
+            self._link._lose("the server does not speak STOMP")
+            return False
+        return True
 
     def _frames(self) -> bool:
         """Hand every complete frame in the buffer to stomp.py; True if any
@@ -178,9 +263,15 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
         self._errors: dict[str, str] = {}
         self.lost: str | None = None
         self.conn: Any = None
+        self.pid = os.getpid()  # the process whose connection it is
         self.generation = -1  # set by a consumer: which of its connections this is
         self.errors = 0  # unexpected errors on the receiver thread (each drops the connection)
         self._connected = False  # a CONNECTED frame came
+        self.refused: str | None = None  # the ERROR frame that answered CONNECT
+        self.foreign: bytes | None = None  # the first bytes of a server that is not STOMP
+        #: RabbitMQ delay queues declared on this connection, when (see the producer)
+        self.declared: dict[str, float] = {}
+        reset_in_child(self)
 
     # listener callbacks (stomp.py's receiver thread)
     def on_connected(self, frame: Any) -> None:
@@ -203,6 +294,8 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
             if rid:
                 self._errors[rid] = message
             else:
+                if not self._connected:
+                    self.refused = message
                 self.lost = f"broker error: {message}"
             self._cond.notify_all()
 
@@ -233,9 +326,10 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
 
     # connecting
     def open(self) -> _Link:
-        """Connect to the first host that answers, in rounds with backoff."""
+        """Connect to the first host that answers, in rounds with backoff;
+        kew's errors only (see the module's table)."""
         o = self.options
-        delay, last = 0.1, ""
+        backoff, started, last = Backoff(), time.monotonic(), ""
         for attempt in range(o.retries + 1):
             for host in o.hosts:
                 try:
@@ -244,32 +338,31 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
                 except ConfigError:
                     raise
                 except (StompException, OSError, _Lost) as e:
-                    refused = (self.lost or "").startswith("broker error")
-                    last = self._explain(host, e)
+                    last, final = self._explain(host, e)
                     self._close_quietly()
-                    if refused:  # an ERROR frame answered CONNECT: login, vhost ...
-                        raise BrokerUnavailable(
-                            f"STOMP broker at {self.url} refused the connection: {last}"
-                        ) from None
-                    if "certificate" in last.lower():
-                        raise BrokerUnavailable(f"STOMP broker at {self.url}: {last}") from None
+                    if final is not None:
+                        raise final from None
             if attempt < o.retries:
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        raise BrokerUnavailable(f"STOMP broker at {self.url} is unreachable: {last}")
+                backoff.wait()
+        took = time.monotonic() - started
+        raise BrokerUnavailable(
+            f"STOMP broker at {self.url} is unreachable: {last} "
+            f"({o.retries + 1} round(s) over {len(o.hosts)} host(s) in {took:.1f} s)"
+        )
 
     def _open_one(self, host: tuple[str, int]) -> None:
         o = self.options
-        self.lost = None
+        self.lost = self.refused = self.foreign = None
         conn = stomp.Connection12(
             host_and_ports=[host],
             reconnect_attempts_max=1,
-            heartbeats=(o.heartbeat, o.heartbeat),
+            heartbeats=o.heartbeats,
             auto_decode=False,
-            keepalive=True,
+            keepalive=o.keepalive,
             timeout=o.connect_timeout,
-            vhost=o.vhost or ("/" if o.dialect == "rabbitmq" else host[0]),
-            heart_beat_receive_scale=2.0,
+            vhost=o.host_header(host[0]),
+            heart_beat_receive_scale=o.heart_beat_receive_scale,
+            bind_host_port=o.bind_host_port,
         )
         if o.tls:
             conn.set_ssl(
@@ -277,6 +370,8 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
                 ca_certs=o.ca_certs,
                 cert_file=o.certfile,
                 key_file=o.keyfile,
+                password=o.ssl_password,
+                verify=o.verify,
             )
         conn.set_listener("kew", self)
         transport = conn.transport
@@ -310,34 +405,68 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
             if transport.blocking:
                 transport.socket.settimeout(None)
 
-    def _explain(self, host: tuple[str, int], e: BaseException) -> str:
-        """Why a connection failed; stomp.py hides TLS errors, so probe."""
-        where = f"{host[0]}:{host[1]}"
-        if self.lost and self.lost.startswith("broker error"):
-            return f"{where}: {self.lost}"
-        o = self.options
+    def _explain(self, host: tuple[str, int], e: BaseException) -> tuple[str, KewError | None]:
+        """Why a connection failed, and the error to raise at once when
+        trying again cannot help (None: try again).  stomp.py hides TLS
+        errors, so those are probed."""
+        o, where = self.options, f"{host[0]}:{host[1]}"
+        if self.refused is not None:
+            said = f"{where}: {self.refused}"
+            if _REFUSAL.search(self.refused):
+                who = f"user {o.login!r}" if o.login else "no login"
+                return said, AccessRefused(
+                    f"STOMP broker at {self.url} refused the login ({who}, virtual host "
+                    f"{o.host_header(host[0])!r}): {said}"
+                )
+            return said, BrokerUnavailable(
+                f"STOMP broker at {self.url} refused the connection: {said}"
+            )
+        if self.foreign is not None:
+            shown = repr(self.foreign)
+            if o.passcode:
+                shown = shown.replace(o.passcode, "***")
+            what = next((name for start, name in _SPEAKERS if self.foreign.startswith(start)), "")
+            said = f"{where} does not speak STOMP: it answered CONNECT with {shown}"
+            said += f" ({what})" if what else ""
+            return said, BrokerUnavailable(f"{self.url}: {said}")
         if o.tls:
-            try:
-                context = ssl.create_default_context(cafile=o.ca_certs)
-                if o.certfile:
-                    context.load_cert_chain(o.certfile, o.keyfile)
-                with (
-                    socket.create_connection(host, timeout=o.connect_timeout) as raw,
-                    context.wrap_socket(raw, server_hostname=host[0]),
-                ):
-                    pass
-            except ssl.SSLError as tls_error:
-                return f"{where}: TLS failed: {tls_error}"
-            except OSError as os_error:
-                return f"{where}: {os_error}"
+            problem = self._probe_tls(host)
+            if problem is not None:
+                said = f"{where}: {problem}"
+                if any(w in problem.lower() for w in ("certificate", "wrong version number")):
+                    return said, BrokerUnavailable(f"STOMP broker at {self.url}: {said}")
+                return said, None
         else:
             try:
                 with socket.create_connection(host, timeout=o.connect_timeout):
                     pass
             except OSError as os_error:
-                return f"{where}: {os_error}"
+                return f"{where}: {os_error}", None
         detail = str(e) or self.lost or "no CONNECTED frame"
-        return f"{where}: {type(e).__name__}: {detail}"
+        return f"{where}: {type(e).__name__}: {detail}", None
+
+    def _probe_tls(self, host: tuple[str, int]) -> str | None:
+        """What a TLS handshake with ``host`` says, if it fails."""
+        o = self.options
+        try:
+            context = ssl.create_default_context(cafile=o.ca_certs)
+            if not o.verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            if o.certfile:
+                context.load_cert_chain(o.certfile, o.keyfile, o.ssl_password)
+            with (
+                socket.create_connection(host, timeout=o.connect_timeout) as raw,
+                context.wrap_socket(raw, server_hostname=host[0]),
+            ):
+                pass
+        except ssl.SSLError as tls_error:
+            if "wrong version number" in str(tls_error).lower():
+                return f"TLS failed: {tls_error} (the port does not speak TLS: stomp://?)"
+            return f"TLS failed: {tls_error}"
+        except OSError as os_error:
+            return str(os_error)
+        return None
 
     def _close_quietly(self) -> None:
         conn, self.conn = self.conn, None
@@ -347,12 +476,48 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
             with contextlib.suppress(Exception):
                 conn.disconnect()
 
+    # one process's
+    def usable(self) -> bool:
+        """Connected, not lost, and this process's (not a forked parent's)."""
+        return self.lost is None and self.conn is not None and self.pid == os.getpid()
+
+    def _in_child(self) -> None:
+        """In a child made by fork: the parent's connection.  No frame is
+        ever written on it (two processes' frames would mix on one socket);
+        this process's copy of the socket is closed without a word to the
+        broker (so that the broker sees the parent's connection end when
+        the parent ends it), and the lock a parent's thread held is new."""
+        if self.pid == os.getpid():
+            return
+        self.lost = self.lost or "the process forked: the connection is the parent's"
+        self._cond = threading.Condition()
+        conn, self.conn = self.conn, None
+        sock = getattr(getattr(conn, "transport", None), "socket", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()  # this process's descriptor: no bytes are sent, TLS or not
+
+    def declares_stale(self, delay_queues: Collection[str]) -> bool:
+        """Whether a RabbitMQ delay queue of these was declared on this
+        connection so long ago that it could expire before a message sent
+        now.  A SEND with ``x-*`` headers declares its queue, which expires
+        ``ttl + DELAY_EXPIRES`` ms after its last declare (a publish is no
+        use); but RabbitMQ's STOMP plugin declares a queue once per
+        connection.  A delay queue first sent to here more than
+        ``DELAY_EXPIRES / 2`` ago needs a new connection, whose first SEND
+        declares it again.  Notes those declared now."""
+        now, stale = time.monotonic(), False
+        for queue in delay_queues:
+            first = self.declared.setdefault(queue, now)
+            stale = stale or now - first >= DELAY_EXPIRES / 2000
+        return stale
+
     # frames
     def new_receipt(self) -> str:
         return f"kew-{next(self._ids)}"
 
     def check(self) -> None:
-        if self.lost is not None or self.conn is None:
+        if not self.usable():
             raise _Lost(self.lost or "closed")
 
     def send(self, dest: str, body: bytes, headers: dict[str, str], receipt: str | None) -> None:
@@ -397,6 +562,9 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
                 self._cond.wait(min(left, 0.5))
 
     def close(self) -> None:
+        if self.pid != os.getpid():
+            self._in_child()  # not this process's: never a frame on it
+            return
         conn = self.conn
         if conn is not None and self.lost is None:
             with contextlib.suppress(Exception):

@@ -19,62 +19,60 @@ ARTEMIS-1983; ActiveMQ sends them to its own DLQ): a dead letter is sent to
 ``<q>.dead`` with its reason, receipted, then the original is acked; a
 release sends a receipted copy (``kew-redeliveries`` + 1), then acks.
 
-Connections are kew's own: stomp.py's reconnect is off (it races, stomp.py
-#114/#308/#351).  Each producer, consumer and the connector hold one
-connection; a lost one is dropped and a new one made (failover list in URL
-order, exponential backoff, ``retries`` rounds); a consumer's own thread
-resubscribes, and deliveries of the lost connection are never settled (the
-broker redelivers them).  Heartbeats both ways.
+Connections are kew's own (``kew_artemis._link``): stomp.py's reconnect is
+off (it races, stomp.py #114/#308/#351).  Each producer, consumer and the
+connector hold one connection, opened at their first operation (never by
+``kew.connect`` or ``kew.Queue``); a lost one is dropped and a new one made
+(failover list in URL order, :class:`~kew.qchan.spi.kit.Backoff`,
+``retries`` rounds); a consumer's own thread resubscribes, and deliveries of
+the lost connection are never settled (the broker redelivers them).
+Heartbeats both ways.  A refused login is :class:`AccessRefused` at once,
+never retried; a consumer refused when it reconnects fails for good
+(``ConsumerFailed`` from ``fetch``).  A connection belongs to the process
+that opened it: after ``os.fork`` the child opens its own.
 
-Every MESSAGE frame is read on its own (``kew_artemis._frames.read_frame``,
-through :mod:`kew.qchan.spi.wire`): kew's int headers are read as integers
-(decimal text, with or without ``kew-ints``); a frame kew cannot read (a
-``kew-ints`` that is not a JSON array of names, a listed or kew int header
-that is not decimal text, a ``kew-id`` that is not an id, headers that are
-not UTF-8) is dead-lettered at once by ``fetch`` with the reason, keeping
-its body; a frame without ``kew-id`` has the broker's ``message-id``.
-Nothing a frame holds stops the receiver thread (kew splits the frames
+Every MESSAGE frame is read on its own (``_frames.read_frame``, through
+:mod:`kew.qchan.spi.wire`); one kew cannot read is dead-lettered at once by
+``fetch`` with the reason, keeping its body, and the frames around it flow
+on.  Nothing a frame holds stops the receiver thread (kew splits the frames
 itself: ``_link._FrameReader``); an unexpected error there drops the
 connection, and repeated errors of the consumer's thread end in
 ``ConsumerFailed`` from ``fetch``.  Settling a delivery twice does nothing.
-
-URL options: see ``kew_artemis._frames.Options``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue as queue_mod
+import os
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 from kew.qchan.spi import (
+    AccessRefused,
     BrokerUnavailable,
     Capability,
+    ConfigError,
     ConsumerFailed,
-    DeadLetter,
     Delivery,
+    KewError,
     Message,
     MessageTooLarge,
     ProviderURL,
-    QueueStats,
     SendError,
     now_ms,
 )
+from kew.qchan.spi.kit import Backoff, DeliveryBuffer
 from kew.qchan.spi.wire import H_DEAD_AT, H_DEAD_COUNT, H_DEAD_REASON, Malformed
+from kew_artemis._browser import StompBrowser
 from kew_artemis._frames import (
-    DIALECTS,
     H_ID,
     H_INTS,
     H_REDELIVERIES,
-    SCHEMES,
-    Options,
     _from_frame,
-    _int,
     delivery_count,
     destination,
     read_frame,
@@ -83,7 +81,8 @@ from kew_artemis._frames import (
     send_headers,
     subscribe_headers,
 )
-from kew_artemis._link import _Link, _Lost
+from kew_artemis._link import _Link, _Lost, reset_in_child
+from kew_artemis._options import DIALECTS, SCHEMES, Options
 
 __all__ = [
     "DIALECTS",
@@ -95,6 +94,7 @@ __all__ = [
     "StompConnector",
     "StompConsumer",
     "StompProducer",
+    "_from_frame",
     "connect",
     "destination",
     "read_frame",
@@ -106,6 +106,10 @@ __all__ = [
 log = logging.getLogger("kew.stomp")
 
 
+# -- options (read by kew_artemis._options: SCHEMES, DIALECTS, Options; checked
+# by kew.connect without network I/O, unknown ones refused with the list) ------
+
+
 # -- connector -------------------------------------------------------------
 
 
@@ -115,25 +119,31 @@ class StompConnector:
         self.url = ProviderURL.parse(url, SCHEMES).redacted
         self.max_message_size = self.options.max_message_size
         self.dialect = self.options.dialect
-        self.lacks: dict[Capability, str] = {}
+        self.lacks: Mapping[Capability, str] = {}
         if self.dialect != "activemq":
-            self.lacks[Capability.BROWSE] = (
-                f"STOMP has no browse on {self.dialect}; reading without taking would "
-                "mark messages redelivered"
-            )
+            self.lacks = {
+                Capability.BROWSE: f"STOMP has no browse on {self.dialect}; reading without "
+                "taking would mark messages redelivered"
+            }
         self._lock = threading.Lock()
-        self._link: _Link | None = None
+        self._link: _Link | None = None  # made at the first operation, not here
+        reset_in_child(self)
 
     def __repr__(self) -> str:
         return f"StompConnector({self.url!r})"
+
+    def _in_child(self) -> None:
+        """After os.fork, in the child: the parent's thread may have held the lock."""
+        self._lock = threading.Lock()
 
     def dest(self, queue: str) -> str:
         return destination(self.dialect, queue)
 
     def link(self) -> _Link:
-        if self._link is None or self._link.lost is not None:
+        """This process's connection, opened (again) when there is none."""
+        if self._link is None or not self._link.usable():
             if self._link is not None:
-                self._link.close()
+                self._link.close()  # a forked parent's is dropped without a frame
             self._link = _Link(self.options, self.url).open()
         return self._link
 
@@ -169,6 +179,8 @@ class StompConnector:
 
 # -- producer --------------------------------------------------------------
 
+_Frame = tuple[str, bytes, dict[str, str]]
+
 
 class StompProducer:
     def __init__(self, connector: StompConnector, queue: str) -> None:
@@ -176,8 +188,12 @@ class StompProducer:
         self._queue = queue
         self._lock = threading.Lock()
         self._link: _Link | None = None
+        reset_in_child(self)
 
-    def _frames(self, messages: Sequence[Message]) -> list[tuple[str, bytes, dict[str, str]]]:
+    def _in_child(self) -> None:
+        self._lock = threading.Lock()
+
+    def _frames(self, messages: Sequence[Message]) -> list[_Frame]:
         now = now_ms()
         g = self._c.options.delay_granularity
         out = []
@@ -188,16 +204,26 @@ class StompProducer:
             out.append((dest, m.body, headers))
         return out
 
-    def _send(self, frames: list[tuple[str, bytes, dict[str, str]]]) -> None:
+    def _usable_link(self, frames: list[_Frame]) -> _Link:
+        """This process's connection; a new one when the last is lost, or
+        when it declared a delay queue of these frames so long ago that the
+        queue could expire before the message (:meth:`_Link.declares_stale`)."""
+        dests = [dest for dest, _, headers in frames if "x-expires" in headers]
+        link = self._link
+        if link is not None and (not link.usable() or link.declares_stale(dests)):
+            link.close()
+            link = None
+        if link is None:
+            link = self._link = _Link(self._c.options, self._c.url).open()
+            link.declares_stale(dests)
+        return link
+
+    def _send(self, frames: list[_Frame]) -> None:
         o = self._c.options
         with self._lock:
             for attempt in (1, 2, 3):
                 try:
-                    if self._link is None or self._link.lost is not None:
-                        if self._link is not None:
-                            self._link.close()
-                        self._link = _Link(o, self._c.url).open()
-                    link = self._link
+                    link = self._usable_link(frames)
                     receipts = []
                     tx = None
                     if o.batch == "tx" and len(frames) > 1:
@@ -242,19 +268,15 @@ class StompProducer:
 @dataclass(eq=False, slots=True)
 class _Tag:
     """A delivery's handle: the connection generation it came on, the ack
-    id, the frame's headers, and whether it was settled (a second ack,
-    dead letter or release of it does nothing)."""
+    id, the frame's headers, why the frame is not kew's wire format (if it
+    is not: ``fetch`` dead-letters it at once), and whether it was settled
+    (a second ack, dead letter or release of it does nothing)."""
 
     generation: int
     ack_id: str
     headers: dict[str, str]
+    malformed: str | None = None
     settled: bool = field(default=False)
-
-
-#: What the connection thread hands to ``fetch``: a delivery and, for a
-#: frame that is not kew's wire format, the reason to dead-letter it with.
-#: ``None`` only wakes ``fetch`` to say the consumer failed.
-_Item = tuple[Delivery, str | None] | None
 
 
 class StompConsumer:
@@ -267,9 +289,11 @@ class StompConsumer:
         self._queue = queue
         self._dest = connector.dest(queue)
         self._prefetch = prefetch
-        self._buffer: queue_mod.Queue[_Item] = queue_mod.Queue()
+        #: What the connection thread received, per connection (generation).
+        self._buffer = DeliveryBuffer()
         self._generation = 0
         self._link: _Link | None = None
+        self._pid = os.getpid()
         self._ready = threading.Event()
         self._closed = threading.Event()
         self._failed: BaseException | None = None  # why it could not start
@@ -283,24 +307,34 @@ class StompConsumer:
         self.errors = 0
         #: Frames dead-lettered at once because their envelope is not kew's.
         self.malformed = 0
+        reset_in_child(self)
         self._thread = threading.Thread(target=self._run, name=f"kew-stomp-{queue}", daemon=True)
         self._thread.start()
         self._ready.wait(120)
         if self._failed is not None or not self._ready.is_set():
             self._closed.set()
-            raise BrokerUnavailable(
-                f"cannot consume from {queue!r} at {connector.url}: {self._failed}"
-            )
+            why = f"cannot consume from {queue!r} at {connector.url}: {self._failed}"
+            if isinstance(self._failed, AccessRefused | ConfigError):
+                raise type(self._failed)(why) from self._failed
+            raise BrokerUnavailable(why)
+
+    def _in_child(self) -> None:
+        """After os.fork, in the child: the connection thread stayed in the
+        parent, whose threads may have held these locks.  fetch raises."""
+        self._buffer, self._closed = DeliveryBuffer(), threading.Event()
+        self._send_lock, self._settle_lock = threading.Lock(), threading.Lock()
 
     # kew's connection state machine: connect, subscribe, wait for a loss, again.
     def _run(self) -> None:
-        delay: float | None = 0.1
         faults = 0
+        backoff, after_fault = Backoff(), Backoff(first=0.2)
         try:
-            while delay is not None and not self._closed.is_set():
+            while not self._closed.is_set():
                 try:
-                    delay = self._session(delay)
+                    if not self._session(backoff):
+                        return
                     faults = 0
+                    after_fault.reset()
                 except Exception as e:
                     self.errors += 1
                     faults += 1
@@ -312,25 +346,27 @@ class StompConsumer:
                     if faults >= self.MAX_FAULTS:
                         raise
                     self._drop_link()
-                    self._closed.wait(0.1 * 2**faults)
-                    delay = 0.1
+                    after_fault.wait(self._closed)
         except BaseException as e:
             self._fail(f"its connection thread stopped after {faults} errors in a row", e)
             if not isinstance(e, Exception):
                 raise
 
-    def _session(self, delay: float) -> float | None:
-        """One connection: connect, subscribe, wait until it is lost.  The
-        next backoff delay, or None to stop (closed, or refused at start)."""
+    def _session(self, backoff: Backoff) -> bool:
+        """One connection: connect, subscribe, wait until it is lost.  False
+        to stop: closed, refused at start, or refused for good."""
         try:
             link = _Link(self._c.options, self._c.url, self._on_message).open()
-        except BrokerUnavailable as e:
+        except KewError as e:  # BrokerUnavailable after the retries, AccessRefused at once
             if not self._ready.is_set():
                 self._failed = e
                 self._ready.set()
-                return None
-            self._closed.wait(delay)
-            return min(delay * 2, 2.0)
+                return False
+            if isinstance(e, AccessRefused):  # the passcode changed: retrying cannot help
+                self._fail("the broker refused its login when it reconnected", e)
+                return False
+            backoff.wait(self._closed)
+            return True
         self._generation += 1
         generation = self._generation
         link.generation = generation
@@ -353,35 +389,38 @@ class StompConsumer:
             if not self._ready.is_set() and (isinstance(e, SendError) or refused):
                 self._failed = e  # the broker refused the subscription
                 self._ready.set()
-                return None
-            self._closed.wait(delay)
-            return min(delay * 2, 2.0)
+                return False
+            backoff.wait(self._closed)
+            return True
         self._ready.set()
+        backoff.reset()
         with link._cond:
             while link.lost is None and not self._closed.is_set():
                 link._cond.wait(0.2)
         if self._closed.is_set():
-            return None
+            return False
         # lost: the broker hands back whatever that connection held
         self.reconnects += 1
         self._drop_link()
-        self._closed.wait(0.1)
-        return 0.1
+        backoff.wait(self._closed)
+        return True
 
     def _drop_link(self) -> None:
         link = self._link
-        self._drop_buffer()
+        self._buffer.drop()
         if link is not None:
             link.close()
 
     def _fail(self, why: str, cause: BaseException | None = None) -> None:
         """The consumer can never deliver again: ``fetch`` raises it."""
         detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
-        self._fatal = ConsumerFailed(
+        fatal = ConsumerFailed(
             f"the STOMP consumer of {self._queue!r} at {self._c.url} failed: {why}{detail}"
         )
-        log.error("kew: %s", self._fatal)
-        self._buffer.put(None)  # wake fetch
+        fatal.__cause__ = cause
+        self._fatal = fatal
+        log.error("kew: %s", fatal)
+        self._buffer.wake()
 
     def _on_message(self, link: _Link, headers: dict[str, str], body: bytes) -> None:
         """stomp.py's receiver thread: every frame becomes a delivery, or a
@@ -389,33 +428,30 @@ class StompConsumer:
         tag = _Tag(link.generation, headers.get("ack") or headers.get("message-id", ""), headers)
         try:
             message, count = read_frame(headers, body)
-            self._buffer.put((Delivery(message, count, tag), None))
+            self._buffer.put(link.generation, Delivery(message, count, tag))
             return
         except Malformed as e:
-            reason = str(e)
+            tag.malformed = str(e)
         except Exception as e:  # a fault of kew's own: that frame is dead-lettered, the rest flow
             self.errors += 1
             log.exception("kew: cannot read a STOMP frame on %r", self._queue)
-            reason = str(Malformed(f"kew could not read the frame ({type(e).__name__}: {e})"))
+            tag.malformed = str(
+                Malformed(f"kew could not read the frame ({type(e).__name__}: {e})")
+            )
         try:
             kept = salvage_frame(headers, body)
         except Exception:
             self.errors += 1
             log.exception("kew: cannot salvage a STOMP frame on %r", self._queue)
             kept = Message(f"stomp-{link.new_receipt()}", body, {})
-        self._buffer.put((Delivery(kept, delivery_count(headers), tag), reason))
-
-    def _drop_buffer(self) -> None:
-        while True:
-            try:
-                item = self._buffer.get_nowait()
-            except queue_mod.Empty:
-                return
-            if item is None:  # keep the wake-up of a failure
-                self._buffer.put(None)
-                return
+        self._buffer.put(link.generation, Delivery(kept, delivery_count(headers), tag))
 
     def _check(self) -> None:
+        if self._pid != os.getpid():
+            raise ConsumerFailed(
+                f"the STOMP consumer of {self._queue!r} was made in process {self._pid}; a "
+                "consumer does not cross os.fork (make one in this process)"
+            )
         if self._fatal is not None:
             raise self._fatal
         if not self._thread.is_alive() and not self._closed.is_set() and self._ready.is_set():
@@ -425,25 +461,19 @@ class StompConsumer:
     def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
         deadline = time.monotonic() + timeout
         out: list[Delivery] = []
-        while len(out) < max_count:
-            if self._fatal is not None:
-                break
-            try:
-                if out:
-                    item = self._buffer.get_nowait()
+        while not out and self._fatal is None and self._pid == os.getpid():
+            left = max(0.0, deadline - time.monotonic())
+            taken = self._buffer.take(max_count, left, lambda: self._generation)
+            for delivery in taken:
+                if self._current(delivery) is None:
+                    continue  # that connection is gone; the broker redelivers the message
+                reason = cast(_Tag, delivery.tag).malformed
+                if reason is None:
+                    out.append(delivery)
                 else:
-                    item = self._buffer.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue_mod.Empty:
+                    self._dead_letter_malformed(delivery, reason)
+            if not taken or time.monotonic() >= deadline:
                 break
-            if item is None:
-                continue
-            delivery, reason = item
-            if self._current(delivery) is None:
-                continue  # that connection is gone; the broker redelivers the message
-            if reason is None:
-                out.append(delivery)
-            else:
-                self._dead_letter_malformed(delivery, reason)
         if not out:
             self._check()
         return out
@@ -474,7 +504,7 @@ class StompConsumer:
         """The link a delivery came on, if it is still the live one."""
         generation = cast(_Tag, delivery.tag).generation
         link = self._link
-        if link is None or link.lost is not None or generation != self._generation:
+        if link is None or not link.usable() or generation != self._generation:
             return None  # that connection is gone; the broker redelivers the message
         return link
 
@@ -536,166 +566,20 @@ class StompConsumer:
     def close(self) -> None:
         self._closed.set()
         link = self._link
-        if link is not None:
+        if link is not None and link.usable():
             with link._cond:  # wake the connection thread now
                 link._cond.notify_all()
         self._thread.join(10)
         link = self._link
         if link is not None:
             link.close()
-        self._drop_buffer()
+        self._buffer.drop()
 
 
-class StompBrowser:
-    """STOMP has no browse.  ActiveMQ has one (a ``browser:true``
-    subscription that ends with a ``browser:end`` message): peek, stats and
-    dead-letter listings use it.  Elsewhere messages are taken without an
-    ack and handed back by closing the connection (they keep their place
-    but are marked redelivered), and a listing ends when no message comes
-    for ``browse_idle`` seconds."""
+# -- browser (kew_artemis._browser: StompBrowser) ------------------------------
 
-    def __init__(self, connector: StompConnector, queue: str) -> None:
-        self._c = connector
-        self._queue = queue
-        self._dead = f"{queue}.dead"
 
-    def _browse(self, queue: str, limit: int) -> list[tuple[dict[str, str], bytes]]:
-        """Read up to ``limit`` messages of ``queue`` without removing any."""
-        got: list[tuple[dict[str, str], bytes]] = []
-        if limit <= 0:
-            return got
-        end = threading.Event()
-        dialect = self._c.dialect
-
-        def on_message(_: _Link, headers: dict[str, str], body: bytes) -> None:
-            if dialect == "activemq" and headers.get("browser") == "end":
-                end.set()
-                return
-            if len(got) < limit:
-                got.append((headers, body))
-            if len(got) >= limit:
-                end.set()
-
-        link = _Link(self._c.options, self._c.url, on_message).open()
-        try:
-            if dialect == "activemq":
-                headers = {"browser": "true", "activemq.prefetchSize": "1000"}
-                link.frame(link.conn.subscribe, self._c.dest(queue), id="browse", ack="auto",
-                           headers=headers)  # fmt: skip
-                deadline = time.monotonic() + 60
-                while not end.wait(0.1):
-                    link.check()
-                    if time.monotonic() > deadline:
-                        raise BrokerUnavailable(f"browsing {queue!r} at {self._c.url} timed out")
-            else:
-                headers = subscribe_headers(dialect, limit, self._c.options.window_bytes)
-                if dialect == "artemis":
-                    headers["consumer-window-size"] = "-1"
-                link.frame(link.conn.subscribe, self._c.dest(queue), id="browse",
-                           ack="client-individual", headers=headers)  # fmt: skip
-                self._until_idle(link, lambda: len(got), end)
-        except _Lost as e:
-            raise BrokerUnavailable(f"browsing {queue!r} at {self._c.url}: {e}") from None
-        finally:
-            link.close()  # unacked: handed back
-        return got
-
-    def _until_idle(self, link: _Link, count: Callable[[], int], end: threading.Event) -> None:
-        idle = self._c.options.browse_idle
-        seen, last = -1, time.monotonic()
-        while not end.is_set():
-            link.check()
-            n = count()
-            if n != seen:
-                seen, last = n, time.monotonic()
-            elif time.monotonic() - last > idle:
-                return
-            end.wait(0.02)
-
-    def _take(
-        self, queue: str, keep: Callable[[dict[str, str]], bool], on_take: Callable[..., None]
-    ) -> int:
-        """Consume ``queue``; for each message ``keep`` accepts, call
-        ``on_take(link, headers, body)`` then ack it; hand the rest back."""
-        dialect = self._c.dialect
-        expected = -1
-        if dialect == "activemq":
-            expected = len(self._browse(queue, 1_000_000))
-            if expected == 0:
-                return 0
-        pending: queue_mod.Queue[tuple[dict[str, str], bytes]] = queue_mod.Queue()
-        link = _Link(self._c.options, self._c.url, lambda _, h, b: pending.put((h, b))).open()
-        taken = seen = 0
-        try:
-            headers = subscribe_headers(dialect, 1000, self._c.options.window_bytes)
-            if dialect == "artemis":
-                headers["consumer-window-size"] = "-1"
-            link.frame(link.conn.subscribe, self._c.dest(queue), id="take",
-                       ack="client-individual", headers=headers)  # fmt: skip
-            idle = self._c.options.browse_idle
-            while expected < 0 or seen < expected:
-                try:
-                    h, body = pending.get(timeout=idle if expected < 0 else max(idle, 5.0))
-                except queue_mod.Empty:
-                    break
-                seen += 1
-                if keep(h):
-                    on_take(link, h, body)
-                    link.frame(link.conn.ack, h.get("ack") or h.get("message-id", ""))
-                    taken += 1
-            rid = link.new_receipt()  # every ack reached the broker
-            link.frame(link.conn.unsubscribe, "take", headers={"receipt": rid})
-            link.wait([rid], self._c.options.receipt_timeout)
-        except _Lost as e:
-            raise BrokerUnavailable(f"draining {queue!r} at {self._c.url}: {e}") from None
-        finally:
-            link.close()
-        return taken
-
-    def peek(self, limit: int) -> Sequence[Message]:
-        return [_from_frame(h, b)[0] for h, b in self._browse(self._queue, limit)]
-
-    def _count(self, queue: str) -> int:
-        return len(self._browse(queue, 1_000_000))
-
-    def stats(self) -> QueueStats:
-        return QueueStats(self._count(self._queue), -1, -1, self._count(self._dead))
-
-    def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
-        return [
-            DeadLetter(
-                _from_frame(h, b)[0],
-                _int(h.get(H_DEAD_COUNT), 1),
-                h.get(H_DEAD_REASON, ""),
-                _int(h.get(H_DEAD_AT)),
-            )
-            for h, b in self._browse(self._dead, limit)
-        ]
-
-    def _wanted(self, ids: Collection[str] | None) -> Callable[[dict[str, str]], bool]:
-        chosen = None if ids is None else set(ids)
-        return lambda h: chosen is None or (h.get(H_ID) or h.get("message-id")) in chosen
-
-    def requeue_dead(self, ids: Collection[str] | None = None) -> int:
-        dest = self._c.dest(self._queue)
-
-        def requeue(link: _Link, headers: dict[str, str], body: bytes) -> None:
-            m, _ = _from_frame(headers, body)
-            rid = link.new_receipt()
-            wire = send_headers(self._c.dialect, Message(m.id, body, m.headers), now=now_ms())
-            link.send(dest, body, wire, rid)
-            link.wait([rid], self._c.options.receipt_timeout)
-
-        return self._take(self._dead, self._wanted(ids), requeue)
-
-    def purge_dead(self, ids: Collection[str] | None = None) -> int:
-        return self._take(self._dead, self._wanted(ids), lambda *_: None)
-
-    def purge(self) -> int:
-        return self._take(self._queue, lambda _: True, lambda *_: None)
-
-    def close(self) -> None:
-        pass
+# -- helpers (frames: kew_artemis._frames; one connection: kew_artemis._link) --
 
 
 def connect(url: str) -> StompConnector:

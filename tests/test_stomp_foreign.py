@@ -455,7 +455,7 @@ class _StompForeign(ForeignProducerKit):
             wait_for(lambda: got == [1], 30, what="the frame after the fault")
             assert link.errors == 1 and consumer.reconnects == 1 and sub.alive
 
-            def boom(delay: float) -> float:
+            def boom(backoff: object) -> bool:
                 raise RuntimeError("injected connection fault")
 
             consumer._session = boom

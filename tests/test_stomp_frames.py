@@ -3,6 +3,8 @@
 import pytest
 
 from kew.qchan.spi import ConfigError, Message, SendError
+from kew.qchan.spi.kit import DELAY_EXPIRES
+from kew_artemis._link import _Link
 from kew_artemis.provider import (
     H_INTS,
     Options,
@@ -134,3 +136,60 @@ def test_damaged_kew_ints_never_break_reading(ints: str) -> None:
     m, count = _from_frame({"kew-id": "m", "kew-ints": ints, "n": "x7"}, b"body")
     assert m.id == "m" and m.body == b"body" and count == 1
     assert m.headers["n"] == "x7"  # listed as int but not a number: kept as text
+
+
+def test_stomp_py_options_are_read_and_the_rest_refused_with_the_list() -> None:
+    url = (
+        "stomp+ssl://u:p@h/?heartbeats=1000,0&heart_beat_receive_scale=1.5&keepalive=off"
+        "&bind_host_port=10.0.0.5:0&cert_file=/c.pem&key_file=/k.pem&ssl_password=kp"
+        "&verify=false&vhost=v"
+    )
+    o = Options.from_url(url)
+    assert o.heartbeats == (1000, 0) and o.heartbeat == 1000
+    assert o.heart_beat_receive_scale == 1.5 and o.keepalive is False
+    assert o.bind_host_port == ("10.0.0.5", 0) and o.verify is False
+    assert (o.certfile, o.keyfile, o.ssl_password) == ("/c.pem", "/k.pem", "kp")
+    assert o.host_header("h") == "v" and "kp" not in repr(o) and "'p'" not in repr(o)
+    assert Options.from_url("stomp://h/?bind_host_port=[::1]:0").bind_host_port == ("::1", 0)
+    plain = Options.from_url("stomp://h/?dialect=rabbitmq")
+    assert plain.heartbeats == (10000, 10000) and plain.keepalive and plain.verify
+    assert plain.host_header("h") == "/" and Options.from_url("stomp://h").host_header("h") == "h"
+    with pytest.raises(ConfigError) as e:
+        Options.from_url("stomp://u:s3cret@h/?reconnect_attempts_max=3&bogus=1&timeout=2")
+    text = str(e.value)
+    assert "unknown option(s) bogus, reconnect_attempts_max, timeout" in text
+    assert "kew reconnects itself" in text and "it is kew's connect_timeout" in text
+    accepted = text.split("accepts: ")[1]
+    for name in ("dialect", "heartbeats", "keepalive", "bind_host_port", "vhost", "cert_file"):
+        assert name in accepted
+    assert "s3cret" not in text
+    for bad, words in [
+        ("stomp://h/?cert_file=/c.pem", "need a stomp\\+ssl:// URL"),
+        ("stomp://h/?heartbeat=1&heartbeats=1,1", "give one of the two"),
+        ("stomp+ssl://h/?certfile=/a&cert_file=/b", "one option"),
+        ("stomp://h/?heartbeats=1000", "send,receive"),
+        ("stomp://h/?bind_host_port=10.0.0.5", "host:0"),
+        ("stomp://h/?bind_host_port=10.0.0.5:6000", "cannot share one local port"),
+        ("stomp://h/?heart_beat_receive_scale=0.5", "heart_beat_receive_scale"),
+        ("stomp://h/?passcode=x", "login:passcode@host"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            Options.from_url(bad)
+    with pytest.raises(ConfigError) as e:  # a key file's password is masked too
+        Options.from_url("stomp+ssl://h/?ssl_password=kp-s3cret&retries=x")
+    assert "kp-s3cret" not in str(e.value) and "ssl_password=***" in str(e.value)
+
+
+def test_a_delay_queue_declared_long_ago_on_a_connection_needs_a_new_one() -> None:
+    """RabbitMQ's STOMP plugin declares a queue once per connection: a
+    connection notes when it first sent to each delay queue, and says when
+    that is so long ago that the queue could expire (tests/test_stomp_reconnect.py
+    has it on the broker).  Nothing here connects."""
+    dest, h = send_frame("rabbitmq", "q", Message("m", b"", deliver_at=NOW + 50), now=NOW)
+    assert int(h["x-expires"]) == 100 + DELAY_EXPIRES
+    link = _Link(Options.from_url("stomp://h/?dialect=rabbitmq"), "stomp://h")
+    assert not link.declares_stale([dest])  # this SEND declares it
+    assert not link.declares_stale([dest])
+    link.declared[dest] -= DELAY_EXPIRES / 2000  # as if first sent half an expiry ago
+    assert link.declares_stale(["/queue/q.delay.900", dest])
+    assert link.declares_stale([]) is False
