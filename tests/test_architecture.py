@@ -20,6 +20,7 @@ RANKS = [
     ("kew.embedded", 2),
     ("kew_", 2),
     ("kew.qchan", 3),
+    ("kew.aio", 3),
     ("kew.connect", 3),
     ("kew.idempotency", 4),
     ("kew.task", 4),

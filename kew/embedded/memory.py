@@ -3,10 +3,18 @@
 For tests and quick starts.  Connectors to the same name share queues;
 nothing survives the process, and no other process can see them.
 The smallest complete provider, and so the one to read first.
+
+Its native async route (``MemoryConnector.aio()``, used by ``kew.aio``) runs
+in the event loop without threads: an async fetch that finds nothing waits
+on an ``asyncio.Event`` of its consumer, which the broker sets (through
+``loop.call_soon_threadsafe`` from another thread) whenever it would wake
+its sync waiters.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
 import itertools
 import threading
@@ -66,6 +74,14 @@ class _Broker:
         self.seq = itertools.count()
         #: dedupe records: namespace -> key -> (done, token, until)
         self.once: dict[str, dict[str, tuple[bool, str | None, int | None]]] = {}
+        #: async fetches waiting for a message (under ``lock``)
+        self.waiters: set[_Waiter] = set()
+
+    def notify(self) -> None:
+        """Wake every waiting fetch, sync and async (caller holds ``lock``)."""
+        self.lock.notify_all()
+        for waiter in self.waiters:
+            waiter.wake()
 
     def queue(self, name: str) -> _Queue:
         try:
@@ -79,7 +95,7 @@ class _Broker:
             heapq.heappush(q.delayed, (message.deliver_at, next(self.seq), message, count))
         else:
             q.ready.append((message, count))
-        self.lock.notify_all()
+        self.notify()
 
     def promote(self, q: _Queue) -> float | None:
         """Move due delayed messages to ready; seconds until the next is due."""
@@ -137,6 +153,10 @@ class MemoryConnector:
         with self._broker.lock:
             self._broker.queues.pop(queue, None)
 
+    def aio(self) -> MemoryAsyncConnector:
+        """The native async route (``kew.aio``): no thread per call."""
+        return MemoryAsyncConnector(self)
+
     def dedupe_store(self, namespace: str) -> MemoryDedupeStore:
         """Records for ``kew.idempotency`` in this process's memory."""
         return MemoryDedupeStore(self._broker, namespace)
@@ -187,22 +207,29 @@ class MemoryConsumer:
         deadline = now_ms() + timeout * 1000
         with b.lock:
             while True:
-                q = b.queue(self._queue)
-                next_due = b.promote(q)
-                room = min(max_count, self._prefetch - len(self._mine))
-                if q.ready and room > 0:
-                    out: list[Delivery] = []
-                    while q.ready and len(out) < room:
-                        message, count = q.ready.popleft()
-                        tag = next(b.tags)
-                        q.in_flight[tag] = (message, count + 1)
-                        self._mine.add(tag)
-                        out.append(Delivery(message, count + 1, tag))
+                out, next_due = self._take(max_count)
+                if out:
                     return out
                 left = (deadline - now_ms()) / 1000
                 if left <= 0:
                     return []
                 b.lock.wait(min(left, next_due) if next_due is not None else left)
+
+    def _take(self, max_count: int) -> tuple[list[Delivery], float | None]:
+        """What a fetch gets now (caller holds the lock), and the seconds
+        until the next delayed message is due (None: no delayed message)."""
+        b = self._broker
+        q = b.queue(self._queue)
+        next_due = b.promote(q)
+        room = min(max_count, self._prefetch - len(self._mine))
+        out: list[Delivery] = []
+        while q.ready and len(out) < room:
+            message, count = q.ready.popleft()
+            tag = next(b.tags)
+            q.in_flight[tag] = (message, count + 1)
+            self._mine.add(tag)
+            out.append(Delivery(message, count + 1, tag))
+        return out, next_due
 
     def _settle(self, delivery: Delivery) -> tuple[_Queue, Message, int] | None:
         """Take the delivery out of flight; None if this consumer no longer
@@ -215,7 +242,7 @@ class MemoryConsumer:
         q = self._broker.queue(self._queue)
         message, count = q.in_flight.pop(tag)
         self._mine.discard(tag)
-        self._broker.lock.notify_all()
+        self._broker.notify()
         return q, message, count
 
     def ack(self, delivery: Delivery) -> None:
@@ -233,7 +260,7 @@ class MemoryConsumer:
             for d in acks:
                 if d.tag in self._mine:
                     self._settle(d)
-            self._broker.lock.notify_all()
+            self._broker.notify()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         with self._broker.lock:
@@ -254,7 +281,7 @@ class MemoryConsumer:
                 if q is not None and tag in q.in_flight:
                     q.ready.appendleft(q.in_flight.pop(tag))
             self._mine.clear()
-            self._broker.lock.notify_all()
+            self._broker.notify()
 
 
 # -- browser ---------------------------------------------------------------
@@ -288,7 +315,7 @@ class MemoryBrowser:
             q.dead = [d for d in q.dead if not (ids is None or d.message.id in ids)]
             for d in chosen:
                 q.ready.append((d.message, 0))
-            self._broker.lock.notify_all()
+            self._broker.notify()
             return len(chosen)
 
     def purge_dead(self, ids: Collection[str] | None = None) -> int:
@@ -308,6 +335,145 @@ class MemoryBrowser:
 
     def close(self) -> None:
         pass
+
+
+# -- the native async route (kew.aio) ----------------------------------------
+#
+# The in-process structures are only ever held for microseconds, so the
+# async objects call the sync ones inline; only the wait of a fetch is
+# async, on the consumer's own asyncio.Event.
+
+
+class _Waiter:
+    """An async fetch waiting on its loop: ``wake`` may come from any thread."""
+
+    __slots__ = ("event", "loop", "thread")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
+        self.event = asyncio.Event()
+
+    def wake(self) -> None:
+        if threading.get_ident() == self.thread:
+            self.event.set()
+            return
+        with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self.event.set)
+
+
+class MemoryAsyncConnector:
+    """``MemoryConnector.aio()``: the same broker, awaited."""
+
+    def __init__(self, sync: MemoryConnector) -> None:
+        self.sync = sync
+        self.url = sync.url
+        self.max_message_size = sync.max_message_size
+        self.lacks = sync.lacks
+
+    def __repr__(self) -> str:
+        return f"MemoryAsyncConnector({self.url!r})"
+
+    async def declare(self, queue: str) -> None:
+        self.sync.declare(queue)
+
+    async def producer(self, queue: str) -> MemoryAsyncProducer:
+        return MemoryAsyncProducer(self.sync.producer(queue))
+
+    async def consumer(self, queue: str, prefetch: int) -> MemoryAsyncConsumer:
+        return MemoryAsyncConsumer(self.sync.consumer(queue, prefetch))
+
+    async def browser(self, queue: str) -> MemoryAsyncBrowser:
+        return MemoryAsyncBrowser(self.sync.browser(queue))
+
+    async def delete(self, queue: str) -> None:
+        self.sync.delete(queue)
+
+    async def close(self) -> None:
+        self.sync.close()
+
+
+class MemoryAsyncProducer:
+    def __init__(self, sync: MemoryProducer) -> None:
+        self._sync = sync
+
+    async def send(self, message: Message) -> None:
+        self._sync.send(message)
+
+    async def send_many(self, messages: Sequence[Message]) -> None:
+        self._sync.send_many(messages)
+
+    async def close(self) -> None:
+        self._sync.close()
+
+
+class MemoryAsyncConsumer:
+    def __init__(self, sync: MemoryConsumer) -> None:
+        self._sync = sync
+        self._waiter: _Waiter | None = None
+
+    async def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._waiter is None or self._waiter.loop is not loop:
+            self._waiter = _Waiter()
+        waiter, b = self._waiter, self._sync._broker
+        while True:
+            with b.lock:
+                out, next_due = self._sync._take(max_count)
+                if out:
+                    return out
+                waiter.event.clear()  # under the lock: a wake from now on sets it
+                b.waiters.add(waiter)
+            try:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return []
+                async with asyncio.timeout(min(left, next_due) if next_due is not None else left):
+                    await waiter.event.wait()
+            except TimeoutError:
+                pass
+            finally:
+                with b.lock:
+                    b.waiters.discard(waiter)
+
+    async def ack(self, delivery: Delivery) -> None:
+        self._sync.ack(delivery)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self._sync.dead_letter(delivery, reason)
+
+    async def release(self, delivery: Delivery) -> None:
+        self._sync.release(delivery)
+
+    async def close(self) -> None:
+        self._sync.close()
+
+
+class MemoryAsyncBrowser:
+    def __init__(self, sync: MemoryBrowser) -> None:
+        self._sync = sync
+
+    async def peek(self, limit: int) -> Sequence[Message]:
+        return self._sync.peek(limit)
+
+    async def stats(self) -> QueueStats:
+        return self._sync.stats()
+
+    async def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
+        return self._sync.dead_letters(limit)
+
+    async def requeue_dead(self, ids: Collection[str] | None = None) -> int:
+        return self._sync.requeue_dead(ids)
+
+    async def purge_dead(self, ids: Collection[str] | None = None) -> int:
+        return self._sync.purge_dead(ids)
+
+    async def purge(self) -> int:
+        return self._sync.purge()
+
+    async def close(self) -> None:
+        self._sync.close()
 
 
 # -- dedupe store (kew.idempotency) ------------------------------------------

@@ -32,7 +32,7 @@ from kew.core.msg import (
     as_sink,
 )
 from kew.qchan.codec import Codec, DecodeError, make_codec, type_name
-from kew.qchan.policy import DeliveryPolicy, failure_text, log_failure
+from kew.qchan.policy import DeliveryPolicy, log_failure
 from kew.qchan.runtime import Subscription
 from kew.qchan.spi import (
     Browser,
@@ -487,37 +487,16 @@ class Queue(Generic[T]):
         concurrency: int,
         prefetch: int | None,
     ) -> Subscription:
-        admit = self.policy.admit
-        name = self.name
+        policy = self.policy
 
         def handler(consumer: Consumer, delivery: Delivery) -> None:
-            admitted = admit(consumer, delivery)
+            admitted = policy.admit(consumer, delivery)
             if admitted is None:
                 return
             try:
                 process(delivery, admitted[0])
-            except DecodeError as e:
-                log.warning(
-                    "kew: %s: message %s goes to the dead letters: cannot decode: %s",
-                    name,
-                    delivery.message.id,
-                    e,
-                )
-                consumer.dead_letter(delivery, f"cannot decode: {e}")
-                return
-            except Exception as e:
-                log_failure(
-                    logging.ERROR,
-                    "kew: %s: handler failed on message %s (delivery %d); "
-                    "it goes to the dead letters: %s: %s",
-                    name,
-                    delivery.message.id,
-                    delivery.delivery_count,
-                    type(e).__name__,
-                    e,
-                    error=e,
-                )
-                consumer.dead_letter(delivery, failure_text(e))
+            except Exception as e:  # logged, and its reason, as kew.aio's sink does
+                consumer.dead_letter(delivery, policy.failure(delivery, e))
                 return
             consumer.ack(delivery)
 
