@@ -21,6 +21,11 @@ call retried and translated into kew's errors.
   any other error reply (OOM, READONLY)   ``refused`` (:class:`SendError`
                                           for sends, else
                                           :class:`BrokerUnavailable`)
+  Cluster: CLUSTERDOWN, TRYAGAIN, MOVED,  :class:`BrokerUnavailable` after
+  ASK, slots not covered, no seed node    the retries (a failover, a
+  reachable                               resharding)
+  Cluster: a seed node is not a Cluster   :class:`ConfigError`
+  node; MOVED without ``cluster=yes``
   ======================================  ==================================
 """
 
@@ -28,18 +33,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthorizationError,
+    ClusterDownError,
     InvalidResponse,
     NoPermissionError,
+    RedisClusterException,
     ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
 )
 
 from kew.qchan.spi import AccessRefused, BrokerUnavailable, ConfigError, KewError
@@ -51,6 +62,26 @@ R = TypeVar("R")
 #: The errors after which the same call may work: the connection was
 #: refused, lost or timed out, or the server is still loading its data.
 _PASSING = (redis.ConnectionError, redis.TimeoutError)
+#: On a Cluster, also: a failover or a resharding under way (MOVED is an AskError).
+_CLUSTER_PASSING = (ClusterDownError, TryAgainError, AskError)
+
+
+def script(text: str) -> Any:
+    """A Lua script for ``script(keys=..., args=..., client=r)``: EVALSHA,
+    loaded at its first NOSCRIPT.  It belongs to no client (making one
+    here would make a RedisCluster, which reads the cluster's layout)."""
+    from redis.commands.core import Script
+
+    return Script(cast(Any, None), text.encode())
+
+
+# The reply, or redis-py's words for a pipeline's command that got it.
+_WRONGTYPE = re.compile(r"^WRONGTYPE|of pipeline caused error: WRONGTYPE")
+
+
+class NotReplicated(redis.RedisError):
+    """A write the master stored and fewer than ``min_replicas`` replicas
+    confirmed (WAIT) in time: it may be lost if that master fails."""
 
 
 class Client:
@@ -60,15 +91,21 @@ class Client:
         self.options = options
         self.url = options.url
         self._pid = os.getpid()
-        self._redis = options.client()
+        self._redis: Any = None  # made at the first call (a RedisCluster does I/O then)
+        self._making = threading.Lock()
 
     def get(self) -> Any:
-        """The redis-py client of this process (made again after a fork)."""
+        """The redis-py client of this process (made at the first call, and
+        again after a fork)."""
         if self._pid != os.getpid():
             # The parent's client and pool are dropped unused: closing them
             # here would touch sockets the parent still owns.
-            self._redis = self.options.client()
+            self._redis = None
             self._pid = os.getpid()
+        if self._redis is None:
+            with self._making:
+                if self._redis is None:
+                    self._redis = self.options.client()
         return self._redis
 
     def call(
@@ -88,7 +125,7 @@ class Client:
             attempts += 1
             try:
                 return fn(self.get())
-            except redis.RedisError as e:
+            except (redis.RedisError, RedisClusterException) as e:
                 final = self.translate(e, refused)
                 if final is None and attempts <= self.options.retries:
                     if backoff.wait(stop):
@@ -105,10 +142,16 @@ class Client:
                 raise final from e
 
     def translate(
-        self, e: redis.RedisError, refused: type[KewError] = BrokerUnavailable
+        self,
+        e: redis.RedisError | RedisClusterException,
+        refused: type[KewError] = BrokerUnavailable,
     ) -> KewError | None:
         """kew's error for ``e``, or None for a passing fault (retry)."""
         url = self.url
+        if isinstance(e, RedisClusterException):
+            return self._cluster_error(e, refused)
+        if isinstance(e, NotReplicated):
+            return refused(f"Redis at {url}: {e}")
         if isinstance(e, AuthenticationError | AuthorizationError):
             who = self.options.username or "default"
             return AccessRefused(f"Redis at {url} refused the credentials of user {who!r}: {e}")
@@ -121,19 +164,45 @@ class Client:
             )
         if isinstance(e, _PASSING):
             return None
+        if isinstance(e, _CLUSTER_PASSING):
+            if self.options.cluster:
+                return None
+            return ConfigError(
+                f"Redis at {url} is a Redis Cluster node ({e}): name several nodes, or add "
+                "cluster=yes to the URL"
+            )
         if isinstance(e, ResponseError) and "DB index" in str(e):
             return ConfigError(
                 f"Redis at {url} has no database {self.options.db} ({e}); the server's "
                 "'databases' setting bounds the numbers"
             )
-        if isinstance(e, ResponseError) and str(e).startswith("WRONGTYPE"):
+        if isinstance(e, ResponseError) and _WRONGTYPE.search(str(e)):
             return ConfigError(
                 f"Redis at {url}: a key of kew's holds another type of value (another "
                 f"program's key under the prefix {self.options.prefix!r}?): {e}"
             )
         return refused(f"Redis at {url} answered with an error: {e}")
 
+    def _cluster_error(self, e: RedisClusterException, refused: type[KewError]) -> KewError | None:
+        """RedisCluster's own errors: making it (no seed node reachable, or
+        one that is not a Cluster node) and routing (slots not covered)."""
+        if isinstance(e, SlotNotCoveredError):
+            return None  # a failover under way: the layout is read again
+        cause = e.__cause__
+        if isinstance(cause, RedisClusterException):  # CLUSTER SLOTS refused
+            cause = cause.__context__ or cause
+        if isinstance(cause, AuthenticationError | AuthorizationError | NoPermissionError):
+            return self.translate(cause, refused)  # e.g. every seed node refused the password
+        if isinstance(cause, ResponseError):
+            return ConfigError(
+                f"Redis at {self.url}: a seed node is not a Redis Cluster node (CLUSTER "
+                f"SLOTS: {cause}); for one server, name one host without cluster=yes"
+            )
+        if "cannot be connected" in str(e) or "not covered" in str(e):
+            return None  # down, or a failover under way: try again
+        return refused(f"Redis Cluster at {self.url}: {e}")
+
     def close(self) -> None:
-        if self._pid == os.getpid():
-            with contextlib.suppress(redis.RedisError):
+        if self._pid == os.getpid() and self._redis is not None:
+            with contextlib.suppress(redis.RedisError, RedisClusterException):
                 self._redis.close()

@@ -2,7 +2,9 @@
 
 One key per record, ``<prefix>:once:{<namespace>}:<key>``: ``d`` (done; PX
 retention, or no expiry) or ``c:<token>`` (claimed; PX lease), changed by
-Lua scripts (atomic) and removed by expiry.
+Lua scripts (atomic) and removed by expiry.  With ``min_replicas``, the
+done mark (``complete``, ``atomic_once`` with its effect) is confirmed by
+that many replicas (WAIT, :mod:`kew_redis._writes`) before it counts.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 import redis
 
 from kew.qchan.spi.dedupe import ClaimResult
-from kew_redis._client import Client
+from kew_redis._client import Client, script
+from kew_redis._writes import Recorder, pinned
 
 _CLAIM = """
 local v = redis.call('GET', KEYS[1])
@@ -53,9 +56,8 @@ class RedisDedupeStore:
         self.namespace = namespace
         self._client = client
         self._base = f"{prefix}:once:{{{namespace}}}:"
-        r = client.get()
         self._claim, self._extend, self._complete, self._release = (
-            r.register_script(s) for s in (_CLAIM, _EXTEND, _COMPLETE, _RELEASE)
+            script(s) for s in (_CLAIM, _EXTEND, _COMPLETE, _RELEASE)
         )
 
     def __repr__(self) -> str:
@@ -77,7 +79,17 @@ class RedisDedupeStore:
 
     def complete(self, key: str, token: str, retain_ms: int | None) -> bool:
         retain = "" if retain_ms is None else str(retain_ms)
-        return bool(self._run(self._complete, key, retain, "c:" + token))
+        options = self._client.options
+        if not options.min_replicas:
+            return bool(self._run(self._complete, key, retain, "c:" + token))
+        k = self.key(key)
+
+        def run(r: Any) -> bool:
+            with pinned(r, options, k) as session:
+                (done,) = session.run([("EVAL", _COMPLETE, 1, k, retain, "c:" + token)])
+                return bool(done)
+
+        return self._client.call(run)
 
     def release(self, key: str, token: str) -> None:
         self._run(self._release, key, "c:" + token)
@@ -100,7 +112,20 @@ class RedisDedupeStore:
                     except redis.WatchError:
                         continue  # changed, or the connection died while watching: look again
 
-        return self._client.call(attempt)
+        def replicated(r: Any) -> bool:
+            with pinned(r, self._client.options, k) as session:
+                while True:
+                    _, state = session.run([("WATCH", k), ("GET", k)], wait=False)
+                    if state == b"d":
+                        session.run([("UNWATCH",)], wait=False)
+                        return False
+                    rec: Any = Recorder()
+                    effect(rec)
+                    rec.set(k, "d", px=retain_ms)
+                    if session.run(rec.commands, transaction=True) is not None:
+                        return True  # else changed while watched: look again
+
+        return self._client.call(replicated if self._client.options.min_replicas else attempt)
 
     def state(self, key: str) -> str | None:
         v = self._client.call(lambda r: r.get(self.key(key)))

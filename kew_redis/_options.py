@@ -3,9 +3,11 @@ options that mean something here, read into :class:`Options`.
 
 ``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS) and
 ``unix://[user:password@]/path/to/redis.sock[?db=N]`` (redis-py's spelling
-of a Unix socket).  Every option is checked when the URL is read (no
-network I/O), and an option the provider does not use stops start-up with
-a :class:`ConfigError` listing those it accepts.
+of a Unix socket).  Redis Cluster: several ``host:port`` separated by commas
+(seed nodes, ``redis://h1:7000,h2:7001/``), or one with ``?cluster=yes``;
+kew then uses redis-py's ``RedisCluster``.  Every option is checked when the
+URL is read (no network I/O), and an option the provider does not use stops
+start-up with a :class:`ConfigError` listing those it accepts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from kew.qchan.spi.urls import redact
 SCHEMES = ("redis", "rediss", "unix")
 
 #: kew's own options.
-KEW_OPTIONS = ("prefix", "lease", "retries", "max_message_size")
+KEW_OPTIONS = (
+    "prefix",
+    "lease",
+    "retries",
+    "max_message_size",
+    "cluster",
+    "min_replicas",
+    "replica_timeout",
+)
 #: redis-py's connection options (``Redis.from_url``) that kew passes on.
 CLIENT_OPTIONS = (
     "db",
@@ -80,6 +90,12 @@ class Options:
     retries: int
     socket_timeout: float
     max_message_size: int
+    #: Redis Cluster: the seed nodes (host, port) of ``RedisCluster``.
+    cluster: bool
+    nodes: tuple[tuple[str, int], ...]
+    #: Sends and settles wait (WAIT) until this many replicas have the write.
+    min_replicas: int
+    replica_timeout_ms: int
     #: Other keyword arguments of ``redis.Redis`` (timeouts, keepalive, TLS).
     extra: dict[str, Any] = field(repr=False)
 
@@ -106,6 +122,12 @@ class Options:
                 f"TLS options ({', '.join(given_tls)}) need a rediss:// URL: {safe!r}"
             )
         host, port, path, db = _where(p, safe)
+        cluster = p.get_bool("cluster", len(p.hosts) > 1)
+        nodes = _cluster(p, safe, cluster, db)
+        if cluster and "health_check_interval" in p.options:
+            raise ConfigError(
+                f"health_check_interval is not taken by redis-py's RedisCluster: {safe!r}"
+            )
         socket_timeout = p.get_float("socket_timeout", 10.0, minimum=0.1)
         extra: dict[str, Any] = {
             "socket_connect_timeout": p.get_float(
@@ -136,9 +158,13 @@ class Options:
             tls=tls,
             prefix=p.get_str("prefix", "kew") or "kew",
             lease_ms=round(p.get_float("lease", 30.0, minimum=0.1) * 1000),
-            retries=p.get_int("retries", 10),
+            retries=p.get_int("retries", 20 if cluster else 10),
             socket_timeout=socket_timeout,
             max_message_size=p.get_int("max_message_size", 64 * 1024 * 1024, minimum=1),
+            cluster=cluster,
+            nodes=nodes,
+            min_replicas=p.get_int("min_replicas", 0),
+            replica_timeout_ms=round(p.get_float("replica_timeout", 2.0, minimum=0.001) * 1000),
             extra=extra,
         )
         p.finish()
@@ -146,13 +172,29 @@ class Options:
 
     def client(self) -> Any:
         """A new redis-py client.  It never retries by itself (kew does,
-        :mod:`kew_redis._client`) and connects at its first command.
-        redis-py annotates results for its sync and async clients at once
-        (unions with Awaitable): results are read as Any and checked."""
+        :mod:`kew_redis._client`) and connects at its first command, but a
+        ``RedisCluster`` asks its seed nodes for the cluster's layout when
+        made: make it when it is first needed.  redis-py annotates results
+        for its sync and async clients at once (unions with Awaitable):
+        results are read as Any and checked."""
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
+        if self.cluster:
+            from redis.cluster import ClusterNode, RedisCluster
+
+            extra = {k: v for k, v in self.extra.items() if k != "health_check_interval"}
+            node: Any = ClusterNode  # untyped in redis-py
+            return RedisCluster(
+                startup_nodes=[node(h, p) for h, p in self.nodes],
+                username=self.username,
+                password=self.password,
+                ssl=self.tls,
+                socket_timeout=self.socket_timeout,
+                retry=Retry(NoBackoff(), 0),
+                **extra,
+            )
         where: dict[str, Any] = (
             {"unix_socket_path": self.path}
             if self.path is not None
@@ -180,8 +222,6 @@ def _where(p: ProviderURL, safe: str) -> tuple[str, int, str | None, int]:
                 f"unix:///run/redis/redis.sock?db=0: {safe!r}"
             )
         return "", 0, "/" + p.path, db_option or 0
-    if len(p.hosts) > 1:
-        raise ConfigError(f"one Redis host per URL, not {len(p.hosts)}: {safe!r}")
     host, port = p.hosts[0] if p.hosts else ("127.0.0.1", None)
     try:
         db = int(p.path.strip("/") or 0)
@@ -194,6 +234,22 @@ def _where(p: ProviderURL, safe: str) -> tuple[str, int, str | None, int]:
     if db < 0:
         raise ConfigError(f"the database number must be 0 or more: {safe!r}")
     return host or "127.0.0.1", port or 6379, None, db
+
+
+def _cluster(p: ProviderURL, safe: str, cluster: bool, db: int) -> tuple[tuple[str, int], ...]:
+    """The seed nodes of a Redis Cluster URL (none for one server)."""
+    if not cluster:
+        if len(p.hosts) > 1:
+            raise ConfigError(
+                f"several hosts name the seed nodes of a Redis Cluster, but the URL says "
+                f"cluster=no (kew does not fail over between servers itself): {safe!r}"
+            )
+        return ()
+    if p.scheme == "unix":
+        raise ConfigError(f"Redis Cluster is reached over TCP, not a unix:// socket: {safe!r}")
+    if db != 0:
+        raise ConfigError(f"Redis Cluster has database 0 only, not {db}: {safe!r}")
+    return tuple((h or "127.0.0.1", port or 6379) for h, port in p.hosts or [("", None)])
 
 
 def _one(in_url: str | None, option: str | None, name: str, safe: str) -> str | None:

@@ -7,8 +7,8 @@ so a restart loses none and no worker holds them in memory).
 
 Keys: ``<prefix>:{<queue>}`` (the stream), ``<prefix>:{<queue>}:delayed``
 and ``<prefix>:{<queue>}:dead``; the hash tag keeps a queue's keys in one
-slot, so the provider works on Cluster.  ``kew.idempotency`` records are
-``<prefix>:once:{<namespace>}:<key>`` (:mod:`kew_redis._dedupe`).
+slot, so every MULTI of one queue works on Cluster.  ``kew.idempotency``
+records are ``<prefix>:once:{<namespace>}:<key>`` (:mod:`kew_redis._dedupe`).
 
 Crash recovery: an entry stays in the group's pending list until acked; an
 entry idle longer than the lease is reclaimed with XAUTOCLAIM by any
@@ -22,10 +22,17 @@ entry kew cannot read is dead-lettered at once with the reason, and the
 others of its batch are delivered.  A consumer group destroyed, or a stream
 deleted, by another program is created again by the next fetch.
 
+Redis Cluster (several seed nodes in the URL, or ``cluster=yes``): redis-py's
+``RedisCluster``; every MULTI stays in one queue's slot, and a settle's
+sends to queues of other slots are stored before its MULTI acks
+(:meth:`RedisConsumer.settle`).  ``min_replicas=N`` makes sends and
+settles wait until N replicas have them (:mod:`kew_redis._writes`).
+
 Options (:mod:`kew_redis._options`, docs/providers/redis.md): ``prefix``
 (default ``kew``), ``lease`` (seconds, default 30), ``retries`` (attempts
-after the first before BrokerUnavailable, default 10), ``max_message_size``
-(bytes, default 64 MiB), and redis-py's ``db``, ``socket_timeout``,
+after the first before BrokerUnavailable, default 10, 20 on Cluster),
+``max_message_size`` (bytes, default 64 MiB), ``cluster``, ``min_replicas``,
+``replica_timeout``, and redis-py's ``db``, ``socket_timeout``,
 ``socket_connect_timeout``, ``socket_keepalive``, ``health_check_interval``,
 ``client_name`` and ``ssl_*`` (``rediss://``).  No network I/O happens
 before the first operation; its errors are kew's (:mod:`kew_redis._client`),
@@ -37,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import threading
 import time
@@ -45,9 +51,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-import msgspec
 import redis
-from redis.exceptions import ResponseError
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, ResponseError
 
 from kew.qchan.spi import (
     AccessRefused,
@@ -65,10 +71,12 @@ from kew.qchan.spi import (
     now_ms,
 )
 from kew.qchan.spi.kit import HeldLeases
-from kew.qchan.spi.wire import Malformed, check_id, headers_from_json, salvage
-from kew_redis._client import Client
+from kew.qchan.spi.wire import Malformed
+from kew_redis import _entries as entry
+from kew_redis._client import Client, script
 from kew_redis._dedupe import RedisDedupeStore
 from kew_redis._options import SCHEMES, Options
+from kew_redis._writes import write, write_spread
 
 __all__ = ["SCHEMES", "Options", "RedisConnector", "RedisDedupeStore", "connect"]
 
@@ -105,7 +113,7 @@ class RedisConnector:
         self.url = self.options.url  # the password masked
         self.max_message_size = self.options.max_message_size
         self.client = Client(self.options)
-        self._move_due = self.client.get().register_script(_MOVE_DUE)
+        self._move_due = script(entry.MOVE_DUE)
 
     def __repr__(self) -> str:
         return f"RedisConnector({self.url!r})"
@@ -120,11 +128,21 @@ class RedisConnector:
     def keys(self, queue: str) -> _Keys:
         return _Keys.of(self.options.prefix, queue)
 
+    def same_slot(self, queue: str, other: str) -> bool:
+        """Whether the keys of two queues can be in one MULTI: always on one
+        server; on Redis Cluster, if their hash tags map to one slot."""
+        if not self.options.cluster or queue == other:
+            return True
+        slots = {key_slot(self.keys(q).stream.encode()) for q in (queue, other)}
+        return len(slots) == 1
+
     def move_due(self, keys: _Keys, r: Any) -> int | None:
         """Move due delayed messages into the stream; the next due time."""
-        return _due(
+        return entry.due(
             self._move_due(
-                keys=[keys.delayed, keys.stream, keys.dead], args=[now_ms(), _BAD_DELAYED], client=r
+                keys=[keys.delayed, keys.stream, keys.dead],
+                args=[now_ms(), entry.BAD_DELAYED],
+                client=r,
             )
         )
 
@@ -178,11 +196,15 @@ def _check_size(connector: RedisConnector, queue: str, m: Message) -> None:
 def _add(connector: RedisConnector, pipe: Any, keys: _Keys, queue: str, m: Message) -> None:
     """Queue the commands that store ``m`` on ``queue`` in ``pipe``."""
     _check_size(connector, queue, m)
-    headers = _encode_headers(m.headers)
+    headers = entry.encode_headers(m.headers)
     if m.deliver_at is not None and m.deliver_at > now_ms():
-        pipe.zadd(keys.delayed, {_pack(m.id, headers, m.body): m.deliver_at})
+        pipe.zadd(keys.delayed, {entry.pack(m.id, headers, m.body): m.deliver_at})
     else:
         pipe.xadd(keys.stream, {"id": m.id, "body": m.body, "headers": headers})
+
+
+def _add_to(connector: RedisConnector, queue: str, m: Message, pipe: Any) -> None:
+    _add(connector, pipe, connector.keys(queue), queue, m)
 
 
 class RedisProducer:
@@ -195,13 +217,15 @@ class RedisProducer:
         self.send_many((message,))
 
     def send_many(self, messages: Sequence[Message]) -> None:
-        def run(r: Any) -> None:
-            pipe = r.pipeline(transaction=False)  # one round trip for the batch
+        def build(pipe: Any) -> None:  # one round trip for the batch
             for m in messages:
                 _add(self._c, pipe, self._keys, self._queue, m)
-            pipe.execute()
 
-        self._c.client.call(run, refused=SendError)
+        options = self._c.options
+        self._c.client.call(
+            lambda r: write(r, options, self._keys.stream, build, transaction=False),
+            refused=SendError,
+        )
 
     def close(self) -> None:
         pass
@@ -309,7 +333,7 @@ class RedisConsumer:
         counts = {}
         for info in pipe.execute():
             if info:
-                counts[_text(info[0]["message_id"])] = int(info[0]["times_delivered"])
+                counts[entry.text(info[0]["message_id"])] = int(info[0]["times_delivered"])
         return self._deliveries(r, entries, counts)
 
     def _deliveries(
@@ -322,15 +346,15 @@ class RedisConsumer:
         bad: list[tuple[str, Message, int, str]] = []
         gone: list[str] = []
         for entry_id, fields in entries:
-            eid = _text(entry_id)
+            eid = entry.text(entry_id)
             count = (counts or {}).get(eid, 1)
             if not fields:
                 gone.append(eid)
                 continue
             try:
-                out.append(Delivery(_message(fields), count, eid))
+                out.append(Delivery(entry.message(fields), count, eid))
             except Malformed as e:
-                bad.append((eid, _salvaged(eid, fields), count, str(e)))
+                bad.append((eid, entry.salvaged(eid, fields), count, str(e)))
         if bad or gone:
             self._bury(r, bad, gone)
         for d in out:
@@ -344,7 +368,7 @@ class RedisConsumer:
         reclaimed after the lease."""
         pipe = r.pipeline(transaction=True)
         for _, m, count, reason in bad:
-            pipe.xadd(self._keys.dead, _dead_fields(m, count, reason))
+            pipe.xadd(self._keys.dead, entry.dead_fields(m, count, reason))
         tags = [eid for eid, *_ in bad] + gone
         pipe.xack(self._keys.stream, GROUP, *tags)
         pipe.xdel(self._keys.stream, *tags)
@@ -366,43 +390,61 @@ class RedisConsumer:
 
     def ack(self, delivery: Delivery) -> None:
         tags = self._take([delivery])
-        if not tags:
-            return
+        if tags:
+            self._client.call(lambda r: self._ack(r, tags))
 
+    def _ack(self, r: Any, tags: list[str]) -> None:
         # No MULTI: XACK settles; the XDEL that follows on the same connection
         # only keeps the stream short (an acked entry is never delivered again).
-        def run(r: Any) -> None:
-            pipe = r.pipeline(transaction=False)
-            pipe.xack(self._keys.stream, GROUP, *tags)
-            pipe.xdel(self._keys.stream, *tags)
-            pipe.execute()
-
-        self._client.call(run)
+        pipe = r.pipeline(transaction=False)
+        pipe.xack(self._keys.stream, GROUP, *tags)
+        pipe.xdel(self._keys.stream, *tags)
+        pipe.execute()
 
     def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
         """Outbox settle: XADDs (or ZADDs) and XACK + XDEL in one MULTI/EXEC
-        on this consumer's connection: one round trip, all or nothing."""
+        on this consumer's connection: one round trip, all or nothing.  On
+        Redis Cluster, the sends to queues of other slots (a MULTI cannot
+        span slots) are stored first, in a pipeline of their own; only then
+        the MULTI of the rest and the acks (a failure in between: those
+        sends are stored, the deliveries come again).  With min_replicas,
+        each step is confirmed by the replicas before the next."""
         for queue, m in sends:
             _check_size(self._c, queue, m)  # before the acks are taken
         tags = self._take(acks)
         if not (sends or tags):
             return
+        c = self._c
+        here: list[tuple[str, Message]] = []
+        there: list[tuple[str, Any]] = []  # (key, build) of another slot's sends
+        for queue, m in sends:
+            if c.same_slot(queue, self._queue):
+                here.append((queue, m))
+            else:
+                there.append((c.keys(queue).stream, functools.partial(_add_to, c, queue, m)))
+        if there:
+            self._client.call(lambda r: write_spread(r, c.options, there), refused=SendError)
+        if not here:  # the acks alone: as ack()
+            if tags:
+                self._client.call(lambda r: self._ack(r, tags))
+            return
 
-        def run(r: Any) -> None:
-            pipe = r.pipeline(transaction=True)
-            for queue, m in sends:
-                _add(self._c, pipe, self._c.keys(queue), queue, m)
+        def build(pipe: Any) -> None:
+            for queue, m in here:
+                _add(c, pipe, c.keys(queue), queue, m)
             if tags:
                 pipe.xack(self._keys.stream, GROUP, *tags)
                 pipe.xdel(self._keys.stream, *tags)
-            pipe.execute()
 
-        self._client.call(run, refused=SendError)
+        self._client.call(
+            lambda r: write(r, c.options, self._keys.stream, build, transaction=True),
+            refused=SendError,
+        )
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         if not self._take([delivery]):
             return
-        fields = _dead_fields(delivery.message, delivery.delivery_count, reason)
+        fields = entry.dead_fields(delivery.message, delivery.delivery_count, reason)
 
         def run(r: Any) -> None:
             pipe = r.pipeline(transaction=True)
@@ -434,7 +476,7 @@ class RedisConsumer:
                 self._client.get().xclaim(
                     self._keys.stream, GROUP, self._name, 0, list(tags), justid=True
                 )
-            except redis.RedisError as e:  # two more tries before the lease runs out
+            except (redis.RedisError, RedisClusterException) as e:  # two more tries in the lease
                 log.warning("kew: renewing the leases on %s failed: %s", self._keys.stream, e)
 
     def close(self) -> None:
@@ -465,7 +507,8 @@ class RedisBrowser:
                 return []  # not declared, or deleted
             raise
         last = next(
-            (_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP), "0-0"
+            (entry.text(g["last-delivered-id"]) for g in groups if entry.text(g["name"]) == GROUP),
+            "0-0",
         )
         return cast(list[Any], r.xrange(self._keys.stream, f"({last}", "+", count=limit))
 
@@ -475,9 +518,9 @@ class RedisBrowser:
         out = []
         for entry_id, f in self._call(lambda r: self._undelivered(r, limit)):
             try:
-                out.append(_message(f))
+                out.append(entry.message(f))
             except Malformed:
-                out.append(_salvaged(_text(entry_id), f))
+                out.append(entry.salvaged(entry.text(entry_id), f))
         return out
 
     def stats(self) -> QueueStats:
@@ -506,12 +549,12 @@ class RedisBrowser:
 
     def _dead_entries(self, r: Any, ids: Collection[str] | None) -> list[tuple[Any, DeadLetter]]:
         entries = r.xrange(self._keys.dead, "-", "+")
-        out = [(e, _dead_letter(e, f)) for e, f in entries if f]
+        out = [(e, entry.dead_letter(e, f)) for e, f in entries if f]
         return [(e, d) for e, d in out if ids is None or d.message.id in ids]
 
     def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
         entries = self._call(lambda r: r.xrange(self._keys.dead, "-", "+", count=limit))
-        return [_dead_letter(e, f) for e, f in entries if f]
+        return [entry.dead_letter(e, f) for e, f in entries if f]
 
     def requeue_dead(self, ids: Collection[str] | None = None) -> int:
         """Each back as kew reads it (an entry that was not kew's as what was
@@ -524,7 +567,7 @@ class RedisBrowser:
                 m = d.message
                 pipe.xadd(
                     self._keys.stream,
-                    {"id": m.id, "body": m.body, "headers": _encode_headers(m.headers)},
+                    {"id": m.id, "body": m.body, "headers": entry.encode_headers(m.headers)},
                 )
                 pipe.xdel(self._keys.dead, entry_id)
             pipe.execute()
@@ -555,137 +598,3 @@ class RedisBrowser:
 
     def close(self) -> None:
         pass
-
-
-# -- helpers: entries, dead letters, delayed messages ------------------------
-
-_encode_headers = msgspec.json.Encoder().encode
-
-_FIELDS = (b"id", b"body", b"headers")
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _int(raw: Any, default: int) -> int:
-    try:
-        return int(raw)
-    except (TypeError, ValueError):
-        return default
-
-
-def _message(fields: Mapping[bytes, Any]) -> Message:
-    """The message of a stream entry (fields ``id``, ``body``, ``headers``;
-    others are ignored), or :class:`Malformed` saying what is wrong."""
-    if not any(f in fields for f in _FIELDS):
-        names = ", ".join(sorted(repr(k.decode(errors="replace")) for k in fields))
-        raise Malformed(f"a stream entry without kew's fields id, body, headers (it has {names})")
-    mid = check_id(fields.get(b"id"))
-    body = fields.get(b"body")
-    if body is None:
-        raise Malformed("the stream entry has no body field")
-    headers = fields.get(b"headers")
-    if headers is None:
-        raise Malformed("the stream entry has no headers field")
-    return Message(mid, body, headers_from_json(headers))
-
-
-def _salvaged(entry_id: str, fields: Mapping[bytes, Any]) -> Message:
-    """What can be kept of an entry kew cannot read (the entry id stands in
-    for a missing or bad message id)."""
-    raw = fields.get(b"headers")
-    try:
-        headers = msgspec.json.decode(raw) if isinstance(raw, bytes) else None
-    except msgspec.DecodeError:
-        headers = None
-    return salvage(
-        fields.get(b"id"),
-        fields.get(b"body"),
-        headers if isinstance(headers, dict) else None,
-        fallback_id=entry_id,
-    )
-
-
-def _dead_letter(entry_id: Any, fields: Mapping[bytes, Any]) -> DeadLetter:
-    """A dead-letter entry, read leniently (another program may have written
-    it): whatever is missing or unreadable gets a stand-in."""
-    eid = _text(entry_id)
-    reason = fields.get(b"reason")
-    return DeadLetter(
-        _salvaged(eid, fields),
-        _int(fields.get(b"count"), 1),
-        reason.decode(errors="replace") if isinstance(reason, bytes) else "(no reason recorded)",
-        _int(fields.get(b"dead_at"), _int(eid.partition("-")[0], 0)),
-    )
-
-
-def _dead_fields(m: Message, count: int, reason: str) -> dict[str, Any]:
-    return {
-        "id": m.id,
-        "body": m.body,
-        "headers": _encode_headers(m.headers),
-        "count": count,
-        "reason": reason,
-        "dead_at": now_ms(),
-    }
-
-
-def _pack(message_id: str, headers: bytes, body: bytes) -> bytes:
-    mid = message_id.encode()
-    return b"%d:%s%d:%s%s" % (len(mid), mid, len(headers), headers, body)
-
-
-def _due(score: Any) -> int | None:
-    """The mover's answer (a sorted-set score): epoch ms, or None for none
-    (or a score that is never due, ``inf`` or ``nan``: another program's)."""
-    if score is None:
-        return None
-    try:
-        due = float(_text(score))
-    except ValueError:
-        return None
-    if math.isnan(due) or due == math.inf:
-        return None
-    return 0 if due == -math.inf else int(due)
-
-
-# Move due delayed messages into the stream; returns the due time (epoch ms)
-# of the next delayed message, or nil.  A delayed message is packed as
-# "<len(id)>:<id><len(headers)>:<headers><body>" (see _pack); a member that
-# is not (another program wrote it) goes to the dead letters, whole, as the
-# body (its id "delayed-<now>-<n>").  What the fields hold is checked by the
-# consumer, as for any entry.
-_MOVE_DUE = """
-local function field(s, p)
-  local n = string.match(s, '^%d+:', p)
-  if not n then return nil end
-  local len = tonumber(string.sub(n, 1, -2))
-  local from = p + #n
-  if from + len - 1 > #s then return nil end
-  return string.sub(s, from, from + len - 1), from + len
-end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
-for i, s in ipairs(due) do
-  local id, p = field(s, 1)
-  local headers
-  if id then headers, p = field(s, p) end
-  if headers then
-    redis.call('XADD', KEYS[2], '*', 'id', id, 'body', string.sub(s, p), 'headers', headers)
-  else
-    redis.call('XADD', KEYS[3], '*', 'id', 'delayed-' .. ARGV[1] .. '-' .. i, 'body', s,
-      'headers', '{}', 'count', 0, 'reason', ARGV[2], 'dead_at', ARGV[1])
-  end
-  redis.call('ZREM', KEYS[1], s)
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if first[2] then return first[2] end
-return false
-"""
-
-_BAD_DELAYED = str(
-    Malformed(
-        "a delayed message (sorted-set member) that is not "
-        "<len(id)>:<id><len(headers)>:<headers><body>"
-    )
-)

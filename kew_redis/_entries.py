@@ -1,0 +1,149 @@
+"""Stream entries, dead letters and delayed messages of the Redis provider:
+how kew reads and writes them (docs/providers/redis.md, Wire format).
+
+An entry is read through :mod:`kew.qchan.spi.wire`: what kew cannot read
+raises :class:`~kew.qchan.spi.wire.Malformed`, and :func:`salvaged` keeps
+what it can of it for the dead letters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from kew.qchan.spi import DeadLetter, Message, now_ms
+from kew.qchan.spi.wire import Malformed, check_id, headers_from_json, salvage
+
+encode_headers = msgspec.json.Encoder().encode
+
+FIELDS = (b"id", b"body", b"headers")
+
+
+def text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _int(raw: Any, default: int) -> int:
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return default
+
+
+def message(fields: Mapping[bytes, Any]) -> Message:
+    """The message of a stream entry (fields ``id``, ``body``, ``headers``;
+    others are ignored), or :class:`Malformed` saying what is wrong."""
+    if not any(f in fields for f in FIELDS):
+        names = ", ".join(sorted(repr(k.decode(errors="replace")) for k in fields))
+        raise Malformed(f"a stream entry without kew's fields id, body, headers (it has {names})")
+    mid = check_id(fields.get(b"id"))
+    body = fields.get(b"body")
+    if body is None:
+        raise Malformed("the stream entry has no body field")
+    headers = fields.get(b"headers")
+    if headers is None:
+        raise Malformed("the stream entry has no headers field")
+    return Message(mid, body, headers_from_json(headers))
+
+
+def salvaged(entry_id: str, fields: Mapping[bytes, Any]) -> Message:
+    """What can be kept of an entry kew cannot read (the entry id stands in
+    for a missing or bad message id)."""
+    raw = fields.get(b"headers")
+    try:
+        headers = msgspec.json.decode(raw) if isinstance(raw, bytes) else None
+    except msgspec.DecodeError:
+        headers = None
+    return salvage(
+        fields.get(b"id"),
+        fields.get(b"body"),
+        headers if isinstance(headers, dict) else None,
+        fallback_id=entry_id,
+    )
+
+
+def dead_letter(entry_id: Any, fields: Mapping[bytes, Any]) -> DeadLetter:
+    """A dead-letter entry, read leniently (another program may have written
+    it): whatever is missing or unreadable gets a stand-in."""
+    eid = text(entry_id)
+    reason = fields.get(b"reason")
+    return DeadLetter(
+        salvaged(eid, fields),
+        _int(fields.get(b"count"), 1),
+        reason.decode(errors="replace") if isinstance(reason, bytes) else "(no reason recorded)",
+        _int(fields.get(b"dead_at"), _int(eid.partition("-")[0], 0)),
+    )
+
+
+def dead_fields(m: Message, count: int, reason: str) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "body": m.body,
+        "headers": encode_headers(m.headers),
+        "count": count,
+        "reason": reason,
+        "dead_at": now_ms(),
+    }
+
+
+def pack(message_id: str, headers: bytes, body: bytes) -> bytes:
+    mid = message_id.encode()
+    return b"%d:%s%d:%s%s" % (len(mid), mid, len(headers), headers, body)
+
+
+def due(score: Any) -> int | None:
+    """The mover's answer (a sorted-set score): epoch ms, or None for none
+    (or a score that is never due, ``inf`` or ``nan``: another program's)."""
+    if score is None:
+        return None
+    try:
+        at = float(text(score))
+    except ValueError:
+        return None
+    if math.isnan(at) or at == math.inf:
+        return None
+    return 0 if at == -math.inf else int(at)
+
+
+# Move due delayed messages into the stream; returns the due time (epoch ms)
+# of the next delayed message, or nil.  A delayed message is packed as
+# "<len(id)>:<id><len(headers)>:<headers><body>" (see pack); a member that
+# is not (another program wrote it) goes to the dead letters, whole, as the
+# body (its id "delayed-<now>-<n>").  What the fields hold is checked by the
+# consumer, as for any entry.
+MOVE_DUE = """
+local function field(s, p)
+  local n = string.match(s, '^%d+:', p)
+  if not n then return nil end
+  local len = tonumber(string.sub(n, 1, -2))
+  local from = p + #n
+  if from + len - 1 > #s then return nil end
+  return string.sub(s, from, from + len - 1), from + len
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
+for i, s in ipairs(due) do
+  local id, p = field(s, 1)
+  local headers
+  if id then headers, p = field(s, p) end
+  if headers then
+    redis.call('XADD', KEYS[2], '*', 'id', id, 'body', string.sub(s, p), 'headers', headers)
+  else
+    redis.call('XADD', KEYS[3], '*', 'id', 'delayed-' .. ARGV[1] .. '-' .. i, 'body', s,
+      'headers', '{}', 'count', 0, 'reason', ARGV[2], 'dead_at', ARGV[1])
+  end
+  redis.call('ZREM', KEYS[1], s)
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if first[2] then return first[2] end
+return false
+"""
+
+BAD_DELAYED = str(
+    Malformed(
+        "a delayed message (sorted-set member) that is not "
+        "<len(id)>:<id><len(headers)>:<headers><body>"
+    )
+)
