@@ -1,5 +1,6 @@
 """``kew send``, ``kew worker``, ``kew task [--follow]`` run as a user runs them,
-on SQLite in a tmp dir, with the small app of tests/apps/cli_app.py."""
+on SQLite in a tmp dir, with the small app of tests/apps/cli_app.py; and the
+JSON logs of ``kew worker`` and ``kew serve`` (--log-format json)."""
 
 from __future__ import annotations
 
@@ -179,6 +180,49 @@ def test_worker_runs_tasks_and_task_follow_tails_them(
     assert code == 0, err
 
 
+def test_follow_waits_briefly_for_a_task_not_recorded_yet(
+    env: Env, worker: subprocess.Popen[str]
+) -> None:
+    """``kew task ID --follow`` started before the task is submitted (or
+    recorded) finds it within its short wait and follows it to the end."""
+    task_id = os.urandom(16).hex()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KEW_")}
+    full_env.update({"PYTHONPATH": str(ROOT), **env.vars})
+    follow = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kew.cli",
+            "task",
+            task_id,
+            "--follow",
+            "--store",
+            env.store_url,
+            "--timeout",
+            "60",
+            "--poll",
+            "0.1",
+        ],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        r = env.kew("send", "--app", APP, "--id", task_id, "greet", '{"name": "gus", "times": 2}')
+        assert r.stdout.strip() == task_id, r.stderr
+        out, err = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+    assert follow.returncode == 0, err
+    assert out.splitlines() == ["hello gus #1", "hello gus #2"]
+    code, err = stop(worker)
+    assert code == 0, err
+
+
 def test_worker_sigterm_finishes_the_running_task_and_exits_0(env: Env) -> None:
     # The events go through a separate `kew recorder`, as in production.
     recorder = env.worker(command="recorder")
@@ -222,3 +266,153 @@ def test_worker_with_record_records_the_last_task_before_exiting(env: Env) -> No
             proc.kill()
             proc.communicate()
     assert env.status(task_id) == "succeeded"
+
+
+# -- --log-format json ---------------------------------------------------------------------
+
+LOG_APP = r"""
+import os
+import kew
+from kew.task import App
+
+app = App(os.environ["T_URL"], store="memory://")
+inbox = kew.Queue(app.connector, "inbox", int)
+
+def refuse(n: int) -> None:
+    raise RuntimeError(f"cannot handle {n}")
+
+app.consumer(inbox, refuse)
+inbox.send(1)  # the worker's consumer fails on it: logged with its traceback at DEBUG
+"""
+
+
+def json_lines(err: str) -> list[dict[str, object]]:
+    """Every line of stderr as a JSON object (fails on a line that is not)."""
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    for line in lines:
+        assert {"time", "level", "logger", "message"} <= set(line), line
+        assert isinstance(line["time"], str) and line["time"].endswith("Z"), line
+    return lines
+
+
+def test_worker_logs_json_lines_without_the_password(tmp_path: Path) -> None:
+    secret = "pw-" + os.urandom(8).hex()
+    (tmp_path / "log_app.py").write_text(LOG_APP)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEW_")}
+    env.update({"PYTHONPATH": str(ROOT), "T_URL": f"memory://kew:{secret}@logs"})
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "kew.cli", "worker", f"{tmp_path / 'log_app.py'}:app"),
+            *("--log-format", "json", "--log-level", "debug"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        assert proc.stderr is not None
+        for line in proc.stderr:  # until the consumer's failure is logged
+            lines.append(line)
+            if "cannot handle 1" in line:
+                break
+        code, rest = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 0, rest
+    out = "".join(lines) + rest
+    logs = json_lines(out)
+    assert secret not in out
+    assert any(
+        x["logger"] == "kew.worker"
+        and x["level"] == "INFO"
+        and "running inbox" in str(x["message"])
+        for x in logs
+    ), out
+    failed = [x for x in logs if "exc_info" in x]
+    assert failed, out
+    assert "RuntimeError: cannot handle 1" in str(failed[0]["exc_info"])
+    assert str(failed[0]["exc_info"]).startswith("Traceback (most recent call last)")
+
+
+def test_a_refused_login_logs_json_lines_without_the_password(tmp_path: Path) -> None:
+    """RabbitMQ refuses the planted password: pika's debug lines, its
+    tracebacks and kew's last word are all JSON objects, none with it."""
+    from kew.testing.util import port_open, require
+
+    require(port_open("127.0.0.1", 5672), "RabbitMQ on 127.0.0.1:5672")
+    secret = "pw-" + os.urandom(8).hex()
+    (tmp_path / "log_app.py").write_text(LOG_APP)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEW_")}
+    url = f"amqp://guest:{secret}@127.0.0.1:5672/?retries=1"
+    env.update({"PYTHONPATH": str(ROOT), "T_URL": url})
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "kew.cli", "worker", f"{tmp_path / 'log_app.py'}:app"),
+            *("--log-format", "json", "--log-level", "debug"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    logs = json_lines(r.stderr)
+    assert secret not in r.stdout + r.stderr
+    assert any(str(x["logger"]).startswith("pika") and "exc_info" in x for x in logs), r.stderr
+    last = logs[-1]
+    assert (last["level"], last["logger"]) == ("ERROR", "kew.cli"), last
+    assert "refused the login" in str(last["message"]) and "guest:***@" in str(last["message"])
+
+
+def test_serve_logs_json_lines_without_the_password(tmp_path: Path) -> None:
+    pytest.importorskip("litestar")
+    import urllib.request
+
+    from kew.testing.util import free_port
+
+    secret = "pw-" + os.urandom(8).hex()
+    (tmp_path / "log_app.py").write_text(LOG_APP)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEW_")}
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "T_URL": f"memory://kew:{secret}@logs",
+            "KEW_WEB_ADMIN_TOKENS": "admin-" + os.urandom(8).hex(),
+        }
+    )
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "kew.cli", "serve", f"{tmp_path / 'log_app.py'}:app"),
+            *("--port", str(port), "--log-format", "json", "--worker", "1"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def health() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return proc.poll() is not None  # (died: the asserts below say why)
+
+        wait_for(health, 60, what="kew serve answering /health")
+        code, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code in (0, -signal.SIGTERM), err  # (uvicorn raises the signal again once stopped)
+    logs = json_lines(err)
+    assert secret not in err
+    loggers = {str(x["logger"]) for x in logs}
+    assert "kew.web" in loggers and "uvicorn.error" in loggers, loggers
+    assert any("GET /health" in str(x["message"]) for x in logs), err  # uvicorn's access log

@@ -48,6 +48,15 @@ log = logging.getLogger("kew.web")
     default="info",
     show_default=True,
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    envvar="KEW_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    help="'json': one JSON object per line (time, level, logger, message, exc_info), "
+    "uvicorn's lines included. $KEW_LOG_FORMAT.",
+)
 def serve(
     app_spec: str,
     host: str,
@@ -57,14 +66,17 @@ def serve(
     worker_concurrency: int | None,
     root_path: str | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Serve the REST API and monitoring page of MODULE:APP."""
     import uvicorn
 
-    from kew.cli import fail, load_app
+    from kew.cli import fail, load_app, setup_logging
     from kew.web._state import web_state
     from kew.web.app import create_app
     from kew.web.config import load_config, normalize_root
+
+    setup_logging(log_level, log_format)
 
     try:
         config = load_config(config_path)
@@ -92,6 +104,8 @@ def serve(
     except ImportError:  # prometheus_client missing: /metrics serves the default registry
         pass
     asgi = create_app(app, config)
+    if log_format == "json":  # Litestar set up logging its own way: one JSON stream wins
+        setup_logging(log_level, log_format, adopt=["litestar"])
     running: list[Any] = []
     try:
         if config.recorder:
@@ -103,19 +117,25 @@ def serve(
             worker_id = getattr(worker, "id", None)
             if isinstance(worker_id, str):
                 web_state(asgi.state).local_workers[worker_id] = config.worker_concurrency
-        logging.basicConfig(level=log_level.upper())
-        click.echo(
+        banner = (
             f"kew: serving {app_spec} on http://{host}:{port}{config.root_path}/ "
             f"(page: {config.root_path}/ui; queue depths sampled every "
-            f"{config.sample_seconds:g} s for the charts)",
-            err=True,
+            f"{config.sample_seconds:g} s for the charts)"
         )
+        # JSON: uvicorn's loggers go to the root handler (no config of their own)
+        json_logs = log_format == "json"
+        if json_logs:
+            log.info("%s", banner)
+        else:
+            click.echo(banner, err=True)
+        extra: dict[str, Any] = {"log_config": None} if json_logs else {}
         uvicorn.run(
             asgi,
             host=host,
             port=port,
             log_level=log_level,
             timeout_graceful_shutdown=5,
+            **extra,
         )
     except KewError as e:
         fail(str(e))
