@@ -1,5 +1,6 @@
-"""``kew send`` (submit a task), ``kew task`` (one task, ``--follow``) and
-``kew tasks`` (search the task store with the REST API's filters)."""
+"""``kew send`` (submit a task), ``kew task`` (one task, ``--follow``),
+``kew task cancel`` (cancel one) and ``kew tasks`` (search the task store
+with the REST API's filters)."""
 
 from __future__ import annotations
 
@@ -86,7 +87,22 @@ def send(
 # -- one task --------------------------------------------------------------------------
 
 
-@click.command()
+class _TaskCommand(click.Command):
+    """``kew task ID``; ``kew task cancel ID ...`` is the :func:`cancel` command."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        if args[:1] == ["cancel"]:
+            return cancel.make_context(f"{info_name} cancel", args[1:], parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+@click.command(cls=_TaskCommand)
 @app_option
 @store_option
 @click.option(
@@ -122,6 +138,7 @@ def task(
     task_id: str,
 ) -> None:
     """Status of task ID (a table), and its output so far; --follow tails it.
+    ('kew task cancel ID' cancels it.)
 
     A task the store does not know is an error (exit code 2); with --follow
     kew first waits up to 5 seconds for it (one just submitted may not be
@@ -159,6 +176,50 @@ def task(
             click.echo(text, nl=not text.endswith("\n"))
     finally:
         closer()
+
+
+@click.command("cancel")
+@app_option
+@json_option
+@click.argument("task_id", metavar="ID")
+def cancel(app_spec: str | None, as_json: bool, task_id: str) -> None:
+    """Cancel task ID, queued or running, wherever its worker runs.
+
+    A queued task never runs; a running one is told to stop (a command
+    task's process group is killed); it ends 'cancelled', its output kept.
+    A task that ended already is left alone (exit code 0, saying so);
+    cancelling twice is cancelling once.  The cancel travels to the workers
+    as messages on the app's broker (docs/tasks.md, "Cancel"), so it needs
+    --app.  A task the store does not know is an error (exit code 2).
+    --json prints the answer of POST /tasks/{id}/cancel.
+    """
+    if not app_spec:
+        fail("kew task cancel needs --app MODULE:APP (or $KEW_APP): its broker and task store")
+    import getpass
+    import socket
+
+    try:
+        by = f"kew task cancel ({getpass.getuser()}@{socket.gethostname()})"
+    except Exception:  # no user name to be found: who asked is only for the logs
+        by = "kew task cancel"
+    app = load_app(app_spec)
+    try:
+        with clear_errors(f"cannot cancel task {task_id!r}"):
+            try:
+                result = app.cancel(task_id, by=by)
+            except KeyError:
+                fail(
+                    f"no task {task_id!r} in the store (a typo? is a recorder running: "
+                    "'kew recorder', or 'kew worker --record'?)"
+                )
+    finally:
+        app.close()
+    if as_json:
+        import msgspec
+
+        echo_json(msgspec.to_builtins(result))
+        return
+    click.echo(result.detail)
 
 
 def _wait_recorded(store: Any, task_id: str, wait: float, poll: float) -> Any:

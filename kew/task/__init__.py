@@ -17,6 +17,7 @@ for anyone to read.
 
 from typing import TYPE_CHECKING, Any
 
+from kew.task._cancel import CancelResult
 from kew.task.app import DEFAULT_STORE, App, TaskQueue
 from kew.task.command import CommandResult, CommandSpec, ExitAction, run_command
 from kew.task.context import TaskContext, current
@@ -39,6 +40,7 @@ __all__ = [
     "FINAL_STATUSES",
     "STATUS_RANK",
     "App",
+    "CancelResult",
     "CommandResult",
     "CommandSpec",
     "ExitAction",

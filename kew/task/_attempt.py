@@ -18,7 +18,12 @@ then, *before* the delivery is acked:
   the exceeded handler runs once, the events (``failed``) and the
   ``failed`` outcome are sent, and the message goes to the queue's dead
   letters with the error, where it can be listed and requeued; logged at
-  ERROR.
+  ERROR;
+* cancelled (``App.cancel``; see ``kew.task._cancel``): a task the app
+  knows as cancelled before its attempt starts is not run; an attempt whose
+  cancel came while it ran ends so, whatever its handler returned or
+  raised.  Either way the events (output, ``cancelled``) are sent and the
+  delivery acked: no retry, no dead letter, no outcome; logged at INFO.
 
 So a crash at any point repeats work (at-least-once) but never loses a task.
 Log lines name the queue, the task id, the attempt and the exception's type
@@ -368,7 +373,8 @@ class TaskQueue(Generic[T]):
         settler: GroupSettle | None = None,
         hold: Hold | None = None,
     ) -> None:
-        emitter, running = self.app.emitter, self.app.running
+        app = self.app
+        emitter, running = app.emitter, app.running
         ctx = TaskContext(
             delivery.message.id,
             self.name,
@@ -377,16 +383,24 @@ class TaskQueue(Generic[T]):
             data=data,
             emit=emitter.emit if self.track else None,
         )
+        att = _Attempt(consumer, delivery, ctx, schedule, settler, hold)
+        if ctx.id in app.cancels:  # cancelled while it waited: never runs
+            self._cancel(att, started=False)
+            return
         started = ctx.event("running", at=ctx.run)
         emitter.tell(started)
         if self.track:
             ctx.add_pending(started)
         running.start(ctx, delivery)
-        att = _Attempt(consumer, delivery, ctx, schedule, settler, hold)
         try:
-            error = self._call(ctx, data)
+            if ctx.id in app.cancels:  # (came between the look above and running.start)
+                ctx.request_cancel()
+            error = None if ctx.cancel_requested else self._call(ctx, data)
             if ctx.cancelled.is_set() and running.handed_back(ctx):
                 return  # handed back already (worker shutdown): the next run records itself
+            if ctx.cancel_requested:
+                self._cancel(att, started=True)
+                return
             if error is None:
                 self._succeed(att)
                 return
@@ -408,7 +422,8 @@ class TaskQueue(Generic[T]):
             return None
         except Exception as e:
             if isinstance(e, (Permanent, Retry)):
-                ctx.log(f"[kew] attempt {ctx.attempt} failed: {error_text(e)}")
+                if not ctx.cancel_requested:  # (a cancelled attempt says so itself)
+                    ctx.log(f"[kew] attempt {ctx.attempt} failed: {error_text(e)}")
             else:
                 tb = e.__traceback__.tb_next if e.__traceback__ else None  # not kew's frame
                 ctx.write("".join(traceback.format_exception(type(e), e, tb)))
@@ -501,6 +516,23 @@ class TaskQueue(Generic[T]):
                     next_at=next_at,
                 )
             )
+
+    def _cancel(self, att: _Attempt, *, started: bool) -> None:
+        """The task was cancelled: its output and the ``cancelled`` event,
+        then the ack (no retry, no dead letter, no outcome)."""
+        ctx = att.ctx
+        if started:
+            ctx.log(f"[kew] attempt {ctx.attempt} cancelled on request")
+        else:
+            ctx.log(f"[kew] cancelled before attempt {ctx.attempt} started: not run")
+        log.info(
+            "kew: %s: task %s cancelled (attempt %s%s)",
+            self.name,
+            ctx.id,
+            ctx.attempt,
+            "" if started else ", not run",
+        )
+        self._settle(att, self._last_events(ctx, ctx.event("cancelled")))
 
     def _succeed(self, att: _Attempt) -> None:
         ctx = att.ctx

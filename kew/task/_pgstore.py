@@ -4,12 +4,13 @@
 opens a :class:`PostgresTaskStore`; everything but the ``schema`` option
 (default ``kew``) is passed to libpq as is.  It keeps what
 :class:`~kew.task.store.SqliteTaskStore` keeps, in three tables of that
-schema, created when missing: ``task`` (one row per task), ``task_output``
+schema, created when missing (and a column added since, ``cancel_requested_at``,
+added to a schema made before): ``task`` (one row per task), ``task_output``
 (chunks keyed by ``(task_id, attempt, run, seq)``) and ``task_worker``.
 
 Concurrency: :meth:`PostgresTaskStore.apply` is one transaction.  It locks
 the rows of the tasks its events touch (``SELECT ... FOR UPDATE``), runs the
-shared :func:`~kew.task.store.transition` on what they hold and writes the
+shared :func:`~kew.task._rows.transition` on what they hold and writes the
 results; for a task without a row it inserts the record its events make
 from nothing, ``ON CONFLICT DO NOTHING`` (which waits for another
 transaction inserting the same task), and when another recorder got there
@@ -46,8 +47,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from kew.qchan.spi.errors import BrokerUnavailable, ConfigError
 from kew.qchan.spi.urls import redact
+from kew.task._rows import COLUMNS, FINAL_SQL, Row, join_output, row_of, transition
 from kew.task.model import TaskEvent, TaskRecord, WorkerRecord
-from kew.task.store import _COLUMNS, _Row, _row, join_output, transition
 
 __all__ = ["PostgresTaskStore"]
 
@@ -76,9 +77,13 @@ CREATE TABLE IF NOT EXISTS {s}.task (
     finished_at BIGINT,
     next_at BIGINT,
     last_error TEXT NOT NULL DEFAULT '',
-    worker TEXT NOT NULL DEFAULT ''
+    worker TEXT NOT NULL DEFAULT '',
+    cancel_requested_at BIGINT
 );
+ALTER TABLE {s}.task ADD COLUMN IF NOT EXISTS cancel_requested_at BIGINT;
 CREATE INDEX IF NOT EXISTS task_created ON {s}.task (created_at, id);
+CREATE INDEX IF NOT EXISTS task_cancel ON {s}.task (cancel_requested_at)
+    WHERE cancel_requested_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS task_queue_created ON {s}.task (queue, created_at, id);
 CREATE INDEX IF NOT EXISTS task_finished ON {s}.task (finished_at)
     WHERE finished_at IS NOT NULL;
@@ -101,10 +106,10 @@ _TABLES = ("task", "task_output", "task_worker")
 
 _INSERT = """
 INSERT INTO {s}.task (id, queue, status, attempt, run, rank, created_at, updated_at, started_at,
-    finished_at, next_at, last_error, worker)
+    finished_at, next_at, last_error, worker, cancel_requested_at)
 SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::int[],
             %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[],
-            %b::text[], %b::text[])
+            %b::text[], %b::text[], %b::bigint[])
 ON CONFLICT (id) DO NOTHING
 RETURNING id
 """
@@ -115,12 +120,12 @@ _UPDATE = """
 UPDATE {s}.task AS t SET queue = v.queue, status = v.status, attempt = v.attempt,
     run = v.run, rank = v.rank, created_at = v.created_at, updated_at = v.updated_at,
     started_at = v.started_at, finished_at = v.finished_at, next_at = v.next_at,
-    last_error = v.last_error, worker = v.worker
+    last_error = v.last_error, worker = v.worker, cancel_requested_at = v.cancel_requested_at
 FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::int[],
             %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[],
-            %b::text[], %b::text[])
+            %b::text[], %b::text[], %b::bigint[])
     AS v(id, queue, status, attempt, run, rank, created_at, updated_at, started_at,
-         finished_at, next_at, last_error, worker)
+         finished_at, next_at, last_error, worker, cancel_requested_at)
 WHERE t.id = v.id
 """
 
@@ -140,7 +145,7 @@ WHERE excluded.last_seen >= w.last_seen
 _PRUNE_TASKS = """
 WITH gone AS (
     SELECT id FROM {s}.task
-    WHERE finished_at < %(before)s AND status IN ('succeeded', 'failed')
+    WHERE finished_at < %(before)s AND status IN ({final})
     ORDER BY id FOR UPDATE
 ), chunks AS (
     DELETE FROM {s}.task_output WHERE task_id IN (SELECT id FROM gone)
@@ -197,7 +202,7 @@ def _clean_event(ev: TaskEvent) -> TaskEvent:
     )
 
 
-def _fold(row: _Row | None, events: list[TaskEvent]) -> _Row | None:
+def _fold(row: Row | None, events: list[TaskEvent]) -> Row | None:
     """``row`` after ``events`` (one task's, in order); None if they change nothing."""
     changed = False
     for ev in events:
@@ -207,9 +212,9 @@ def _fold(row: _Row | None, events: list[TaskEvent]) -> _Row | None:
     return row if changed else None
 
 
-def _columns(rows: Sequence[_Row]) -> list[list[Any]]:
-    """The rows as 13 column lists (for ``unnest``)."""
-    cols: list[list[Any]] = [[] for _ in range(13)]
+def _columns(rows: Sequence[Row]) -> list[list[Any]]:
+    """The rows as 14 column lists (for ``unnest``)."""
+    cols: list[list[Any]] = [[] for _ in range(14)]
     for row in rows:
         r = row.record
         values = (
@@ -226,6 +231,7 @@ def _columns(rows: Sequence[_Row]) -> list[list[Any]]:
             r.next_at,
             r.last_error,
             r.worker,
+            r.cancel_requested_at,
         )
         for col, value in zip(cols, values, strict=True):
             col.append(value)
@@ -261,7 +267,7 @@ class PostgresTaskStore:
         s = sql.Identifier(self.schema)
 
         def q(text: str) -> sql.Composed:
-            return sql.SQL(text).format(s=s, cols=sql.SQL(_COLUMNS))
+            return sql.SQL(text).format(s=s, cols=sql.SQL(COLUMNS), final=sql.SQL(FINAL_SQL))
 
         self._q_insert = q(_INSERT)
         self._q_lock = q(_LOCK)
@@ -281,6 +287,10 @@ class PostgresTaskStore:
             "ORDER BY created_at DESC, id DESC LIMIT %s"
         )
         self._q_workers_all = q("SELECT id, queues, last_seen FROM {s}.task_worker ORDER BY id")
+        self._q_cancel_marks = q(
+            "SELECT id FROM {s}.task WHERE cancel_requested_at >= %s AND status NOT IN ({final}) "
+            "ORDER BY cancel_requested_at, id LIMIT %s"
+        )
         self._ddl = [q(statement) for statement in _DDL.split(";") if statement.strip()]
         self._conn: psycopg.Connection[Any] | None = None
         with self._lock:
@@ -320,12 +330,22 @@ class PostgresTaskStore:
             "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS u(n)",
             (names,),
         ).fetchone()
-        if found is not None and found[0]:
+        if found is not None and found[0] and self._has_columns(conn):
             return
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(f"kew:{self.schema}"),))
             for statement in self._ddl:
                 conn.execute(statement)
+
+    def _has_columns(self, conn: psycopg.Connection[Any]) -> bool:
+        """Has the task table the columns added after the first release
+        (``cancel_requested_at``)?  A schema made before gets them by DDL."""
+        row = conn.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = 'task' AND column_name = 'cancel_requested_at'",
+            (self.schema,),
+        ).fetchone()
+        return row is not None and row[0] == 1
 
     def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """``fn(connection)`` under the store's lock; again after a deadlock or
@@ -396,7 +416,7 @@ class PostgresTaskStore:
         pending = sorted(by_task)
         while pending:
             # the tasks with a row: lock it, apply the events to what it holds
-            held = {r[0]: _row(r) for r in conn.execute(self._q_lock, (pending,)).fetchall()}
+            held = {r[0]: row_of(r) for r in conn.execute(self._q_lock, (pending,)).fetchall()}
             changed = [
                 row for tid, old in held.items() if (row := _fold(old, by_task[tid])) is not None
             ]
@@ -443,7 +463,7 @@ class PostgresTaskStore:
     def get(self, task_id: str) -> TaskRecord | None:
         """The task's record; ``None`` if the store has never heard of it."""
         rows = self._read(self._q_get, (_clean(task_id),))
-        return _row(rows[0]).record if rows else None
+        return row_of(rows[0]).record if rows else None
 
     def output(self, task_id: str, offset: int = 0) -> tuple[str, int]:
         """The task's output from character ``offset`` on, and the offset to ask for next."""
@@ -457,7 +477,7 @@ class PostgresTaskStore:
             rows = self._read(self._q_recent, (limit,))
         else:
             rows = self._read(self._q_recent_queue, (_clean(queue), limit))
-        return [_row(r).record for r in rows]
+        return [row_of(r).record for r in rows]
 
     def search(
         self,
@@ -490,12 +510,17 @@ class PostgresTaskStore:
                 where.append(sql.SQL(clause))
                 args.append(value)
         query = sql.SQL("SELECT {cols} FROM {s}.task {where} ").format(
-            cols=sql.SQL(_COLUMNS),
+            cols=sql.SQL(COLUMNS),
             s=sql.Identifier(self.schema),
             where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
         ) + sql.SQL("ORDER BY created_at DESC, id DESC LIMIT %s OFFSET %s")
         rows = self._read(query, (*args, limit, offset))
-        return [_row(r).record for r in rows]
+        return [row_of(r).record for r in rows]
+
+    def cancel_marks(self, since: int, limit: int = 10_000) -> list[str]:
+        """The ids of the tasks not final whose cancel was asked for at or after
+        ``since`` (see :meth:`TaskStore.cancel_marks <kew.task.store.TaskStore.cancel_marks>`)."""
+        return [str(r[0]) for r in self._read(self._q_cancel_marks, (since, limit))]
 
     def workers(self) -> list[WorkerRecord]:
         """The workers seen through their heartbeats, by id."""

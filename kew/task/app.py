@@ -32,6 +32,7 @@ from kew.qchan import Queue, Subscription, check_sync
 from kew.qchan.codec import Codec
 from kew.qchan.spi import Connector
 from kew.task._attempt import TaskQueue
+from kew.task._cancel import CancelResult, CancelSet, cancel_task
 from kew.task._events import Emitter, Recorder, Running
 from kew.task.command import CommandSpec, ExitAction, check_result, run_command
 from kew.task.context import TaskContext
@@ -123,6 +124,9 @@ class App:
             store if isinstance(store, str) else (DEFAULT_STORE if store is None else "")
         )
         self._store_lock = threading.Lock()
+        #: Whether ``App(store=...)`` named the store (workers then read its
+        #: cancel marks; see docs/tasks.md, "Cancel").
+        self.store_given = store is not None
         self.events: Queue[EventMessage] = Queue(
             self.connector, events_queue, cast("type[EventMessage]", EventMessage)
         )
@@ -130,6 +134,8 @@ class App:
         # and the attempts running in this process
         self.emitter = Emitter(self.events, self.connector, enabled=events)
         self.running = Running(self.emitter)
+        #: Tasks cancelled that this process's workers must not run (kept a day).
+        self.cancels = CancelSet()
         self.queues: dict[str, TaskQueue[Any]] = {}
         self.consumers: list[tuple[Queue[Any], Callable[[Any], object], int]] = []
 
@@ -313,6 +319,19 @@ class App:
         """The task's output from character ``offset`` on, and the offset to ask
         for next."""
         return self.store.output(task_id, offset)
+
+    # -- cancelling -------------------------------------------------------------
+
+    def cancel(self, task_id: str, *, by: str = "", store: TaskStore | None = None) -> CancelResult:
+        """Cancel a task, queued or running, wherever its worker runs (see
+        docs/tasks.md, "Cancel"): a queued task never starts, a running one
+        has its ``cancelled`` flag set (a command task's process group is
+        killed); either ends ``cancelled``, its output kept.  A task that
+        ended already is left alone (``cancelled`` False in the result);
+        cancelling twice is cancelling once.  ``by`` names who asked (logs);
+        ``store``: where the task's record is (default :attr:`store`).
+        Raises KeyError if the store has never heard of the task."""
+        return cancel_task(self, task_id, by=by, store=store)
 
     # -- running ----------------------------------------------------------------
 

@@ -4,8 +4,9 @@
 runs ``build(data)`` (a :class:`CommandSpec` or an argv list):
 
 * the command runs in its own session and process group, so a time limit
-  (or a worker handing the task back) kills the whole group: SIGTERM first,
-  SIGKILL after ``kill_grace`` seconds if anything is left;
+  (or the task cancelled, or a worker handing the task back) kills the whole
+  group: SIGTERM first, SIGKILL after ``kill_grace`` seconds if anything is
+  left;
 * stdout and stderr go to one pipe (as ``2>&1`` does), read line by line
   as they come and appended to the task's output in the order written;
 * the exit code decides: ``exit_codes`` maps codes to ``"success"``,
@@ -70,8 +71,8 @@ class CommandSpec:
 class CommandResult:
     """How a command ended: the ``argv`` run (with a ``nice`` prefix, if any), its
     ``returncode`` (negative: killed by that signal), whether its time limit was
-    reached (``timed_out``) or the task was handed back (``cancelled``), and the
-    wall-clock ``seconds`` it ran."""
+    reached (``timed_out``) or the task was cancelled or handed back
+    (``cancelled``), and the wall-clock ``seconds`` it ran."""
 
     argv: tuple[str, ...]
     returncode: int
@@ -182,6 +183,9 @@ def check_result(
         ctx.log(f"[kew] {name}: time limit of {limit} s reached; process group killed")
         raise Retry(f"{name} timed out after {limit} s")
     if result.cancelled:
+        if ctx.cancel_requested:  # (the attempt ends "cancelled" whatever this raises)
+            ctx.log(f"[kew] {name}: the task was cancelled; its process group was killed")
+            raise Retry(f"{name} was stopped: the task was cancelled")
         raise Retry(f"{name} was stopped: the worker handed the task back")
     code = result.returncode
     if code < 0:

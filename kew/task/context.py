@@ -6,6 +6,14 @@
         ctx = current()
         ctx.log(f"attempt {ctx.attempt} of task {ctx.id}")
 
+A long handler checks ``current().cancelled`` (a :class:`threading.Event`)
+now and then and returns when it is set: the task was cancelled
+(``kew task cancel ID``, ``POST /tasks/{id}/cancel``) or its worker is
+stopping::
+
+    while not ctx.cancelled.is_set():
+        step()
+
 What a handler logs goes to the task's output (readable through the store
 with ``App.output`` / ``kew task ID``).  It is buffered and sent as task
 events at most every ~0.2 s (or per 32 KiB), and at the end of the attempt
@@ -44,9 +52,12 @@ class TaskContext:
 
     ``id`` is the task id (the message id), ``queue`` its queue,
     ``attempt`` 1 for the first attempt, ``worker`` the worker's id,
-    ``data`` the task's value.  ``cancelled`` is set when the worker hands
-    the task back (shutdown past its grace period): a long handler may check
-    it and return early; command tasks kill their process.
+    ``data`` the task's value.  ``cancelled`` (a :class:`threading.Event`)
+    is set when the task is cancelled on request (then
+    :attr:`cancel_requested` is True too, and the attempt ends ``cancelled``
+    however the handler returns) or when the worker hands the task back
+    (shutdown past its grace period): a long handler may check it and return
+    early; command tasks kill their process group.
     """
 
     def __init__(
@@ -67,6 +78,8 @@ class TaskContext:
         self.data = data
         self.run = run if run is not None else _now_ms()
         self.cancelled = threading.Event()
+        #: True once a cancel was asked for (see :meth:`request_cancel`).
+        self.cancel_requested = False
         self.started = time.monotonic()
         self._emit = emit
         self._lock = threading.Lock()
@@ -78,6 +91,15 @@ class TaskContext:
 
     def __repr__(self) -> str:
         return f"TaskContext(id={self.id!r}, queue={self.queue!r}, attempt={self.attempt})"
+
+    def request_cancel(self) -> bool:
+        """The task was cancelled on request: set :attr:`cancel_requested` and
+        :attr:`cancelled`.  True the first time (False when it was already)."""
+        with self._lock:
+            first = not self.cancel_requested
+            self.cancel_requested = True
+        self.cancelled.set()
+        return first
 
     # -- output ---------------------------------------------------------------
 

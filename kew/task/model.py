@@ -7,6 +7,7 @@ program in another language can read them (docs/tasks.md).
 A task's life::
 
     queued -> running -> (retry-scheduled -> running)* -> succeeded | failed
+                                                        | cancelled (on request, any time before)
 
 Workers do not write status anywhere local: each change (and each chunk of
 the task's output) is a :class:`TaskEvent` sent to the app's events queue;
@@ -23,11 +24,11 @@ import msgspec
 
 T = TypeVar("T")
 
-TaskStatus = Literal["queued", "running", "retry-scheduled", "succeeded", "failed"]
+TaskStatus = Literal["queued", "running", "retry-scheduled", "succeeded", "failed", "cancelled"]
 """Where a task is in its life."""
 
-FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
-"""The statuses a task does not leave: ``succeeded`` and ``failed``."""
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+"""The statuses a task does not leave: ``succeeded``, ``failed`` and ``cancelled``."""
 
 EventKind = Literal[
     "queued",  # submitted; the task message is on its queue
@@ -38,6 +39,8 @@ EventKind = Literal[
     "failed",  # final: permanent error, or retries exceeded; ``error`` says which
     "worker",  # a worker's heartbeat: ``worker`` is alive, ``text`` lists its queues
     "released",  # the run was handed back unfinished (worker shutdown): queued again
+    "cancelled",  # final: a cancel was asked for; the attempt stopped (or never started)
+    "cancel-requested",  # someone asked to cancel the task (``text`` says who): no status change
 ]
 
 STATUS_RANK: dict[str, int] = {
@@ -47,6 +50,7 @@ STATUS_RANK: dict[str, int] = {
     "released": 2,
     "succeeded": 3,
     "failed": 3,
+    "cancelled": 3,
 }
 """Rank of a status-changing event within one attempt, so that a store
 applying events out of order (a redelivery) never moves a task backwards."""
@@ -97,10 +101,13 @@ class TaskRecord(msgspec.Struct, frozen=True, omit_defaults=True):
     next_at: int | None = None
     last_error: str = ""
     worker: str = ""
+    #: When a cancel was first asked for (epoch ms), if ever: the task ends
+    #: ``cancelled`` once a worker acts on it (see docs/tasks.md, "Cancel").
+    cancel_requested_at: int | None = None
 
     @property
     def final(self) -> bool:
-        """Whether the task is done for good (succeeded or failed)."""
+        """Whether the task is done for good (succeeded, failed or cancelled)."""
         return self.status in FINAL_STATUSES
 
 

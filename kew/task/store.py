@@ -11,7 +11,10 @@ idempotent and tolerates any order:
   redelivered after its worker died between its last event and its ack);
 * output chunks are keyed by ``(task_id, attempt, run, seq)``: a repeated
   chunk is stored once, and :meth:`TaskStore.output` returns them in order,
-  with a header line before each retry (``--- attempt 2 ---``).
+  with a header line before each retry (``--- attempt 2 ---``);
+* a ``cancel-requested`` event marks the task (``cancel_requested_at``, the
+  first request's time) without changing its status; workers read the marks
+  (:meth:`TaskStore.cancel_marks`) and end the task ``cancelled``.
 
 :class:`SqliteTaskStore` (WAL; any number of processes on one machine, or
 a file system that supports SQLite locking) and :class:`MemoryTaskStore`
@@ -23,22 +26,32 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from msgspec.structs import replace
-
 from kew.core._sqlitefile import enable_wal
-from kew.task.model import FINAL_STATUSES, STATUS_RANK, TaskEvent, TaskRecord, WorkerRecord
-
-__all__ = ["MemoryTaskStore", "SqliteTaskStore", "TaskStore", "open_store"]
-
-#: Event kinds that change a task's status.
-STATUS_KINDS = frozenset(
-    {"queued", "running", "retry-scheduled", "succeeded", "failed", "released"}
+from kew.task._rows import (
+    COLUMNS,
+    FINAL_SQL,
+    STATUS_KINDS,
+    Row,
+    join_output,
+    params_of,
+    row_of,
+    transition,
 )
+from kew.task.model import TaskEvent, TaskRecord, WorkerRecord
+
+__all__ = [
+    "STATUS_KINDS",
+    "MemoryTaskStore",
+    "SqliteTaskStore",
+    "TaskStore",
+    "join_output",
+    "open_store",
+    "transition",
+]
 
 
 @runtime_checkable
@@ -87,7 +100,7 @@ class TaskStore(Protocol):
 
         * ``queues``: ``queue`` is one of them;
         * ``statuses``: ``status`` is one of them (``queued``, ``running``,
-          ``retry-scheduled``, ``succeeded``, ``failed``);
+          ``retry-scheduled``, ``succeeded``, ``failed``, ``cancelled``);
         * ``since`` / ``until``: epoch ms bounds of ``created_at``,
           ``since <= created_at < until``;
         * ``updated_since``: ``updated_at >= updated_since`` (the charts ask
@@ -101,6 +114,12 @@ class TaskStore(Protocol):
         :meth:`recent`); then ``offset`` rows are skipped and at most
         ``limit`` returned (``limit >= 1``, ``offset >= 0``).
         """
+        ...
+
+    def cancel_marks(self, since: int, limit: int = 10_000) -> list[str]:
+        """The ids of the tasks not final whose cancel was asked for at or
+        after ``since`` (epoch ms), oldest request first, at most ``limit``:
+        what a worker must not run (see docs/tasks.md, "Cancel")."""
         ...
 
     def workers(self) -> list[WorkerRecord]:
@@ -117,129 +136,6 @@ class TaskStore(Protocol):
         ...
 
 
-# -- the rules, shared by the stores -------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Row:
-    """A task record plus what ordering needs (the run of its status)."""
-
-    record: TaskRecord
-    run: int
-    rank: int  # STATUS_RANK of the event that set the status ("released" ranks above "running")
-
-
-def _status_of(kind: str) -> str:
-    return "queued" if kind == "released" else kind
-
-
-def transition(row: _Row | None, ev: TaskEvent) -> _Row | None:
-    """The task's row after ``ev`` (a status or output event), or None if
-    ``ev`` changes nothing."""
-    if row is None:
-        if ev.kind not in STATUS_KINDS:  # output before any status: a placeholder
-            return _Row(TaskRecord(ev.task_id, ev.queue, "queued", 0, ev.at, ev.at), 0, 0)
-        base = TaskRecord(ev.task_id, ev.queue, "queued", 0, ev.at, ev.at)
-        row = _Row(base, 0, 0)
-        if ev.kind == "queued":
-            return _Row(replace(base, attempt=ev.attempt, next_at=ev.next_at), ev.run, 0)
-    rec = row.record
-    if ev.kind not in STATUS_KINDS:
-        return None
-    if ev.at < rec.created_at:
-        rec = replace(rec, created_at=ev.at)
-    if ev.kind == "queued" and rec.status == "queued" and ev.attempt == 0 and rec.attempt == 0:
-        # the submit's own event, after a placeholder: only times to fix
-        if ev.next_at is not None and rec.next_at is None:
-            rec = replace(rec, next_at=ev.next_at)
-        return _Row(rec, row.run, row.rank) if rec is not row.record else None
-    new_key = (ev.attempt, ev.run, STATUS_RANK[ev.kind])
-    old_key = (rec.attempt, row.run, row.rank)
-    if ev.kind == "released":
-        # only a run that is still shown running goes back to the queue
-        if not (rec.status == "running" and (rec.attempt, row.run) == (ev.attempt, ev.run)):
-            return _Row(rec, row.run, row.rank) if rec is not row.record else None
-    elif new_key <= old_key:
-        if ev.error and not rec.last_error:  # an earlier attempt's error, late: still news
-            rec = replace(rec, last_error=ev.error)
-        return _Row(rec, row.run, row.rank) if rec is not row.record else None
-    status = _status_of(ev.kind)
-    updated_at = max(rec.updated_at, ev.at)
-    if ev.kind == "running":
-        rec = replace(
-            rec,
-            status="running",
-            attempt=ev.attempt,
-            started_at=ev.at,
-            finished_at=None,
-            next_at=None,
-            worker=ev.worker or rec.worker,
-            updated_at=updated_at,
-        )
-    elif ev.kind == "retry-scheduled":
-        rec = replace(
-            rec,
-            started_at=_started(rec, row, ev),
-            status="retry-scheduled",
-            attempt=ev.attempt,
-            next_at=ev.next_at,
-            last_error=ev.error or rec.last_error,
-            worker=ev.worker or rec.worker,
-            updated_at=updated_at,
-        )
-    elif ev.kind in FINAL_STATUSES:
-        rec = replace(
-            rec,
-            started_at=_started(rec, row, ev),
-            status="succeeded" if ev.kind == "succeeded" else "failed",
-            attempt=ev.attempt,
-            finished_at=ev.at,
-            next_at=None,
-            last_error=ev.error if ev.kind == "failed" else rec.last_error,
-            worker=ev.worker or rec.worker,
-            updated_at=updated_at,
-        )
-    else:  # queued (a submit with an attempt) or released
-        rec = replace(
-            rec,
-            status="queued",
-            attempt=ev.attempt,
-            next_at=ev.next_at,
-            updated_at=updated_at,
-        )
-    assert rec.status == status
-    return _Row(rec, ev.run, STATUS_RANK[ev.kind])
-
-
-def _started(rec: TaskRecord, row: _Row, ev: TaskEvent) -> int | None:
-    """When the run that ``ev`` ends started: its ``run`` (a short attempt
-    sends no "running" event of its own)."""
-    if (rec.attempt, row.run) == (ev.attempt, ev.run) and rec.started_at is not None:
-        return rec.started_at
-    return ev.run or rec.started_at
-
-
-def join_output(chunks: Iterable[tuple[int, int, str]]) -> str:
-    """Chunks ``(attempt, run, text)`` in order -> the task's output, with a
-    header line before each attempt after the first and each rerun."""
-    parts: list[str] = []
-    last: tuple[int, int] | None = None
-    for attempt, run, text in chunks:
-        if (attempt, run) != last:
-            if last is not None or attempt > 1:
-                if parts and not parts[-1].endswith("\n"):
-                    parts.append("\n")
-                if last is not None and last[0] == attempt:
-                    parts.append(
-                        f"--- attempt {attempt} (run again: its last run was interrupted) ---\n"
-                    )
-                else:
-                    parts.append(f"--- attempt {attempt} ---\n")
-            last = (attempt, run)
-        parts.append(text)
-    return "".join(parts)
-
-
 # -- memory -------------------------------------------------------------------
 
 
@@ -250,7 +146,7 @@ class MemoryTaskStore:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._rows: dict[str, _Row] = {}
+        self._rows: dict[str, Row] = {}
         self._output: dict[str, dict[tuple[int, int, int], str]] = {}
         self._workers: dict[str, WorkerRecord] = {}
 
@@ -325,6 +221,19 @@ class MemoryTaskStore:
         hits.sort(key=lambda r: (r.created_at, r.id), reverse=True)
         return hits[offset : offset + limit]
 
+    def cancel_marks(self, since: int, limit: int = 10_000) -> list[str]:
+        """The ids of the tasks not final whose cancel was asked for at or after
+        ``since`` (see :meth:`TaskStore.cancel_marks`)."""
+        with self._lock:
+            marked = [
+                (r.record.cancel_requested_at, tid)
+                for tid, r in self._rows.items()
+                if r.record.cancel_requested_at is not None
+                and r.record.cancel_requested_at >= since
+                and not r.record.final
+            ]
+        return [tid for _, tid in sorted(marked)[:limit]]
+
     def workers(self) -> list[WorkerRecord]:
         """The workers seen through their heartbeats, by id."""
         with self._lock:
@@ -369,7 +278,8 @@ CREATE TABLE IF NOT EXISTS kew_task (
     finished_at INTEGER,
     next_at INTEGER,
     last_error TEXT NOT NULL DEFAULT '',
-    worker TEXT NOT NULL DEFAULT ''
+    worker TEXT NOT NULL DEFAULT '',
+    cancel_requested_at INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS kew_task_created ON kew_task (created_at);
 CREATE INDEX IF NOT EXISTS kew_task_queue_created ON kew_task (queue, created_at);
@@ -390,65 +300,12 @@ CREATE TABLE IF NOT EXISTS kew_task_worker (
 ) WITHOUT ROWID;
 """
 
-_COLUMNS = (
-    "id, queue, status, attempt, run, rank, created_at, updated_at, started_at, finished_at, "
-    "next_at, last_error, worker"
+#: Added after the first release: a file made before gets it by ALTER TABLE.
+_CANCEL_COLUMN = "ALTER TABLE kew_task ADD COLUMN cancel_requested_at INTEGER"
+_CANCEL_INDEX = (
+    "CREATE INDEX IF NOT EXISTS kew_task_cancel ON kew_task (cancel_requested_at) "
+    "WHERE cancel_requested_at IS NOT NULL"
 )
-
-_Raw = tuple[
-    str, str, str, int, int, int, int, int, "int | None", "int | None", "int | None", str, str
-]
-
-
-def _row(raw: _Raw) -> _Row:
-    (
-        tid,
-        queue,
-        status,
-        attempt,
-        run,
-        rank,
-        created,
-        updated,
-        started,
-        finished,
-        nxt,
-        err,
-        worker,
-    ) = raw
-    rec = TaskRecord(
-        tid,
-        queue,
-        status,  # type: ignore[arg-type]
-        attempt,
-        created,
-        updated,
-        started_at=started,
-        finished_at=finished,
-        next_at=nxt,
-        last_error=err,
-        worker=worker,
-    )
-    return _Row(rec, run, rank)
-
-
-def _params(row: _Row) -> tuple[object, ...]:
-    r = row.record
-    return (
-        r.id,
-        r.queue,
-        r.status,
-        r.attempt,
-        row.run,
-        row.rank,
-        r.created_at,
-        r.updated_at,
-        r.started_at,
-        r.finished_at,
-        r.next_at,
-        r.last_error,
-        r.worker,
-    )
 
 
 class SqliteTaskStore:
@@ -475,6 +332,10 @@ class SqliteTaskStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(kew_task)")}
+            if "cancel_requested_at" not in columns:
+                self._db.execute(_CANCEL_COLUMN)
+            self._db.execute(_CANCEL_INDEX)
             self._db.execute("COMMIT")
 
     def __repr__(self) -> str:
@@ -488,7 +349,7 @@ class SqliteTaskStore:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                rows: dict[str, _Row | None] = {}
+                rows: dict[str, Row | None] = {}
                 changed: set[str] = set()
                 outputs: list[tuple[str, int, int, int, str]] = []
                 workers: list[tuple[str, str, int]] = []
@@ -500,9 +361,9 @@ class SqliteTaskStore:
                         outputs.append((ev.task_id, ev.attempt, ev.run, ev.seq, ev.text))
                     if ev.task_id not in rows:
                         raw = db.execute(
-                            f"SELECT {_COLUMNS} FROM kew_task WHERE id = ?", (ev.task_id,)
+                            f"SELECT {COLUMNS} FROM kew_task WHERE id = ?", (ev.task_id,)
                         ).fetchone()
-                        rows[ev.task_id] = _row(raw) if raw else None
+                        rows[ev.task_id] = row_of(raw) if raw else None
                     new = transition(rows[ev.task_id], ev)
                     if new is not None:
                         rows[ev.task_id] = new
@@ -511,9 +372,9 @@ class SqliteTaskStore:
                     row = rows[tid]
                     assert row is not None
                     db.execute(
-                        f"INSERT OR REPLACE INTO kew_task ({_COLUMNS}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        _params(row),
+                        f"INSERT OR REPLACE INTO kew_task ({COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        params_of(row),
                     )
                 if outputs:
                     db.executemany(
@@ -539,8 +400,8 @@ class SqliteTaskStore:
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The task's record; ``None`` if the store has never heard of it."""
-        rows = self._read(f"SELECT {_COLUMNS} FROM kew_task WHERE id = ?", (task_id,))
-        return _row(rows[0]).record if rows else None  # type: ignore[arg-type]
+        rows = self._read(f"SELECT {COLUMNS} FROM kew_task WHERE id = ?", (task_id,))
+        return row_of(rows[0]).record if rows else None  # type: ignore[arg-type]
 
     def output(self, task_id: str, offset: int = 0) -> tuple[str, int]:
         """The task's output from character ``offset`` on, and the offset to ask for next."""
@@ -556,16 +417,16 @@ class SqliteTaskStore:
         """The newest tasks first (by creation), of one ``queue`` if given."""
         if queue is None:
             rows = self._read(
-                f"SELECT {_COLUMNS} FROM kew_task ORDER BY created_at DESC, id DESC LIMIT ?",
+                f"SELECT {COLUMNS} FROM kew_task ORDER BY created_at DESC, id DESC LIMIT ?",
                 (limit,),
             )
         else:
             rows = self._read(
-                f"SELECT {_COLUMNS} FROM kew_task WHERE queue = ? "
+                f"SELECT {COLUMNS} FROM kew_task WHERE queue = ? "
                 "ORDER BY created_at DESC, id DESC LIMIT ?",
                 (queue, limit),
             )
-        return [_row(r).record for r in rows]  # type: ignore[arg-type]
+        return [row_of(r).record for r in rows]  # type: ignore[arg-type]
 
     def search(
         self,
@@ -602,12 +463,22 @@ class SqliteTaskStore:
         if worker:
             where.append("worker = ?")
             args.append(worker)
-        sql = f"SELECT {_COLUMNS} FROM kew_task"
+        sql = f"SELECT {COLUMNS} FROM kew_task"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
         rows = self._read(sql, (*args, limit, offset))
-        return [_row(r).record for r in rows]  # type: ignore[arg-type]
+        return [row_of(r).record for r in rows]  # type: ignore[arg-type]
+
+    def cancel_marks(self, since: int, limit: int = 10_000) -> list[str]:
+        """The ids of the tasks not final whose cancel was asked for at or after
+        ``since`` (see :meth:`TaskStore.cancel_marks`)."""
+        rows = self._read(
+            "SELECT id FROM kew_task WHERE cancel_requested_at >= ? "
+            f"AND status NOT IN ({FINAL_SQL}) ORDER BY cancel_requested_at, id LIMIT ?",
+            (since, limit),
+        )
+        return [str(r[0]) for r in rows]
 
     def workers(self) -> list[WorkerRecord]:
         """The workers seen through their heartbeats, by id."""
@@ -623,12 +494,11 @@ class SqliteTaskStore:
             try:
                 db.execute(
                     "DELETE FROM kew_task_output WHERE task_id IN (SELECT id FROM kew_task "
-                    "WHERE finished_at < ? AND status IN ('succeeded', 'failed'))",
+                    f"WHERE finished_at < ? AND status IN ({FINAL_SQL}))",
                     (older_than_ms,),
                 )
                 n = db.execute(
-                    "DELETE FROM kew_task "
-                    "WHERE finished_at < ? AND status IN ('succeeded', 'failed')",
+                    f"DELETE FROM kew_task WHERE finished_at < ? AND status IN ({FINAL_SQL})",
                     (older_than_ms,),
                 ).rowcount
                 db.execute("DELETE FROM kew_task_worker WHERE last_seen < ?", (older_than_ms,))

@@ -16,6 +16,11 @@
   loop alive, its fetches not failing for longer than ``stall_after``, no
   work left waiting while it had room); ``health_file`` (if given) exists
   while it is: touched every ``health_interval`` seconds, removed when not.
+* Cancels (``App.cancel``): the worker consumes its own control queue,
+  ``<app>.control.<worker id>`` (deleted at a graceful stop), and reads the
+  store's cancel marks before it takes any task and with every heartbeat
+  (``poll_cancels``; default: when the app names its store or the worker
+  records).  See ``kew.task._cancel`` and docs/tasks.md, "Cancel".
 * A consumer that fails for good (``ConsumerFailed``: it can never deliver
   again) stops the worker gracefully, and ``run()`` raises
   :class:`WorkerFailed` (``kew worker`` exits with 1): a supervisor
@@ -37,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from kew.qchan import Subscription
 from kew.qchan.spi import KewError, now_ms
+from kew.task._cancel import Controls
 from kew.task.model import TaskEvent
 
 if TYPE_CHECKING:
@@ -72,6 +78,7 @@ class Worker:
         health_file: str | os.PathLike[str] | None = None,
         health_interval: float = HEALTH_INTERVAL,
         stall_after: float | None = None,
+        poll_cancels: bool | None = None,
     ) -> None:
         from kew.task._events import new_worker_id
 
@@ -95,6 +102,9 @@ class Worker:
         #: Seconds of failing fetches (or of work waiting undelivered) after
         #: which a subscription is unhealthy; None: the runtime's default.
         self.stall_after = stall_after
+        #: Read the store's cancel marks at start and with each heartbeat
+        #: (None: when the app names its store, or the worker records).
+        self.poll_cancels = poll_cancels
         self.id = new_worker_id()
         known = list(app.queues) + [q.name for q, _, _ in app.consumers]
         if queues is not None:
@@ -107,6 +117,7 @@ class Worker:
         self.queues: list[str] = list(queues) if queues is not None else known
         self.subscriptions: list[Subscription] = []
         self._recorder: Subscription | None = None  # stopped last: records the hand-backs
+        self._controls: Controls | None = None  # its control queue (cancels)
         self._started = False
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -134,6 +145,13 @@ class Worker:
             metrics.install(app)
             metrics.serve(self.metrics_port)
         try:
+            read = self.poll_cancels
+            if read is None:
+                read = self.record or app.store_given
+            # the cancels first: no task is taken before the store's marks are known
+            self._controls = Controls(
+                app, self.id, read_store=read, interval=self.heartbeat
+            ).start()
             for name in self.queues:
                 tq = app.queues.get(name)
                 if tq is not None:
@@ -148,6 +166,8 @@ class Worker:
         except BaseException:
             for sub in self.subscriptions:
                 sub.stop(0)
+            if self._controls is not None:
+                self._controls.stop(0)
             raise
         if self.stall_after is not None:
             for sub in self._all():
@@ -164,7 +184,10 @@ class Worker:
         return self
 
     def _all(self) -> list[Subscription]:
-        return self.subscriptions + ([self._recorder] if self._recorder is not None else [])
+        extra = [self._recorder] if self._recorder is not None else []
+        if self._controls is not None and self._controls.subscription is not None:
+            extra.append(self._controls.subscription)
+        return self.subscriptions + extra
 
     def _beat(self) -> None:
         event = TaskEvent("", "", "worker", now_ms(), worker=self.id, text=",".join(self.queues))
@@ -267,6 +290,8 @@ class Worker:
             self.app.running.hand_back(left)
         for t in threads:
             t.join()
+        if self._controls is not None:
+            self._controls.stop()
         if self._recorder is not None:
             self._recorder.stop(5.0)
         self._stopped.set()
@@ -281,6 +306,8 @@ class Worker:
             self.app.running.hand_back(left)
         for sub in self.subscriptions:
             sub.stop(0)
+        if self._controls is not None:
+            self._controls.stop(0)
         if self._recorder is not None:
             self._recorder.stop(1.0)
         self._stopped.set()

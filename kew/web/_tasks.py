@@ -1,6 +1,7 @@
 """Task routes: submit a task to a served queue (one route per queue, with
 its own operation and, in the OpenAPI document, its task type's schema),
-recent tasks, a task's status, and its output, streamed."""
+recent tasks, a task's status, its output, streamed, and cancelling it
+(``admin``; logged at INFO by ``kew.web.audit`` with who asked)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from litestar.response import Stream
 
 from kew.qchan.codec import DecodeError
 from kew.qchan.spi import BrokerUnavailable, MessageTooLarge, QueueFull, now_ms
-from kew.task.model import TaskEvent, TaskRecord, TaskStatus
+from kew.task import CancelResult
+from kew.task.model import FINAL_STATUSES, TaskEvent, TaskRecord, TaskStatus
 from kew.web import validate
 from kew.web._errors import (
+    ADMIN_ERRORS,
     AUTH_ERRORS,
     BadValue,
     NoSuchQueue,
@@ -32,7 +35,7 @@ from kew.web._errors import (
     Unavailable,
     invalid,
 )
-from kew.web._state import in_thread, web_state
+from kew.web._state import audit, identity, in_thread, web_state
 from kew.web.backend import Backend
 from kew.web.search import TaskQuery, search_tasks, to_ms
 
@@ -162,7 +165,7 @@ def recent_tasks(
     ] = None,
     status: Annotated[
         list[TaskStatus] | None,
-        Parameter(max_items=5, description="only tasks with one of these statuses"),
+        Parameter(max_items=6, description="only tasks with one of these statuses"),
     ] = None,
     since: Annotated[dt.datetime | None, Parameter(description="created at or after")] = None,
     until: Annotated[dt.datetime | None, Parameter(description="created before")] = None,
@@ -232,7 +235,7 @@ async def _chunks(
         if not follow or time.monotonic() > deadline:
             return
         rec = await in_thread(backend.store, lambda s: s.get(task_id))
-        if rec is None or rec.status in ("succeeded", "failed"):
+        if rec is None or rec.status in FINAL_STATUSES:
             final_seen += 1
             if final_seen > 2 and not text:  # chunks recorded after the final event
                 return
@@ -263,6 +266,49 @@ async def task_output(
     )
 
 
+# -- cancel -----------------------------------------------------------------------
+
+
+def cancel_sync(backend: Backend, task_id: str, by: str) -> CancelResult:
+    """Cancel ``task_id`` (``App.cancel``) with the store under the
+    backend's lock; NotFoundException when the store has never heard of it."""
+    cancel = getattr(backend.app, "cancel", None)
+    if not callable(cancel):
+        raise NotFoundException(detail="this app cannot cancel tasks")
+    try:
+        result: CancelResult = backend.store(lambda s: cancel(task_id, by=by, store=s))
+    except KeyError:
+        raise NotFoundException(detail=f"no task {task_id!r}") from None
+    return result
+
+
+@post(
+    "/tasks/{task_id:str}/cancel",
+    status_code=200,
+    summary="Cancel a task, queued or running (admin)",
+    description="A queued task never runs; a running one is told to stop (a command "
+    "task's process group is killed) by its worker, wherever it runs: the task ends "
+    "`cancelled`, its output kept. The answer is 200 whatever the task's state: "
+    "`cancelled` is true when the task is or will be cancelled (asked now or before, "
+    "or cancelled already: asking twice is asking once), false when it had ended "
+    "otherwise (`succeeded`, `failed`: nothing is done); `status` is its status when "
+    "asked. 404 for a task the store has never heard of.",
+    raises=[NotFoundException, *ADMIN_ERRORS],
+    tags=["tasks"],
+    opt={"scope": "admin"},
+)
+async def cancel_task(
+    task_id: Annotated[str, Parameter(description="task id")],
+    request: Request[Any, Any, Any],
+) -> CancelResult:
+    """Cancel the task ``task_id``."""
+    backend = web_state(request.app.state).backend
+    who = identity(request)
+    result = await in_thread(cancel_sync, backend, task_id, str(who) if who else "")
+    audit(request, f"asked to cancel task {task_id!r} via API: {result.detail}")
+    return result
+
+
 def task_routes(queues: Iterable[str]) -> list[HTTPRouteHandler]:
     """The task routes, with a submit route for each of ``queues``."""
     return [
@@ -271,4 +317,5 @@ def task_routes(queues: Iterable[str]) -> list[HTTPRouteHandler]:
         recent_tasks,
         task_status,
         task_output,
+        cancel_task,
     ]

@@ -2,7 +2,8 @@
 to refresh the overview and follow a task's output live.
 
 Pages: the overview (``/ui``: queues, trends, tasks with filters and
-paging), a task (``/ui/tasks/{id}``), dead letters with their actions
+paging), a task (``/ui/tasks/{id}``, cancelled from there after a
+confirmation page, ``admin``), dead letters with their actions
 (:mod:`kew.web._page_dead`), workers and charts
 (:mod:`kew.web._page_views`), the API reference (:mod:`kew.web._apidoc`),
 and the login form.  Every link, form and script URL starts with the
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import logging
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import Parameter
 from litestar.response import Redirect
 
@@ -25,9 +26,10 @@ from kew.web._apidoc import APIDOC_ROUTES
 from kew.web._errors import CsrfRefused
 from kew.web._page_dead import DEAD_PAGE_ROUTES
 from kew.web._page_views import VIEW_ROUTES
-from kew.web._render import PAGE, page_context, render
-from kew.web._state import WebState, audit_log, web_state
+from kew.web._render import PAGE, PAGE_ADMIN, page_context, render
+from kew.web._state import WebState, audit, audit_log, identity, in_thread, web_state
 from kew.web._stats import compute_stats
+from kew.web._tasks import cancel_sync
 from kew.web.auth import CSRF_FIELD, CSRF_HEADER, Sessions, token_identity
 from kew.web.search import STATUSES, TaskQuery, parse_local, search_tasks, to_ms
 
@@ -128,11 +130,68 @@ def _task_record(request: Request[Any, Any, Any], task_id: str) -> Any:
     return rec
 
 
+#: What the task page says after a cancel (its ``cancel`` query parameter).
+_CANCEL_FLASH = {
+    "asked": "Cancel asked: the task ends cancelled once its worker acts on it.",
+    "done": "The task is cancelled.",
+    "final": "The task had ended already: nothing was cancelled.",
+}
+
+
 @get("/ui/tasks/{task_id:str}", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-def task_page(request: Request[Any, Any, Any], task_id: Annotated[str, Parameter()]) -> Any:
+def task_page(
+    request: Request[Any, Any, Any],
+    task_id: Annotated[str, Parameter()],
+    cancel: Annotated[str | None, Parameter()] = None,
+) -> Any:
     return render(
-        request, "task.html", heading=f"task {task_id}", task=_task_record(request, task_id)
+        request,
+        "task.html",
+        heading=f"task {task_id}",
+        task=_task_record(request, task_id),
+        flash=_CANCEL_FLASH.get(cancel or "", ""),
     )
+
+
+def _task_url(web: WebState, task_id: str, **args: str) -> str:
+    url = web.link(f"/ui/tasks/{quote(task_id, safe='')}")
+    return url + ("?" + urlencode(args) if args else "")
+
+
+@get("/ui/tasks/{task_id:str}/cancel", include_in_schema=False, opt=PAGE_ADMIN)
+async def cancel_confirm(
+    request: Request[Any, Any, Any], task_id: Annotated[str, Parameter()]
+) -> Response[str]:
+    """The confirmation step: what cancelling will do, and a form doing it."""
+    web = web_state(request.app.state)
+    task = await in_thread(_task_record, request, task_id)
+    return render(
+        request,
+        "task_cancel.html",
+        heading=f"cancel task {task_id}",
+        task=task,
+        back=_task_url(web, task_id),
+        target=_task_url(web, task_id) + "/cancel",
+    )
+
+
+@post("/ui/tasks/{task_id:str}/cancel", include_in_schema=False, opt=PAGE_ADMIN)
+async def cancel_page(
+    request: Request[Any, Any, Any], task_id: Annotated[str, Parameter()]
+) -> Redirect:
+    """Cancel (the form of the confirmation page: CSRF checked by the guard),
+    then back to the task's page (POST, redirect, GET)."""
+    web = web_state(request.app.state)
+    form = await request.form()
+    if form.get("confirm") != "yes":
+        raise ValidationException(detail="not confirmed: use the confirmation form")
+    who = identity(request)
+    result = await in_thread(cancel_sync, web.backend, task_id, str(who) if who else "")
+    audit(request, f"asked to cancel task {task_id!r} via page: {result.detail}")
+    outcome = (
+        "final" if not result.cancelled else "done" if result.status == "cancelled" else "asked"
+    )
+    return Redirect(_task_url(web, task_id, cancel=outcome), status_code=303)
 
 
 @get("/ui/tasks/{task_id:str}/status", include_in_schema=False, opt=PAGE, sync_to_thread=True)
@@ -202,6 +261,8 @@ def page_routes() -> list[Any]:
         overview,
         task_page,
         task_status,
+        cancel_confirm,
+        cancel_page,
         login_form,
         login,
         logout,
