@@ -590,11 +590,12 @@ def test_unexpected_errors_on_the_io_thread(classic: Connector, classic_qname: s
 
 
 def test_refused_login_fails_at_once(classic_qname: str) -> None:
-    """Credentials the broker refuses do not heal by retrying: the consumer
-    fails at once, saying so."""
+    """Credentials the broker refuses do not heal by retrying: making the
+    consumer raises AccessRefused at once, saying so (a login refused
+    later, on reconnect, fails a running consumer: the next test)."""
     wrong = kew.connect(URL.replace("guest:guest", "guest:wrong-password"))
     started = time.monotonic()
-    with pytest.raises(ConsumerFailed, match="ACCESS_REFUSED"):
+    with pytest.raises(kew.AccessRefused, match="ACCESS_REFUSED"):
         wrong.consumer(classic_qname, 1)
     assert time.monotonic() - started < 5
 

@@ -159,7 +159,7 @@ def test_a_rabbitmq_password_never_shows(debug_logs: pytest.LogCaptureFixture) -
     require(port_open("127.0.0.1", 5672), "no RabbitMQ at 127.0.0.1:5672")
     wrong = planted("amqp-pw")
     conn = kew.connect(f"amqp://guest:{wrong}@127.0.0.1:5672/?retries=0")
-    with pytest.raises(kew.BrokerUnavailable) as refused:
+    with pytest.raises(kew.AccessRefused) as refused:
         kew.Queue(conn, "secrets-amqp", int).send(1)
     assert "authentication" in str(refused.value).lower()
     assert_absent(wrong, error=shown(refused.value), repr=repr(conn), logs=debug_logs.text)
