@@ -40,3 +40,54 @@ def rabbitmq_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ
         yield server
     finally:
         server.kill()
+
+
+def _rabbit_queues() -> set[str] | None:
+    """The machine's RabbitMQ queue names (None when rabbitmqctl cannot tell)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("rabbitmqctl") is None:
+        return None
+    try:
+        r = subprocess.run(
+            ["rabbitmqctl", "list_queues", "name", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(r.stdout.split()) if r.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rabbitmq_left_clean() -> Iterator[None]:
+    """Queues the tests make on the machine's RabbitMQ and cannot delete
+    through kew (RabbitMQ's STOMP plugin deletes no queue; a killed consumer's
+    delay queues) are deleted when the session ends: only queues that did not
+    exist when it began."""
+    before = _rabbit_queues()
+    yield
+    if before is None:
+        return
+    after = _rabbit_queues() or set()
+    new = sorted(after - before)
+    if not new:
+        return
+    try:
+        import pika
+
+        conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+        try:
+            for name in new:
+                channel = conn.channel()
+                try:
+                    channel.queue_delete(name)
+                    channel.close()
+                except pika.exceptions.AMQPError:
+                    continue
+        finally:
+            conn.close()
+    except Exception:  # best effort: the broker may be gone by now
+        return
