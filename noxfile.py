@@ -71,6 +71,7 @@ BENCHMARKS = {
     "tasks": "benchmarks/bench_tasks.py",
     "floor": "benchmarks/floor_pika.py",
     "validate": "benchmarks/bench_validate.py",
+    "aio": "benchmarks/bench_aio.py",
 }
 
 

@@ -15,7 +15,8 @@ import pytest
 
 import kew
 import kew.aio
-from kew.qchan.spi import ConsumerFailed, Message
+from kew.aio._bridge import BridgeConnector
+from kew.qchan.spi import Connector, ConsumerFailed, Message
 from kew.testing.aio_conformance import eventually
 
 
@@ -135,7 +136,7 @@ def test_bridge_cancelled_fetch_hands_back_what_it_takes(tmp_path: Path) -> None
     url = f"sqlite:///{tmp_path}/bridge.sqlite3?lease=600"
 
     async def main() -> None:
-        conn = kew.aio.connect(url)
+        conn = BridgeConnector(kew.connect(url))  # SQLite through the bridge (it has aio())
         assert kew.aio.route(conn) == "bridge"
         await conn.declare("b")
         first = await conn.consumer("b", 1)
@@ -182,14 +183,26 @@ def test_a_consumer_that_fails_for_good_makes_the_subscription_not_alive(
     _run(main())
 
 
+class _WithoutAio:
+    """A sync connector without a native route (delegates all but aio())."""
+
+    def __init__(self, sync: Connector) -> None:
+        self.sync = sync
+        self.url, self.max_message_size, self.lacks = sync.url, sync.max_message_size, sync.lacks
+        self.declare, self.producer, self.consumer = sync.declare, sync.producer, sync.consumer
+        self.browser, self.delete, self.close = sync.browser, sync.delete, sync.close
+
+
 def test_from_sync_takes_the_native_route_when_there_is_one(tmp_path: Path) -> None:
     memory = kew.aio.from_sync(kew.connect("memory://from-sync"))
     sqlite = kew.aio.from_sync(kew.connect(f"sqlite:///{tmp_path}/f.sqlite3"), threads=2)
-    assert (kew.aio.route(memory), kew.aio.route(sqlite)) == ("native", "bridge")
+    bare = kew.aio.from_sync(_WithoutAio(kew.connect(f"sqlite:///{tmp_path}/f.sqlite3")))
+    routes = [kew.aio.route(c) for c in (memory, sqlite, bare)]
+    assert routes == ["native", "native", "bridge"]
     with pytest.raises(ValueError, match="threads must be at least 1"):
-        kew.aio.connect(f"sqlite:///{tmp_path}/f.sqlite3", threads=0)
-    _run(memory.close())
-    _run(sqlite.close())
+        kew.aio.from_sync(_WithoutAio(kew.connect(f"sqlite:///{tmp_path}/f.sqlite3")), threads=0)
+    for c in (memory, sqlite, bare):
+        _run(c.close())
 
 
 def test_closing_a_stream_ends_its_iteration() -> None:

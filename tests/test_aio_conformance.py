@@ -19,6 +19,7 @@ class TestMemoryAsync(AsyncProviderConformance):
 
 
 class TestSqliteAsync(AsyncProviderConformance):
+    expected_route = "native"
     crash_redelivery_timeout = 20.0
 
     @pytest.fixture

@@ -19,6 +19,7 @@ wake-up conditions are made again in the child too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -33,7 +34,7 @@ from kew.core._sqlitefile import open_file
 from kew.qchan.spi import ConfigError
 from kew.qchan.spi.kit import Backoff
 
-__all__ = ["FORK_WAIT", "SCHEMA", "Db", "Signal", "lost", "signal"]
+__all__ = ["CHECK_EVERY", "FORK_WAIT", "SCHEMA", "Db", "Signal", "Waker", "lost", "signal"]
 
 log = logging.getLogger("kew.sqlite")
 
@@ -87,6 +88,9 @@ def _identity(path: str) -> tuple[int, int] | None:
         return None
     return st.st_dev, st.st_ino
 
+
+#: Seconds between a consumer's looks at its database file (``Db.lost``).
+CHECK_EVERY = 1.0
 
 #: Seconds a fork waits, in all, for the handles in use by other threads.
 FORK_WAIT = 1.0
@@ -208,24 +212,58 @@ class Db:
 
 # -- in-process wake-ups ----------------------------------------------------------
 #
-# A send wakes this process's waiting consumers of the same file at once;
-# other processes' consumers notice within `poll`.
+# A send wakes this process's waiting consumers of the same file at once,
+# sync and async; other processes' consumers notice within `poll`.
+
+
+class Waker:
+    """An ``asyncio.Event`` that a coroutine waits on, set from any thread
+    (through ``loop.call_soon_threadsafe`` from another one)."""
+
+    __slots__ = ("event", "loop", "thread")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
+        self.event = asyncio.Event()
+
+    def wake(self) -> None:
+        if threading.get_ident() == self.thread:
+            self.event.set()
+            return
+        with suppress(RuntimeError):  # its loop is closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self.event.set)
 
 
 class Signal:
-    """Wakes the consumers of one database file in this process."""
+    """Wakes the consumers of one database file in this process: threads
+    waiting in :meth:`wait`, and coroutines whose :class:`Waker` is
+    :meth:`watch`-ed."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
+        self._wakers: set[Waker] = set()
 
     def notify(self) -> None:
         with self._cond:
             self._cond.notify_all()
+            wakers = list(self._wakers) if self._wakers else ()
+        for waker in wakers:
+            waker.wake()
 
     def wait(self, timeout: float) -> None:
         """Until :meth:`notify` or ``timeout`` seconds."""
         with self._cond:
             self._cond.wait(timeout)
+
+    def watch(self, waker: Waker) -> None:
+        """Wake ``waker`` at each :meth:`notify` until :meth:`unwatch`."""
+        with self._cond:
+            self._wakers.add(waker)
+
+    def unwatch(self, waker: Waker) -> None:
+        with self._cond:
+            self._wakers.discard(waker)
 
 
 _signals: dict[str, Signal] = {}
@@ -257,6 +295,7 @@ def _after_fork_in_child() -> None:
     _signals_lock = threading.Lock()
     for s in list(_signals.values()):
         s._cond = threading.Condition()  # a parent's thread may have held it
+        s._wakers = set()  # the parent's event loops
     for db in list(_handles):
         db._after_fork()
 

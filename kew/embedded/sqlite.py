@@ -32,6 +32,14 @@ an ``avail_at`` that is not a number) is dead-lettered with the reason in
 the transaction that claimed it.  A consumer whose file was deleted,
 replaced or is no longer a database fails for good (``ConsumerFailed``).
 
+**Group commit.**  Sends from many threads share transactions: a send
+that finds another one committing is committed with every other send then
+waiting, in the next transaction, and each returns once its own is
+committed (:mod:`kew.embedded._sqlite_group`).  The native async route
+(``aio()``, :mod:`kew.embedded._sqlite_aio`) does the same for coroutines
+with one writer thread per connector, through which its claims and settles
+go too, so that no coroutine waits on the file's lock.
+
 A connector used in a parent works in a child made by ``os.fork``: the
 child opens connections of its own (:mod:`kew.embedded._sqlite_db`).  A
 consumer belongs to the process that made it: start new ones in the child.
@@ -48,8 +56,11 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from kew.embedded._sqlite_db import SCHEMA, Db, lost, signal
+from kew.embedded import _sqlite_ops as ops
+from kew.embedded._sqlite_aio import SqliteAsyncConnector
+from kew.embedded._sqlite_db import CHECK_EVERY, SCHEMA, Db, lost, signal
 from kew.embedded._sqlite_dedupe import SqliteDedupeStore
+from kew.embedded._sqlite_group import GroupCommit, Job
 from kew.embedded._sqlite_rows import (
     DEAD_ID,
     INSERT,
@@ -57,7 +68,6 @@ from kew.embedded._sqlite_rows import (
     dead_id,
     encode_headers,
     int_or,
-    not_due,
     read,
     rows,
     text,
@@ -74,7 +84,6 @@ from kew.qchan.spi import (
     now_ms,
 )
 from kew.qchan.spi.kit import HeldLeases
-from kew.qchan.spi.wire import Malformed
 
 __all__ = [
     "SCHEMES",
@@ -154,7 +163,7 @@ class SqliteConnector:
 
     def declare(self, queue: str) -> None:
         with self._db.write() as c:
-            c.execute("INSERT OR IGNORE INTO kew_queue (name) VALUES (?)", (queue,))
+            ops.declare(c, queue)
 
     def producer(self, queue: str) -> SqliteProducer:
         return SqliteProducer(self, queue)
@@ -167,9 +176,12 @@ class SqliteConnector:
 
     def delete(self, queue: str) -> None:
         with self._db.write() as c:
-            c.execute("DELETE FROM kew_message WHERE queue = ?", (queue,))
-            c.execute("DELETE FROM kew_dead WHERE queue = ?", (queue,))
-            c.execute("DELETE FROM kew_queue WHERE name = ?", (queue,))
+            ops.delete(c, queue)
+
+    def aio(self) -> SqliteAsyncConnector:
+        """The native async route (``kew.aio``): one writer thread commits
+        whatever the coroutines are waiting for; no I/O here."""
+        return SqliteAsyncConnector(self)
 
     def dedupe_store(self, namespace: str) -> SqliteDedupeStore:
         """Records for ``kew.idempotency`` in this file (table ``kew_once``)."""
@@ -183,36 +195,37 @@ class SqliteConnector:
 
 
 class SqliteProducer:
+    """Sends from any number of threads share transactions (group commit):
+    a send that finds another under way is committed with the others
+    waiting, in the next transaction; each returns once its own is
+    committed (``fsync``'d, with ``sync=full``)."""
+
     def __init__(self, connector: SqliteConnector, queue: str) -> None:
-        self._db = connector.options.db()
+        self._group = GroupCommit(
+            connector.options.db, connector.options.sync, connector._signal, queue
+        )
         self._limit = connector.max_message_size
         self._queue = queue
-        self._signal = connector._signal
+
+    @property
+    def transactions(self) -> int:
+        """Transactions committed so far (a statistic)."""
+        return self._group.transactions
 
     def send(self, message: Message) -> None:
-        self._db.execute(INSERT, rows(self._queue, self._limit, (message,))[0])
-        self._signal.notify()
+        self._group.run(Job(rows=rows(self._queue, self._limit, (message,))))
 
     def send_many(self, messages: Sequence[Message]) -> None:
-        batch = rows(self._queue, self._limit, messages)
-        with self._db.write() as c:  # one transaction, one fsync, for the batch
-            c.executemany(INSERT, batch)
-        self._signal.notify()
+        if not messages:
+            return
+        # one transaction, one fsync, for the batch (and whatever else waits)
+        self._group.run(Job(rows=rows(self._queue, self._limit, messages)))
 
     def close(self) -> None:
-        self._db.close()
+        self._group.close()
 
 
 # -- consumer --------------------------------------------------------------
-
-
-#: Seconds between looks at a consumer's database file (``Db.lost``).
-_CHECK_EVERY = 1.0
-
-_HAND_BACK = (
-    "UPDATE kew_message SET avail_at = 0, owner = NULL, count = count - 1 "
-    "WHERE seq = ? AND owner = ?"
-)
 
 
 class SqliteConsumer:
@@ -227,17 +240,16 @@ class SqliteConsumer:
         self._outbox_lock = threading.Lock()
         self._queue = queue
         self._prefetch = prefetch
-        self._lease = connector.options.lease_ms
         self._poll = connector.options.poll
         self._signal = connector._signal
-        self._owner = os.urandom(12).hex()
+        self._ops = ops.Claims(queue, os.urandom(12).hex(), connector.options.lease_ms)
         self._closed = threading.Event()
         self._renewing = threading.Lock()  # close() waits for a renewal under way
         self._failed: ConsumerFailed | None = None
         self._check_at = 0.0  # when to look at the database file next (lost())
         # the rows held (by seq), their leases renewed every lease/3
         self._held: HeldLeases[int] = HeldLeases(
-            self._renew, self._lease / 3000, name="kew-sqlite-lease"
+            self._renew, self._ops.lease_ms / 3000, name="kew-sqlite-lease"
         )
 
     # The deliveries of a fetch.
@@ -263,7 +275,7 @@ class SqliteConsumer:
         while not self._closed.is_set():
             now = time.monotonic()
             if now >= self._check_at:  # at most once a second: a stat
-                self._check_at = now + _CHECK_EVERY
+                self._check_at = now + CHECK_EVERY
                 problem = self._db.lost()
                 if problem is not None:
                     raise self._fail(problem)
@@ -277,110 +289,32 @@ class SqliteConsumer:
                 return []
             wait = min(left, self._poll)
             if room > 0:
-                due = self._next_due()
+                with self._db.lock:
+                    due = self._ops.next_due(self._db.conn)
                 if due is not None and due < wait:
                     wait = max(due, 0.001)
             self._signal.wait(wait)
         return []
 
     def _claim(self, count: int) -> list[Delivery]:
-        now = now_ms()
-        good: list[Delivery] = []
         with self._db.write() as c:
-            self._bury_undue(c, count)
-            claimed = c.execute(
-                "UPDATE kew_message SET avail_at = ?, owner = ?, count = count + 1 "
-                "WHERE seq IN (SELECT seq FROM kew_message WHERE queue = ? AND avail_at <= ? "
-                "ORDER BY avail_at, seq LIMIT ?) "
-                f"RETURNING {ROW}, count",
-                (now + self._lease, self._owner, self._queue, now, count),
-            ).fetchall()
-            claimed.sort()
-            dead: list[tuple[int, Message, int, Malformed]] = []
-            for row in claimed:
-                seq, n = row[0], int_or(row[6], 1)
-                message, problem = read(row, f"sqlite-{seq}")
-                if problem is None:
-                    good.append(Delivery(message, max(n, 1), seq))
-                else:
-                    dead.append((seq, message, n, problem))
-            self._bury(c, dead)
+            good = self._ops.claim(c, count)
         for d in good:  # only rows delivered: a dead one is gone already
             self._held.add(cast(int, d.tag), d)
         return good
 
-    def _bury_undue(self, c: sqlite3.Connection, count: int) -> None:
-        """Dead-letter rows whose ``avail_at`` is text, bytes (SQLite sorts
-        them after every number) or NULL (a table made without NOT NULL):
-        never due, they would wait for ever.  (Two index searches: an OR
-        would scan the queue.)"""
-        undue = c.execute(
-            f"SELECT {ROW}, count, typeof(avail_at), CAST(avail_at AS BLOB) FROM kew_message "
-            "WHERE seq IN (SELECT seq FROM kew_message WHERE queue = ?1 AND avail_at >= '' "
-            "UNION ALL SELECT seq FROM kew_message WHERE queue = ?1 AND avail_at IS NULL) "
-            "LIMIT ?2",
-            (self._queue, count),
-        ).fetchall()
-        self._bury(
-            c,
-            [
-                (row[0], read(row, f"sqlite-{row[0]}")[0], int_or(row[6], 0), not_due(*row[7:9]))
-                for row in undue
-            ],
-        )
-
-    def _bury(
-        self, c: sqlite3.Connection, dead: Sequence[tuple[int, Message, int, Malformed]]
-    ) -> None:
-        """Move rows kew cannot deliver to the dead letters (in the caller's
-        transaction): what could be read of them, and why."""
-        if not dead:
-            return
-        now = now_ms()
-        for seq, message, _, problem in dead:
-            log.warning(
-                "kew: row %d of %s (id %s) is dead-lettered: %s",
-                seq,
-                self._queue,
-                message.id,
-                problem,
-            )
-        c.executemany(
-            "INSERT INTO kew_dead (queue, id, body, headers, count, reason, dead_at) "
-            "VALUES (?,?,?,?,?,?,?)",
-            [
-                (self._queue, m.id, m.body, encode_headers(m.headers), n, str(problem), now)
-                for _, m, n, problem in dead
-            ],
-        )
-        c.executemany("DELETE FROM kew_message WHERE seq = ?", [(seq,) for seq, *_ in dead])
-
-    def _next_due(self) -> float | None:
-        found = self._db.read(
-            "SELECT MIN(avail_at) FROM kew_message WHERE queue = ? AND avail_at < ''",
-            (self._queue,),
-        )
-        due = found[0][0]
-        return None if not isinstance(due, int | float) else (due - now_ms()) / 1000
-
     # Settling.
 
-    def _settle(self, delivery: Delivery, *statements: tuple[str, tuple[Any, ...]]) -> None:
-        """Run ``statements`` (each ending with ``seq = ? AND owner = ?``)
-        for a delivery this consumer still holds; else do nothing."""
+    def _take(self, delivery: Delivery) -> int | None:
+        """The row of a delivery this consumer still holds (no longer held
+        from now on); None if settled already, or handed back at close."""
         seq = cast(int, delivery.tag)
-        if not self._held.take([seq]):
-            return  # settled already, or handed back at close
-        if len(statements) == 1:
-            sql, args = statements[0]
-            self._db.execute(sql, (*args, seq, self._owner))
-            return
-        with self._db.write() as c:
-            for sql, args in statements:
-                c.execute(sql, (*args, seq, self._owner))
+        return seq if self._held.take([seq]) else None
 
     def ack(self, delivery: Delivery) -> None:
-        self._settle(delivery, ("DELETE FROM kew_message WHERE seq = ? AND owner = ?", ()))
+        if (seq := self._take(delivery)) is not None:
+            with self._db.lock:  # one statement: autocommit
+                self._ops.ack(self._db.conn, (seq,))
 
     def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
         """Outbox settle: the inserts and the deletes in one transaction,
@@ -394,29 +328,20 @@ class SqliteConsumer:
                 self._outbox = self._options.db()
         with self._outbox.write() as c:
             c.executemany(INSERT, inserts)
-            c.executemany(
-                "DELETE FROM kew_message WHERE seq = ? AND owner = ?",
-                [(seq, self._owner) for seq in seqs],
-            )
+            self._ops.ack(c, seqs)
         if inserts:
             self._signal.notify()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        self._settle(
-            delivery,
-            (
-                "INSERT INTO kew_dead (queue, id, body, headers, count, reason, dead_at) "
-                "SELECT queue, CAST(id AS TEXT), CAST(body AS BLOB), headers, count, ?, ? "
-                "FROM kew_message WHERE seq = ? AND owner = ?",
-                (reason, now_ms()),
-            ),
-            ("DELETE FROM kew_message WHERE seq = ? AND owner = ?", ()),
-        )
+        if (seq := self._take(delivery)) is not None:
+            with self._db.write() as c:
+                self._ops.dead_letter(c, seq, reason)
 
     def release(self, delivery: Delivery) -> None:
-        # Back at the head of the queue, and the hand-back is not counted.
-        self._settle(delivery, (_HAND_BACK, ()))
-        self._signal.notify()
+        if (seq := self._take(delivery)) is not None:
+            with self._db.lock:
+                self._ops.hand_back(self._db.conn, (seq,))
+            self._signal.notify()
 
     def _renew(self, seqs: Sequence[int]) -> None:
         """Extend the leases of the held rows (HeldLeases, every lease/3)."""
@@ -425,10 +350,7 @@ class SqliteConsumer:
                 return
             try:
                 with self._db.write() as c:
-                    c.executemany(
-                        "UPDATE kew_message SET avail_at = ? WHERE seq = ? AND owner = ?",
-                        [(now_ms() + self._lease, seq, self._owner) for seq in seqs],
-                    )
+                    self._ops.renew(c, seqs)
             except sqlite3.Error as e:  # a busy moment: two more tries before the lease ends
                 log.warning("kew: renewing the leases on %s failed: %s", self._queue, e)
 
@@ -440,7 +362,7 @@ class SqliteConsumer:
             held = self._held.close()
         if self._failed is None:  # else the file is gone: nothing to hand back to
             with self._db.write() as c:
-                c.executemany(_HAND_BACK, [(seq, self._owner) for seq in held])
+                self._ops.hand_back(c, held)
         self._db.close()
         with self._outbox_lock:
             if self._outbox is not None:
