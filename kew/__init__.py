@@ -9,7 +9,7 @@
 See docs/getting-started.md; the task layer is :mod:`kew.task`.
 """
 
-from kew.connect import DEFAULT_URL, connect, known_schemes
+from kew.connect import DEFAULT_URL, connect, known_schemes, ping
 from kew.core.msg import (
     ChannelMessage,
     ChannelSink,
@@ -69,4 +69,5 @@ __all__ = [
     "Subscription",
     "connect",
     "known_schemes",
+    "ping",
 ]

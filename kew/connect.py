@@ -74,3 +74,21 @@ def connect(url: str | None = None) -> Connector:
         ) from None
     factory = cast(Callable[[str], Connector], getattr(module, ep.attr or "connect"))
     return factory(url)
+
+
+def ping(connector: Connector) -> float:
+    """Talk to the broker now and return the seconds it took: ``connect()``
+    and ``Queue()`` do no network I/O, so a program that wants to fail fast
+    at start-up (a wrong password, a broker down) calls this.  Raises what the
+    first operation would (``AccessRefused``, ``BrokerUnavailable``,
+    ``ConfigError``).  It declares the queue ``kew.ping``, which stays empty."""
+    own = getattr(connector, "ping", None)
+    if callable(own):
+        return float(own())
+    import time
+
+    from kew.qchan.spi import PING_QUEUE
+
+    start = time.monotonic()
+    connector.declare(PING_QUEUE)
+    return time.monotonic() - start

@@ -116,3 +116,37 @@ def test_repeat_sink_logs_each_attempt_and_the_last_one_at_error(
     assert "next attempt at" in lines[0].getMessage()
     assert "no attempts left" in lines[2].getMessage()
     assert not any("will repeat" in r.getMessage() for r in caplog.records)
+
+
+def test_connectors_are_context_managers_and_ping_checks_now(tmp_path: Path) -> None:
+    with kew.connect(f"sqlite:///{tmp_path}/ctx.sqlite3") as conn:
+        assert kew.ping(conn) >= 0
+        kew.Queue(conn, "ctx", int).send(1)
+    with pytest.raises(kew.KewError, match="closed"):
+        kew.Queue(conn, "ctx2", int).send(1)
+
+
+def test_nothing_talks_to_a_broker_before_the_first_operation() -> None:
+    """A closed port: connect(), Queue(), App() and a task declaration return
+    at once; ping() (or the first operation) is what fails, with kew's type."""
+    import time
+
+    from kew.task import App
+    from kew.testing.util import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0?retries=0"
+    start = time.monotonic()
+    conn = kew.connect(url)
+    q = kew.Queue(conn, "nothing-yet", Thumbnail)
+    app = App(url, name="first-hour", store="memory://")
+
+    @app.task
+    def render(t: Thumbnail) -> None: ...
+
+    assert time.monotonic() - start < 1.0
+    with pytest.raises(kew.BrokerUnavailable):
+        kew.ping(conn)
+    with pytest.raises(kew.BrokerUnavailable):
+        q.send(Thumbnail(1))
+    app.close()
+    conn.close()

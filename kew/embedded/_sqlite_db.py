@@ -31,7 +31,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from kew.core._sqlitefile import open_file
-from kew.qchan.spi import ConfigError
+from kew.qchan.spi import ConfigError, KewError
 from kew.qchan.spi.kit import Backoff
 
 __all__ = ["CHECK_EVERY", "FORK_WAIT", "SCHEMA", "Db", "Signal", "Waker", "lost", "signal"]
@@ -134,6 +134,8 @@ class Db:
     @property
     def conn(self) -> sqlite3.Connection:
         """The connection (hold :attr:`lock`); a child's own after a fork."""
+        if self._closed:
+            raise KewError(f"the SQLite connector of {self.path} is closed")
         if self._conn is None:
             self._conn = self._open()
         return self._conn

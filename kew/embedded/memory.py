@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from kew.qchan.spi import (
     Capability,
     ConfigError,
+    ConnectorBase,
     DeadLetter,
     Delivery,
     Message,
@@ -118,7 +119,7 @@ def _broker(name: str) -> _Broker:
 # -- connector -------------------------------------------------------------
 
 
-class MemoryConnector:
+class MemoryConnector(ConnectorBase):
     lacks = {
         Capability.DURABLE: "memory:// keeps messages in this process's memory only",
         Capability.MULTIPROCESS: "memory:// queues are not visible to other processes",

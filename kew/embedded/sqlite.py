@@ -75,6 +75,7 @@ from kew.embedded._sqlite_rows import (
 from kew.qchan.spi import (
     Capability,
     ConfigError,
+    ConnectorBase,
     ConsumerFailed,
     DeadLetter,
     Delivery,
@@ -142,7 +143,7 @@ class Options:
 # -- connector -------------------------------------------------------------
 
 
-class SqliteConnector:
+class SqliteConnector(ConnectorBase):
     lacks: dict[Capability, str] = {}
 
     def __init__(self, url: str) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from kew.core.msg import now_ms
 from kew.qchan.spi.errors import (
@@ -47,6 +47,7 @@ from kew.qchan.spi.errors import (
 from kew.qchan.spi.urls import ProviderURL
 
 __all__ = [
+    "PING_QUEUE",
     "AccessRefused",
     "AsyncOutboxConsumer",
     "BrokerUnavailable",
@@ -297,3 +298,44 @@ class Connector(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def __enter__(self) -> Any:
+        """A connector is a context manager that closes it (inherit
+        :class:`ConnectorBase` for this and ``ping``)."""
+        ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+#: The queue :meth:`ConnectorBase.ping` declares (it stays empty).
+PING_QUEUE = "kew.ping"
+
+
+class ConnectorBase:
+    """What kew's own connectors share, for a provider to inherit: use as a
+    context manager (``with kew.connect(url) as conn:`` closes it), and
+    :meth:`ping`.  Not part of the :class:`Connector` protocol: a third-party
+    connector need not have it (``kew.ping`` works on any connector)."""
+
+    def declare(self, queue: str) -> None:  # pragma: no cover - the provider's
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - the provider's
+        raise NotImplementedError
+
+    def ping(self) -> float:
+        """Talk to the broker now (``connect()`` does not): declare the queue
+        :data:`PING_QUEUE`, and return the seconds it took.  Raises what the
+        first operation would: ``AccessRefused``, ``BrokerUnavailable``,
+        ``ConfigError``."""
+        import time
+
+        start = time.monotonic()
+        self.declare(PING_QUEUE)
+        return time.monotonic() - start
+
+    def __enter__(self) -> ConnectorBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
