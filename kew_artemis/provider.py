@@ -56,6 +56,7 @@ from kew.qchan.spi import (
     BrokerUnavailable,
     Capability,
     ConfigError,
+    ConnectorBase,
     ConsumerFailed,
     Delivery,
     KewError,
@@ -113,7 +114,7 @@ log = logging.getLogger("kew.stomp")
 # -- connector -------------------------------------------------------------
 
 
-class StompConnector:
+class StompConnector(ConnectorBase):
     def __init__(self, url: str) -> None:
         self.options = Options.from_url(url)
         self.url = ProviderURL.parse(url, SCHEMES).redacted

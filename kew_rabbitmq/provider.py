@@ -52,6 +52,7 @@ from kew.qchan.spi import (
     BrokerUnavailable,
     Capability,
     ConfigError,
+    ConnectorBase,
 )
 from kew.qchan.spi.kit import DelayRoute
 from kew_rabbitmq._browser import RabbitBrowser
@@ -81,7 +82,7 @@ R = TypeVar("R")
 # -- connector -------------------------------------------------------------
 
 
-class RabbitConnector:
+class RabbitConnector(ConnectorBase):
     lacks: dict[Capability, str] = {}
 
     def __init__(self, url: str) -> None:

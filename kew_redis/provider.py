@@ -60,6 +60,7 @@ from kew.qchan.spi import (
     BrokerUnavailable,
     Capability,
     ConfigError,
+    ConnectorBase,
     ConsumerFailed,
     DeadLetter,
     Delivery,
@@ -105,7 +106,7 @@ class _Keys:
         return cls(base, f"{base}:dead", f"{base}:delayed")
 
 
-class RedisConnector:
+class RedisConnector(ConnectorBase):
     lacks: Mapping[Capability, str] = {}
 
     def __init__(self, url: str) -> None:
