@@ -23,7 +23,6 @@ through ``kew.aio`` and holds it (the crash-redelivery test kills it).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -31,9 +30,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypedDict, TypeVar, overload
+from typing import Any, TypeVar, overload
 
-import msgspec
 import pytest
 
 import kew
@@ -42,38 +40,12 @@ from kew.core.msg import FutureTimepoint
 from kew.qchan.codec import type_name
 from kew.qchan.spi import Capability, Message, now_ms
 from kew.qchan.spi.aio import AsyncConnector
+from kew.testing.conformance import Event, Job, Point, Request
 from kew.testing.util import wait_for
 
 R = TypeVar("R")
 
-# -- types the kit round-trips ----------------------------------------------
-
-
-class Point(msgspec.Struct, frozen=True):
-    x: int
-    y: float
-    label: str = ""
-
-
-class Job(msgspec.Struct, frozen=True):
-    id: int
-    name: str
-    tags: list[str]
-    points: list[Point]
-    extra: dict[str, int] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    email: str
-    port: int
-    dataset_id: int | None
-
-
-class Event(TypedDict):
-    kind: str
-    at: int
-
+# -- types the kit round-trips: the sync kit's own ------------------------------
 
 #: (type, values) round-tripped by every provider, edge cases included.
 ROUND_TRIPS: list[tuple[Any, list[Any]]] = [
