@@ -42,7 +42,12 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import stomp
-from stomp.exception import ConnectionClosedException, InterruptedException, StompException
+from stomp.exception import (
+    ConnectFailedException,
+    ConnectionClosedException,
+    InterruptedException,
+    StompException,
+)
 from stomp.utils import HEARTBEAT_FRAME, parse_frame
 
 from kew.qchan.spi import AccessRefused, BrokerUnavailable, ConfigError, KewError, SendError
@@ -73,6 +78,21 @@ _SPEAKERS = (
     (b"\x15\x03", "a TLS server: use stomp+ssl://"),
     (b"\x16\x03", "a TLS server: use stomp+ssl://"),
 )
+
+
+# -- which host of a failover list answered last ------------------------------------
+
+#: Per failover list (the URL's hosts): the index of the host that last
+#: answered.  Connections start there, so that after a failover new ones go
+#: straight to the new master instead of first waiting for the old one
+#: (refused, or connect_timeout when its machine is gone).
+_ANSWERED: dict[tuple[tuple[str, int], ...], int] = {}
+
+
+def _in_turn(hosts: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The hosts in the URL's order, starting with the one that answered last."""
+    first = _ANSWERED.get(tuple(hosts), 0) % len(hosts)
+    return hosts[first:] + hosts[:first]
 
 
 # -- one process's connections ---------------------------------------------------
@@ -327,18 +347,22 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
     # connecting
     def open(self) -> _Link:
         """Connect to the first host that answers, in rounds with backoff;
-        kew's errors only (see the module's table)."""
+        kew's errors only (see the module's table).  Each round tries the
+        URL's hosts in order, starting with the one that answered last (a
+        failover list: the new master, after a failover)."""
         o = self.options
         backoff, started, last = Backoff(), time.monotonic(), ""
         for attempt in range(o.retries + 1):
-            for host in o.hosts:
+            for host in _in_turn(o.hosts):
+                tried = time.monotonic()
                 try:
                     self._open_one(host)
+                    _ANSWERED[tuple(o.hosts)] = o.hosts.index(host)
                     return self
                 except ConfigError:
                     raise
                 except (StompException, OSError, _Lost) as e:
-                    last, final = self._explain(host, e)
+                    last, final = self._explain(host, e, time.monotonic() - tried)
                     self._close_quietly()
                     if final is not None:
                         raise final from None
@@ -356,6 +380,7 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
         conn = stomp.Connection12(
             host_and_ports=[host],
             reconnect_attempts_max=1,
+            reconnect_sleep_initial=0,  # stomp.py would sleep 0.2 s after a refusal; kew backs off
             heartbeats=o.heartbeats,
             auto_decode=False,
             keepalive=o.keepalive,
@@ -405,11 +430,16 @@ class _Link(stomp.ConnectionListener):  # type: ignore[misc]
             if transport.blocking:
                 transport.socket.settimeout(None)
 
-    def _explain(self, host: tuple[str, int], e: BaseException) -> tuple[str, KewError | None]:
+    def _explain(
+        self, host: tuple[str, int], e: BaseException, took: float = 0.0
+    ) -> tuple[str, KewError | None]:
         """Why a connection failed, and the error to raise at once when
         trying again cannot help (None: try again).  stomp.py hides TLS
-        errors, so those are probed."""
+        errors and refusals, so those are probed; not a host that let the
+        TCP connect time out (``took``): a probe would wait as long again."""
         o, where = self.options, f"{host[0]}:{host[1]}"
+        if isinstance(e, ConnectFailedException) and took >= o.connect_timeout:
+            return f"{where}: no answer within connect_timeout={o.connect_timeout:g} s", None
         if self.refused is not None:
             said = f"{where}: {self.refused}"
             if _REFUSAL.search(self.refused):

@@ -41,6 +41,7 @@ ACCEPTED = KEW_OPTIONS + STOMP_OPTIONS + TLS_OPTIONS
 
 _OWN_RECONNECT = "kew reconnects itself (option retries; stomp.py's reconnect races)"
 _USER_INFO = "give the login and passcode in the URL: stomp://login:passcode@host"
+_HOST_ORDER = "kew tries the URL's hosts in the order written, from the last one that answered"
 #: stomp.py options that kew refuses, and why (said in the error).
 _REFUSED = {
     "timeout": "it is kew's connect_timeout",
@@ -49,8 +50,8 @@ _REFUSED = {
     "reconnect_sleep_increase": _OWN_RECONNECT,
     "reconnect_sleep_jitter": _OWN_RECONNECT,
     "reconnect_sleep_max": _OWN_RECONNECT,
-    "prefer_localhost": "kew tries the URL's hosts in the order written",
-    "try_loopback_connect": "kew tries the URL's hosts in the order written",
+    "prefer_localhost": _HOST_ORDER,
+    "try_loopback_connect": _HOST_ORDER,
     "host_and_ports": "list the hosts in the URL: stomp://h1:61613,h2:61613/",
     "auto_decode": "kew reads bodies as bytes (the queue's codec decodes them)",
     "encoding": "kew reads bodies as bytes (the queue's codec decodes them)",

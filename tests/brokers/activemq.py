@@ -35,6 +35,11 @@ class ActiveMQServer:
         self.url = f"stomp://127.0.0.1:{self.port}/?dialect=activemq&retries=60"
         self.certs: dict[str, str] = {}
         self.keystore = workdir / "broker.p12"
+        #: The broker's config (None: the module's CONFIG, read at launch) and
+        #: extra JVM options (after the defaults: a later -Xmx wins);
+        #: tests/brokers/activemq_pair.py sets both.
+        self.config: Path | None = None
+        self.jvm_options: list[str] = []
 
     @staticmethod
     def available() -> bool:
@@ -60,28 +65,39 @@ class ActiveMQServer:
         )
 
     def start(self) -> None:
+        self.launch()
+        self.wait_up()
+
+    def launch(self) -> None:
+        """Start the java process, without waiting for its ports (a broker
+        of a master/slave pair waits for the store's lock first)."""
         self._make_keystore()
         self.data.mkdir(exist_ok=True)
+        config = self.config or CONFIG
         args = [
             "java", "-Xms64m", "-Xmx384m", "-XX:+UseSerialGC",
             "-Xshare:auto",
             f"-Dactivemq.home={HOME}", f"-Dactivemq.base={self.dir}",
-            f"-Dactivemq.conf={CONFIG.parent}", f"-Dactivemq.data={self.data}",
+            f"-Dactivemq.conf={config.parent}", f"-Dactivemq.data={self.data}",
             f"-Dkew.stomp.port={self.port}", f"-Dkew.stomp.ssl.port={self.ssl_port}",
             f"-Dkew.keystore={self.keystore}", f"-Dkew.keystore.password={STORE_PASSWORD}",
-            "-Dlog4j2.level=WARN",
-            "-jar", str(HOME / "bin" / "activemq.jar"), "start", f"xbean:file:{CONFIG}",
+            "-Dlog4j2.level=WARN", *self.jvm_options,
+            "-jar", str(HOME / "bin" / "activemq.jar"), "start", f"xbean:file:{config}",
         ]  # fmt: skip
         log = (self.dir / "activemq.log").open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+    def wait_up(self, timeout: float = 120) -> None:
+        """Wait until both ports listen, then :meth:`verify` them."""
         proc = self.proc
+        assert proc is not None, "launch() first"
 
         def up() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"ActiveMQ exited; see {self.dir / 'activemq.log'}")
             return port_open("127.0.0.1", self.port) and port_open("127.0.0.1", self.ssl_port)
 
-        wait_for(up, 120, interval=0.2, what="ActiveMQ's STOMP port")
+        wait_for(up, timeout, interval=0.2, what="ActiveMQ's STOMP port")
         self.verify()
 
     def verify(self) -> None:
