@@ -69,6 +69,7 @@ BENCHMARKS = {
     "rabbitmq": "benchmarks/bench_rabbitmq.py",
     "artemis": "benchmarks/bench_artemis.py",
     "tasks": "benchmarks/bench_tasks.py",
+    "scale": "benchmarks/bench_scale.py",
     "floor": "benchmarks/floor_pika.py",
     "validate": "benchmarks/bench_validate.py",
     "aio": "benchmarks/bench_aio.py",
