@@ -66,13 +66,15 @@ def _rabbitmq_left_clean() -> Iterator[None]:
     """Queues the tests make on the machine's RabbitMQ and cannot delete
     through kew (RabbitMQ's STOMP plugin deletes no queue; a killed consumer's
     delay queues) are deleted when the session ends: only queues that did not
-    exist when it began."""
+    exist when it began, and only those no consumer uses (``if_unused``: a
+    concurrent session's or a benchmark's queue in use is left alone), and
+    never a benchmark's (``bench`` prefix)."""
     before = _rabbit_queues()
     yield
     if before is None:
         return
     after = _rabbit_queues() or set()
-    new = sorted(after - before)
+    new = sorted(n for n in after - before if not n.startswith("bench"))
     if not new:
         return
     try:
@@ -83,7 +85,7 @@ def _rabbitmq_left_clean() -> Iterator[None]:
             for name in new:
                 channel = conn.channel()
                 try:
-                    channel.queue_delete(name)
+                    channel.queue_delete(name, if_unused=True)
                     channel.close()
                 except pika.exceptions.AMQPError:
                     continue
