@@ -1,7 +1,9 @@
 """Opening a pika connection, in kew's errors; and connections that belong
 to one process.
 
-:func:`open_connection` tries the URL's hosts in order, ``retries`` rounds
+:func:`open_connection` tries the URL's hosts in order, starting with the
+one that took the process's last connection (a cluster node that died, or
+hangs, is not waited on first at every reconnect), ``retries`` rounds
 after the first with :class:`~kew.qchan.spi.kit.Backoff` delays between
 rounds (pika itself never retries), and raises kew's errors only, pika's as
 the cause:
@@ -15,7 +17,9 @@ virtual host unknown or forbidden              never retried
 the TLS handshake failed (certificate not      :class:`BrokerUnavailable`, at
 trusted, a plain-text port)                    once
 the port accepts TCP but answers nothing AMQP  :class:`BrokerUnavailable`, once
-within ``stack_timeout`` (Redis, HTTP, ...)    that timeout is spent
+within ``stack_timeout`` (Redis, HTTP, ...)    that timeout is spent on every
+                                               host (one that hangs is
+                                               passed over for the next)
 refused, reset, closed during the handshake,   :class:`BrokerUnavailable` after
 timed out                                      the retries
 =============================================  ===============================
@@ -69,14 +73,16 @@ def open_connection(options: Options, stop: threading.Event | None = None) -> An
     last: dict[str, str] = {}
     cause: BaseException | None = None
     attempts = 0
+    hosts = _in_turn(options.params)
     for round_ in range(options.retries + 1):
         if round_ and backoff.wait(stop):
             break
-        for params in options.params:
+        hung: list[str] = []  # hosts that took TCP but not the AMQP handshake
+        for i, params in hosts:
             attempts += 1
             where = f"{params.host}:{params.port}"
             try:
-                return pika.BlockingConnection(params)
+                conn = pika.BlockingConnection(params)
             except ssl.SSLError as e:
                 # a certificate or protocol mismatch does not heal by
                 # retrying; and there is no falling back to plain text
@@ -87,12 +93,10 @@ def open_connection(options: Options, stop: threading.Event | None = None) -> An
                     f"TLS handshake with RabbitMQ at {options.url} ({where}) failed{hint}: {e}"
                 ) from e
             except AMQPConnectorStackTimeout as e:
-                raise BrokerUnavailable(
-                    f"RabbitMQ at {options.url}: {where} accepted the connection but did not "
-                    f"complete the AMQP 0-9-1 handshake within {options.stack_timeout:g} s "
-                    "(stack_timeout): it does not speak AMQP 0-9-1 (another protocol's port? "
-                    "a TLS port needs amqps://), or the broker is overloaded"
-                ) from e
+                # not AMQP, or a node that hangs (stopped, overloaded, cut
+                # off): the next host may answer
+                hung.append(where)
+                last[where], cause = f"no AMQP handshake within {options.stack_timeout:g} s", e
             except AMQPConnectionError as e:
                 refused = _refused(e, options)
                 if refused is not None:
@@ -100,12 +104,41 @@ def open_connection(options: Options, stop: threading.Event | None = None) -> An
                 last[where], cause = _handshake_hint(e, _why(e)), e
             except (AMQPConnectorException, AMQPError, OSError) as e:
                 last[where], cause = _why(e), e
+            else:
+                _ANSWERED[_key(options.params)] = i
+                return conn
+        if len(hung) == len(hosts):  # not retried: it would take as long again
+            raise BrokerUnavailable(
+                f"RabbitMQ at {options.url}: {', '.join(hung)} accepted the connection but did "
+                f"not complete the AMQP 0-9-1 handshake within {options.stack_timeout:g} s "
+                "(stack_timeout): it does not speak AMQP 0-9-1 (another protocol's port? "
+                "a TLS port needs amqps://), or the broker is overloaded"
+            ) from cause
     took = time.monotonic() - started
     raise BrokerUnavailable(
         f"RabbitMQ at {options.url} is unreachable after {attempts} attempt(s) over "
         f"{len(options.params)} host(s) in {took:.1f} s: "
         + "; ".join(f"{where}: {why}" for where, why in last.items())
     ) from cause
+
+
+#: Per list of hosts (a URL's), the index of the host that took the last
+#: connection this process opened.
+_ANSWERED: dict[tuple[tuple[str, int], ...], int] = {}
+
+
+def _key(params: list[pika.ConnectionParameters]) -> tuple[tuple[str, int], ...]:
+    return tuple((str(p.host), int(p.port)) for p in params)
+
+
+def _in_turn(params: list[pika.ConnectionParameters]) -> list[tuple[int, Any]]:
+    """The hosts in the URL's order, starting with the one that took the
+    last connection: once a node is down, or hangs, each new connection
+    does not wait on it first (a dead host may cost ``socket_timeout``, a
+    hung one ``stack_timeout``, at every reconnect)."""
+    first = _ANSWERED.get(_key(params), 0) % len(params)
+    order = list(enumerate(params))
+    return order[first:] + order[:first]
 
 
 def _refused(e: AMQPConnectionError, options: Options) -> AccessRefused | None:

@@ -4,12 +4,13 @@ pika's ``URLParameters`` that mean something here, read into
 
 ``amqp://user:password@host:port,host2:port/vhost?option=value`` (``amqps://``
 for TLS).  The URL path is the virtual host (``/`` when empty); several
-hosts are tried in order.  Every option is checked when the URL is read
-(no network I/O), and one the provider does not use stops start-up with a
-:class:`ConfigError` listing those it accepts.  pika's options keep pika's
-names and meanings, except where kew does the work itself (reconnecting:
-``connection_attempts`` and ``retry_delay`` set kew's retries and their
-delay, pika never retries).
+hosts (a cluster's nodes) are tried in order, starting with the one that
+took the process's last connection (:mod:`kew_rabbitmq._connection`).
+Every option is checked when the URL is read (no network I/O), and one the
+provider does not use stops start-up with a :class:`ConfigError` listing
+those it accepts.  pika's options keep pika's names and meanings, except
+where kew does the work itself (reconnecting: ``connection_attempts`` and
+``retry_delay`` set kew's retries and their delay, pika never retries).
 """
 
 from __future__ import annotations
