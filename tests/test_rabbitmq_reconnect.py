@@ -69,6 +69,7 @@ def test_server_side_close_loses_nothing_and_consumption_resumes(url: str) -> No
             t.join(30)
             wait_for(lambda: set(confirmed) <= got, 60, what="every confirmed message")
     finally:
+        stop.set()  # (on a failure too: the producer thread must not spin on)
         conn.delete(f"reconnect-{name}")
         conn.close()
     assert not set(confirmed) - got
