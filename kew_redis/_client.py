@@ -75,6 +75,13 @@ def script(text: str) -> Any:
     return Script(cast(Any, None), text.encode())
 
 
+def aio_script(text: str) -> Any:
+    """:func:`script` for redis.asyncio: ``await s(keys=..., args=..., client=r)``."""
+    from redis.commands.core import AsyncScript
+
+    return AsyncScript(cast(Any, None), text.encode())
+
+
 # The reply, or redis-py's words for a pipeline's command that got it.
 _WRONGTYPE = re.compile(r"^WRONGTYPE|of pipeline caused error: WRONGTYPE")
 

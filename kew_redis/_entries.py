@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from kew.qchan.spi import DeadLetter, Message, now_ms
+from kew.qchan.spi import DeadLetter, Delivery, Message, now_ms
 from kew.qchan.spi.wire import Malformed, check_id, headers_from_json, salvage
 
 encode_headers = msgspec.json.Encoder().encode
@@ -63,6 +63,33 @@ def salvaged(entry_id: str, fields: Mapping[bytes, Any]) -> Message:
         headers if isinstance(headers, dict) else None,
         fallback_id=entry_id,
     )
+
+
+#: An entry kew cannot read: entry id, what is kept of it, delivery count, reason.
+Bad = tuple[str, Message, int, str]
+
+
+def sort_out(
+    entries: Any, counts: Mapping[str, int] | None = None
+) -> tuple[list[Delivery], list[Bad], list[str]]:
+    """The entries an XREADGROUP or XAUTOCLAIM returned (``counts``: their
+    delivery counts by entry id, 1 if missing): the deliveries (tag: the
+    entry id), those kew cannot read (to dead-letter), and the ids of those
+    deleted while pending (no fields: to ack)."""
+    out: list[Delivery] = []
+    bad: list[Bad] = []
+    gone: list[str] = []
+    for entry_id, fields in entries:
+        eid = text(entry_id)
+        count = (counts or {}).get(eid, 1)
+        if not fields:
+            gone.append(eid)
+            continue
+        try:
+            out.append(Delivery(message(fields), count, eid))
+        except Malformed as e:
+            bad.append((eid, salvaged(eid, fields), count, str(e)))
+    return out, bad, gone
 
 
 def dead_letter(entry_id: Any, fields: Mapping[bytes, Any]) -> DeadLetter:

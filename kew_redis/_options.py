@@ -178,21 +178,41 @@ class Options:
         for its sync and async clients at once (unions with Awaitable):
         results are read as Any and checked."""
         import redis
-        from redis.backoff import NoBackoff
+        from redis.cluster import ClusterNode, RedisCluster
         from redis.retry import Retry
 
-        if self.cluster:
-            from redis.cluster import ClusterNode, RedisCluster
+        return self._make(redis.Redis, RedisCluster, ClusterNode, Retry)
 
+    def aio_client(self) -> Any:
+        """A new redis.asyncio client (its ``RedisCluster`` on Cluster) with
+        the same settings as :meth:`client`, for the native async route; it
+        belongs to the event loop that first uses it.  The async cluster
+        client takes neither ``ssl_password`` nor ``ssl_ca_path``."""
+        from redis.asyncio import Redis
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.asyncio.retry import Retry
+
+        if self.cluster:
+            missing = sorted({"ssl_password", "ssl_ca_path"} & set(self.extra))
+            if missing:
+                raise ConfigError(
+                    f"redis.asyncio's RedisCluster (kew.aio on Redis Cluster) does not take "
+                    f"{', '.join(missing)}: {self.url!r}"
+                )
+        return self._make(Redis, RedisCluster, ClusterNode, Retry)
+
+    def _make(self, redis_class: Any, cluster_class: Any, node: Any, retry: Any) -> Any:
+        from redis.backoff import NoBackoff
+
+        if self.cluster:
             extra = {k: v for k, v in self.extra.items() if k != "health_check_interval"}
-            node: Any = ClusterNode  # untyped in redis-py
-            return RedisCluster(
+            return cluster_class(
                 startup_nodes=[node(h, p) for h, p in self.nodes],
                 username=self.username,
                 password=self.password,
                 ssl=self.tls,
                 socket_timeout=self.socket_timeout,
-                retry=Retry(NoBackoff(), 0),
+                retry=retry(NoBackoff(), 0),
                 **extra,
             )
         where: dict[str, Any] = (
@@ -200,14 +220,14 @@ class Options:
             if self.path is not None
             else {"host": self.host, "port": self.port}
         )
-        return redis.Redis(
+        return redis_class(
             **where,
             db=self.db,
             username=self.username,
             password=self.password,
             ssl=self.tls,
             socket_timeout=self.socket_timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=retry(NoBackoff(), 0),
             **self.extra,
         )
 

@@ -7,6 +7,9 @@ every queue's keys share a slot (the hash tag ``{<queue>}``), and, with
 * :func:`write_spread` runs writes to keys of several slots (a Cluster
   settle's sends to other queues): one pipeline, no ``MULTI`` (a
   transaction cannot span slots); redis-py sends each node its share.
+* :func:`write_all` runs writes to keys of any slots in one round trip:
+  :func:`write` in a ``MULTI`` when they share one, else :func:`write_spread`
+  (``send_to``: a task and its status event).
 * With ``min_replicas``, each node's share runs on one connection to the
   master that owns the key, followed by ``WAIT N timeout`` on that same
   connection (``WAIT`` counts the replicas that have every write of *its*
@@ -23,6 +26,7 @@ from typing import Any
 
 import redis
 from redis.commands.core import DataAccessCommands
+from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, RedisClusterException, ResponseError
 
 from kew_redis._client import NotReplicated
@@ -84,6 +88,23 @@ def write_spread(r: Any, options: Options, writes: Sequence[tuple[str, Build]]) 
     for key, rec in by_node.values():
         with pinned(r, options, key) as session:
             session.run(rec.commands)
+
+
+def write_all(r: Any, options: Options, writes: Sequence[tuple[str, Build]]) -> None:
+    """Writes to keys of any slots (``(key, build)`` pairs) in one round
+    trip: one ``MULTI``/``EXEC`` when the keys share a slot (always on one
+    server), else :func:`write_spread` (a transaction cannot span slots)."""
+    if not writes:
+        return
+    if is_cluster(r) and len({key_slot(key.encode()) for key, _ in writes}) > 1:
+        write_spread(r, options, writes)
+        return
+
+    def build(pipe: Any) -> None:
+        for _, one in writes:
+            one(pipe)
+
+    write(r, options, writes[0][0], build, transaction=True)
 
 
 class Session:

@@ -77,7 +77,7 @@ from kew_redis import _entries as entry
 from kew_redis._client import Client, script
 from kew_redis._dedupe import RedisDedupeStore
 from kew_redis._options import SCHEMES, Options
-from kew_redis._writes import write, write_spread
+from kew_redis._writes import write, write_all, write_spread
 
 __all__ = ["SCHEMES", "Options", "RedisConnector", "RedisDedupeStore", "connect"]
 
@@ -172,6 +172,26 @@ class RedisConnector(ConnectorBase):
     def delete(self, queue: str) -> None:
         k = self.keys(queue)
         self.client.call(lambda r: r.delete(k.stream, k.dead, k.delayed))
+
+    def send_to(self, sends: Sequence[tuple[str, Message]]) -> None:
+        """``MultiSender``: the XADDs (ZADDs for delayed messages) of every
+        queue in one round trip: one ``MULTI``/``EXEC`` when the queues share
+        a slot (always on one server), else one pipeline (on Cluster,
+        redis-py sends each node its share); with ``min_replicas``,
+        confirmed by the replicas (:func:`~kew_redis._writes.write_all`)."""
+        for queue, m in sends:
+            _check_size(self, queue, m)  # all checked before anything is written
+        writes = [(self.keys(q).stream, functools.partial(_add_to, self, q, m)) for q, m in sends]
+        options = self.options
+        self.client.call(lambda r: write_all(r, options, writes), refused=SendError)
+
+    def aio(self) -> Any:
+        """The native async route (``kew.aio``): a
+        :class:`kew_redis._aio.RedisAsyncConnector` on redis.asyncio (sends
+        share round trips, fetches block on the event loop); no I/O here."""
+        from kew_redis._aio import RedisAsyncConnector  # (it imports this module)
+
+        return RedisAsyncConnector(self)
 
     def dedupe_store(self, namespace: str) -> RedisDedupeStore:
         """Records for ``kew.idempotency`` on this Redis (one key each)."""

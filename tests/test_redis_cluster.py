@@ -11,6 +11,7 @@ what it loses without is reported).  The figures are printed (``-s``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
@@ -29,6 +30,8 @@ from redis.cluster import RedisCluster as RawCluster
 import kew
 import tests.test_redis_foreign as single
 from kew.qchan.spi import Connector, Message, now_ms
+from kew.qchan.spi.aio import AsyncConnector
+from kew.testing.aio_conformance import AsyncProviderConformance
 from kew.testing.conformance import ProviderConformance
 from kew.testing.foreign import ForeignProducerKit, ForeignWriter
 from kew.testing.util import free_port, port_open, require, wait_for
@@ -102,6 +105,62 @@ class TestRedisClusterForeign(ForeignProducerKit):
         w = ClusterForeignWriter(url)
         yield w
         w.close()
+
+
+class TestRedisClusterAio(AsyncProviderConformance):
+    """The async kit through kew.aio's native route (redis.asyncio's
+    RedisCluster), every send confirmed by a replica: each master's share
+    of a shared round trip is followed by WAIT on its connection."""
+
+    expected_route = "native"
+    crash_redelivery_timeout = 20.0
+
+    @pytest.fixture
+    def url(self, cluster: RedisCluster) -> str:
+        return cluster.url + "&prefix=aiokit&max_message_size=1048576&min_replicas=1"
+
+    def test_aio_sends_to_queues_on_every_master_share_round_trips(
+        self, url: str, cluster: RedisCluster
+    ) -> None:
+        """300 concurrent sends to three queues, each on another master: a
+        handful of shared round trips (one pipeline per master, side by
+        side), every send stored and confirmed when its await returns."""
+        from kew_redis._aio import RedisAsyncConnector
+
+        first = f"spread-{os.urandom(4).hex()}"
+        queues = [first, *_on_other_masters(cluster, first, 2)]
+        raw = _raw(url)
+
+        async def body(conn: AsyncConnector) -> None:
+            assert isinstance(conn, RedisAsyncConnector)
+            producers = [await conn.producer(q) for q in queues]
+            before = conn.sends.flushes
+            await asyncio.gather(
+                *(producers[i % 3].send(Message(f"m{i}", b"%d" % i)) for i in range(300))
+            )
+            assert 1 <= conn.sends.flushes - before <= 10
+            assert [raw.xlen(f"aiokit:{{{q}}}") for q in queues] == [100, 100, 100]
+            for q in queues:
+                await conn.delete(q)
+
+        try:
+            self.run(url, body)
+        finally:
+            raw.close()
+
+    def test_aio_min_replicas_more_than_the_cluster_has_is_refused(
+        self, cluster: RedisCluster
+    ) -> None:
+        queue = f"wait-{os.urandom(4).hex()}"
+
+        async def body(conn: AsyncConnector) -> None:
+            p = await conn.producer(queue)
+            with pytest.raises(kew.SendError, match=r"1 of min_replicas=2 replica\(s\)"):
+                await p.send(Message("m", b"1"))
+            assert (await (await conn.browser(queue)).stats()).ready == 1  # on the master
+            await conn.delete(queue)
+
+        self.run(cluster.url + "&min_replicas=2&replica_timeout=0.2", body)
 
 
 # -- settling across slots, replicas ------------------------------------------

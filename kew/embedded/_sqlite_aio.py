@@ -91,6 +91,16 @@ class SqliteAsyncConnector:
     async def delete(self, queue: str) -> None:
         await self.group.call(Job(write=lambda c: ops.delete(c, queue)))
 
+    async def send_to(self, sends: Sequence[tuple[str, Message]]) -> None:
+        """``AsyncMultiSender``: one transaction, committed by the writer of
+        the sync connector's :meth:`~kew.embedded.sqlite.SqliteConnector.send_to`
+        (closed with it: kew.task's ``submit_async`` uses this route without
+        closing it), with whatever else waits; no coroutine waits on the file."""
+        limit = self.max_message_size
+        inserts = [r for queue, m in sends for r in rows(queue, limit, (m,))]
+        if inserts:
+            await self.sync.send_group().call(Job(rows=inserts))
+
     async def close(self) -> None:
         """After the writes already asked for: the writer ends, and the
         sync connector is closed."""

@@ -154,6 +154,18 @@ class MemoryConnector(ConnectorBase):
         with self._broker.lock:
             self._broker.queues.pop(queue, None)
 
+    def send_to(self, sends: Sequence[tuple[str, Message]]) -> None:
+        """``MultiSender``: every message under one lock, all or none (each
+        checked first: its size, its queue declared)."""
+        for queue, m in sends:
+            if len(m.body) > self.max_message_size:
+                raise MessageTooLarge(len(m.body), self.max_message_size, queue)
+        with self._broker.lock:
+            for queue in {queue for queue, _ in sends}:
+                self._broker.queue(queue)  # ConfigError if not declared
+            for queue, m in sends:
+                self._broker.put(queue, m)
+
     def aio(self) -> MemoryAsyncConnector:
         """The native async route (``kew.aio``): no thread per call."""
         return MemoryAsyncConnector(self)
@@ -389,6 +401,10 @@ class MemoryAsyncConnector:
 
     async def delete(self, queue: str) -> None:
         self.sync.delete(queue)
+
+    async def send_to(self, sends: Sequence[tuple[str, Message]]) -> None:
+        """``AsyncMultiSender``: the sync one, inline (microseconds under a lock)."""
+        self.sync.send_to(sends)
 
     async def close(self) -> None:
         self.sync.close()

@@ -79,6 +79,7 @@ from kew.qchan.spi import (
     ConsumerFailed,
     DeadLetter,
     Delivery,
+    KewError,
     Message,
     ProviderURL,
     QueueStats,
@@ -158,9 +159,34 @@ class SqliteConnector(ConnectorBase):
                 raise ConfigError(f"{self.options.path} is not a kew SQLite database: {e}") from e
             raise
         self._signal = signal(self.options.path)
+        self._sends: GroupCommit | None = None  # send_to's, made at its first use
+        self._sends_lock = threading.Lock()
+        self._sends_closed = False
 
     def __repr__(self) -> str:
         return f"SqliteConnector({self.url!r})"
+
+    def send_group(self) -> GroupCommit:
+        """The group commit of :meth:`send_to` (sync callers and coroutines):
+        a connection of its own, closed with the connector."""
+        with self._sends_lock:
+            if self._sends_closed:
+                raise KewError(f"the SQLite connector of {self.options.path} is closed")
+            if self._sends is None:
+                self._sends = GroupCommit(
+                    self.options.db,
+                    self.options.sync,
+                    self._signal,
+                    os.path.basename(self.options.path),
+                )
+            return self._sends
+
+    def send_to(self, sends: Sequence[tuple[str, Message]]) -> None:
+        """``MultiSender``: every message in one transaction (one fsync),
+        shared with the other callers waiting then (group commit)."""
+        inserts = [r for queue, m in sends for r in rows(queue, self.max_message_size, (m,))]
+        if inserts:
+            self.send_group().run(Job(rows=inserts))
 
     def declare(self, queue: str) -> None:
         with self._db.write() as c:
@@ -189,6 +215,10 @@ class SqliteConnector(ConnectorBase):
         return SqliteDedupeStore(self.options.db(), namespace)
 
     def close(self) -> None:
+        with self._sends_lock:
+            self._sends_closed = True
+            if self._sends is not None:
+                self._sends.close()
         self._db.close()
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "KewError",
     "Message",
     "MessageTooLarge",
+    "MultiSender",
     "OutboxConsumer",
     "Producer",
     "ProviderNotFound",
@@ -70,6 +71,7 @@ __all__ = [
     "QueueFull",
     "QueueStats",
     "SendError",
+    "WindowedConsumer",
     "now_ms",
 ]
 
@@ -165,6 +167,27 @@ class Producer(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class MultiSender(Protocol):
+    """Optional, on a :class:`Connector`: one send to several queues.
+
+    The task layer sends a task and its ``queued`` status event (two
+    queues) this way, batched across the threads submitting at once; a
+    connector without it gets the same guarantee from one ``send_many``
+    per queue, one round trip each.
+    """
+
+    def send_to(self, sends: Sequence[tuple[str, Message]]) -> None:
+        """Store every ``(queue, message)`` (each queue declared before) in
+        one round trip where the broker allows; return once all are durable
+        (confirmed, committed); raise if any is not.
+
+        Checks every message (size) before anything is written.  On error,
+        as ``send_many``: any of them may or may not have been stored.
+        """
+        ...
+
+
 class Consumer(Protocol):
     """Receives from one queue, holding at most ``prefetch`` unsettled."""
 
@@ -194,6 +217,25 @@ class Consumer(Protocol):
 
     def close(self) -> None:
         """Stop; every unsettled delivery is handed back."""
+        ...
+
+
+@runtime_checkable
+class WindowedConsumer(Protocol):
+    """A push consumer whose broker-side window can change while it runs.
+
+    Optional.  The runtime makes a consumer with its concurrency as the
+    prefetch and, while the handlers are short, widens the window through
+    this (``kew.qchan._window``); a consumer without it keeps the window it
+    was made with.  A pull consumer (one that takes only what ``fetch``
+    asks for) may have it too: then it only moves the bound ``fetch``
+    keeps to.
+    """
+
+    def set_prefetch(self, count: int) -> None:
+        """Let the broker push up to ``count`` unsettled deliveries from now on.
+        Deliveries already received stay valid (ackable, not redelivered).
+        May block for a round trip; called rarely (the runtime uses hysteresis)."""
         ...
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "AsyncBrowser",
     "AsyncConnector",
     "AsyncConsumer",
+    "AsyncMultiSender",
     "AsyncProducer",
     "SupportsAio",
 ]
@@ -167,6 +168,19 @@ class AsyncConnector(Protocol):
     async def close(self) -> None:
         """Close everything this connector uses (the sync connector it came
         from included)."""
+        ...
+
+
+@runtime_checkable
+class AsyncMultiSender(Protocol):
+    """Optional, on an :class:`AsyncConnector`: one send to several queues
+    (:class:`kew.qchan.spi.MultiSender`, awaited).  The task layer's
+    ``submit_async`` uses it when the route has it, else the sync one in a
+    thread."""
+
+    async def send_to(self, sends: Sequence[tuple[str, Message]]) -> None:
+        """Store every ``(queue, message)`` in one round trip where the
+        broker allows; return once all are durable; raise if any is not."""
         ...
 
 
