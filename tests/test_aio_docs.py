@@ -33,7 +33,7 @@ def test_the_litestar_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     pytest.importorskip("litestar")
     from litestar.testing import TestClient
 
-    (example,) = [b for b in _blocks() if "Litestar(" in b]
+    (example,) = [b for b in _blocks() if "Litestar(" in b and "kew_lifespan" in b]
     (tmp_path / "aio_litestar_example.py").write_text(example)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("KEW_URL", "memory://docs-async")

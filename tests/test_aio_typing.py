@@ -29,7 +29,7 @@ def test_mypy_strict_rejects_the_mismatches() -> None:
         for n, line in enumerate(CASES.read_text().splitlines(), 1)
         if (m := re.search(r"# expect: ([a-z-]+)", line))
     }
-    assert len(expected) == 5
+    assert len(expected) == 7
     r = subprocess.run(
         [_mypy(), "--strict", "--show-error-codes", "--no-error-summary", str(CASES)],
         cwd=ROOT,

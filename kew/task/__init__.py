@@ -21,7 +21,7 @@ from kew.task._cancel import CancelResult
 from kew.task.app import DEFAULT_STORE, App, TaskQueue
 from kew.task.command import CommandResult, CommandSpec, ExitAction, run_command
 from kew.task.context import TaskContext, current
-from kew.task.errors import Permanent, Retry
+from kew.task.errors import Permanent, Retry, TimeLimitExceeded
 from kew.task.model import (
     FINAL_STATUSES,
     STATUS_RANK,
@@ -59,6 +59,7 @@ __all__ = [
     "TaskRecord",
     "TaskStatus",
     "TaskStore",
+    "TimeLimitExceeded",
     "Worker",
     "WorkerRecord",
     "current",

@@ -37,17 +37,19 @@ import logging
 import os
 import re
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 import msgspec
 
 from kew.core.msg import CountedSchedule, FutureTimepoint
-from kew.qchan import H_COUNT, H_DELIVER_AT, Queue, Subscription, check_sync
+from kew.qchan import H_COUNT, H_DELIVER_AT, Queue, Subscription
 from kew.qchan.codec import Codec, DecodeError
 from kew.qchan.policy import DeliveryPolicy
 from kew.qchan.runtime import GroupSettle
 from kew.qchan.spi import Consumer, Delivery, Message, now_ms
+from kew.task._async_run import is_async_handler, run_coroutine, run_local
+from kew.task._submit import deliver_at, items_of, submitter
 from kew.task.context import TaskContext, reset_current, set_current
 from kew.task.errors import Permanent, Retry
 from kew.task.model import Outcome, OutcomeKind, TaskEvent
@@ -180,12 +182,22 @@ class TaskQueue(Generic[T]):
         encryption_keys: str | Mapping[str, bytes] | None = None,
         concurrency: int | None = None,
         track: bool = True,
+        time_limit: float | None = None,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"the handler of task queue {name!r} must be callable, not {handler!r}")
-        check_sync(handler, "the task handler")
-        if on_exceeded is not None:
-            check_sync(on_exceeded, "the on_exceeded handler")
+        #: An ``async def`` handler runs on the app's event loop (kew.task._async_run).
+        self.is_async = is_async_handler(handler)
+        if time_limit is not None:
+            if not self.is_async:
+                raise TypeError(
+                    f"time_limit needs an async def handler (a thread cannot be stopped): "
+                    f"{getattr(handler, '__qualname__', handler)!r} is a plain function; a "
+                    "command task has timeout="
+                )
+            if not time_limit > 0:
+                raise ValueError(f"time_limit must be positive seconds, not {time_limit!r}")
+        self.time_limit = time_limit
         retry = DEFAULT_RETRY if retry is None else retry
         if not callable(getattr(retry, "delay", None)):
             raise TypeError(
@@ -225,26 +237,43 @@ class TaskQueue(Generic[T]):
     # -- submitting -----------------------------------------------------------
 
     def submit(self, data: T, *, delay: float | None = None, id: str | None = None) -> str:
-        """Queue a task (to run after ``delay`` seconds) and return its id.
+        """Queue a task (to run after ``delay`` seconds) and return its id
+        (``id`` if given, else a new random one).
 
         ``data`` is checked against the queue's type first (a worker could
         not decode it): kew.DecodeError says what is wrong, and nothing is
-        sent."""
+        sent.  The task and its ``queued`` status event go out in one round
+        trip, shared with the submits of other threads at that moment
+        (``kew.task._submit``); returns once both are durable, and raises if
+        they could not be stored (the task may or may not be queued then,
+        as after a failed ``send``)."""
         self.validate(data)
-        deliver_at = None
-        if delay is not None:
-            if not delay >= 0:
-                raise ValueError(f"delay must be a non-negative number of seconds, not {delay!r}")
-            deliver_at = now_ms() + round(delay * 1000)
-        task_id = self.queue.post(data, id=id, deliver_at=deliver_at)
-        if self.track:
-            event = TaskEvent(task_id, self.name, "queued", now_ms(), next_at=deliver_at)
-            self.app.emitter.tell(event)
-            try:
-                self.app.emitter.emit([event])
-            except Exception:  # the task is queued: its status shows once it runs
-                log.exception("kew: task %s is queued but its 'queued' event failed", task_id)
-        return task_id
+        due = deliver_at(delay)
+        return submitter(self.app).submit(self, [(data, id)], due)[0]
+
+    def submit_many(self, items: Iterable[T], *, delay: float | None = None) -> list[str]:
+        """Queue a task for each of ``items`` and return their ids, in order:
+        every item validated first (nothing sent if one is not valid), then
+        all the tasks and their ``queued`` events in one round trip."""
+        due = deliver_at(delay)
+        return submitter(self.app).submit(self, items_of(self, items), due)
+
+    async def submit_async(
+        self, data: T, *, delay: float | None = None, id: str | None = None
+    ) -> str:
+        """:meth:`submit` from a coroutine: the event loop never blocks (the
+        provider's native async route, else a thread waits on the broker);
+        the coroutines submitting at once share round trips."""
+        self.validate(data)
+        due = deliver_at(delay)
+        return (await submitter(self.app).submit_async(self, [(data, id)], due))[0]
+
+    async def submit_many_async(
+        self, items: Iterable[T], *, delay: float | None = None
+    ) -> list[str]:
+        """:meth:`submit_many` from a coroutine (see :meth:`submit_async`)."""
+        due = deliver_at(delay)
+        return await submitter(self.app).submit_async(self, items_of(self, items), due)
 
     def validate(self, data: T) -> None:
         """Raise kew.DecodeError if ``data`` would not decode as the
@@ -270,7 +299,8 @@ class TaskQueue(Generic[T]):
 
     def __call__(self, data: T) -> object:
         """Run the handler here and now, with a task context whose output
-        goes to the ``kew.task.output`` logger (tests, local use)."""
+        goes to the ``kew.task.output`` logger (tests, local use).  For an
+        async handler, a coroutine that does so: ``await queue(data)``."""
         out = logging.getLogger("kew.task.output")
 
         def emit(events: Sequence[TaskEvent]) -> None:
@@ -279,6 +309,8 @@ class TaskQueue(Generic[T]):
                     out.info("%s", e.text.rstrip("\n"))
 
         ctx = TaskContext(f"local-{os.urandom(8).hex()}", self.name, 1, data=data, emit=emit)
+        if self.is_async:  # a coroutine to await, with ctx current inside it
+            return run_local(cast("Callable[[T], Awaitable[object]]", self.handler), data, ctx)
         token = set_current(ctx)
         try:
             return self.handler(data)
@@ -418,7 +450,11 @@ class TaskQueue(Generic[T]):
         """Run the handler in ``ctx``; what it raised, written to the output."""
         token = set_current(ctx)
         try:
-            self.handler(data)
+            if self.is_async:
+                handler = cast("Callable[[T], Awaitable[object]]", self.handler)
+                run_coroutine(self.app.event_loop, handler, data, ctx, self.time_limit)
+            else:
+                self.handler(data)
             return None
         except Exception as e:
             if isinstance(e, (Permanent, Retry)):
@@ -572,7 +608,11 @@ class TaskQueue(Generic[T]):
         assert self.on_exceeded is not None
         token = set_current(ctx)
         try:
-            self.on_exceeded(cast(T, ctx.data))
+            if is_async_handler(self.on_exceeded):
+                fn = cast("Callable[[T], Awaitable[object]]", self.on_exceeded)
+                run_coroutine(self.app.event_loop, fn, cast(T, ctx.data), ctx, None)
+            else:
+                self.on_exceeded(cast(T, ctx.data))
         except Exception as e:
             _log_failure(
                 logging.ERROR,

@@ -21,19 +21,22 @@ process and the recorder are in ``kew.task._events``.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import threading
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from kew.connect import connect
 from kew.qchan import Queue, Subscription, check_sync
 from kew.qchan.codec import Codec
 from kew.qchan.spi import Connector
+from kew.task._async_run import EventLoopThread
 from kew.task._attempt import TaskQueue
 from kew.task._cancel import CancelResult, CancelSet, cancel_task
 from kew.task._events import Emitter, Recorder, Running
+from kew.task._follow import follow_output
 from kew.task.command import CommandSpec, ExitAction, check_result, run_command
 from kew.task.context import TaskContext
 from kew.task.model import EventMessage, TaskEvent, TaskRecord
@@ -124,6 +127,7 @@ class App:
             store if isinstance(store, str) else (DEFAULT_STORE if store is None else "")
         )
         self._store_lock = threading.Lock()
+        self._read_lock = threading.Lock()  # follow(): one store read at a time
         #: Whether ``App(store=...)`` named the store (workers then read its
         #: cancel marks; see docs/tasks.md, "Cancel").
         self.store_given = store is not None
@@ -134,10 +138,12 @@ class App:
         # and the attempts running in this process
         self.emitter = Emitter(self.events, self.connector, enabled=events)
         self.running = Running(self.emitter)
+        #: Where async task handlers run (a thread of its own, started at first use).
+        self.event_loop = EventLoopThread(f"kew-loop-{name}")
         #: Tasks cancelled that this process's workers must not run (kept a day).
         self.cancels = CancelSet()
         self.queues: dict[str, TaskQueue[Any]] = {}
-        self.consumers: list[tuple[Queue[Any], Callable[[Any], object], int]] = []
+        self.consumers: list[tuple[Queue[Any], Callable[[Any], None], int]] = []
 
     @property
     def events_enabled(self) -> bool:
@@ -175,12 +181,17 @@ class App:
         encryption_keys: str | Mapping[str, bytes] | None = None,
         concurrency: int | None = None,
         track: bool = True,
+        time_limit: float | None = None,
     ) -> TaskDecorator:
         """Decorator: the handler's first parameter's annotation is the task
-        type; the queue name defaults to the handler's name."""
+        type; the queue name defaults to the handler's name.
+
+        The handler may be an ``async def``: it then runs on the worker's
+        event loop (one per app), and ``time_limit`` (seconds) cancels an
+        attempt that runs longer, failing it with
+        :class:`~kew.task.TimeLimitExceeded` (see ``docs/async.md``)."""
 
         def declare(fn: Callable[[T], object]) -> TaskQueue[T]:
-            check_sync(fn, "the task handler")
             tp = _first_param_type(fn)
             return self.task_queue(
                 queue or fn.__name__,
@@ -193,6 +204,7 @@ class App:
                 encryption_keys=encryption_keys,
                 concurrency=concurrency,
                 track=track,
+                time_limit=time_limit,
             )
 
         return declare
@@ -210,6 +222,7 @@ class App:
         encryption_keys: str | Mapping[str, bytes] | None = None,
         concurrency: int | None = None,
         track: bool = True,
+        time_limit: float | None = None,
     ) -> TaskQueue[T]:
         """Declare a task queue (explicit form of :meth:`task`)."""
         if name in self.queues:
@@ -226,6 +239,7 @@ class App:
             encryption_keys=encryption_keys,
             concurrency=concurrency,
             track=track and self.events_enabled,
+            time_limit=time_limit,
         )
         self.queues[name] = tq
         return tq
@@ -280,7 +294,7 @@ class App:
         )
 
     def consumer(
-        self, queue: Queue[T], handler: Callable[[T], object], *, concurrency: int = 1
+        self, queue: Queue[T], handler: Callable[[T], None], *, concurrency: int = 1
     ) -> None:
         """An extra plain consumer that workers run too (notifiers, mail,
         bookkeeping): ack after ``handler`` returns, dead letter if it raises.
@@ -315,10 +329,26 @@ class App:
         store; None if the store has not heard of it."""
         return self.store.get(task_id)
 
+    async def status_async(self, task_id: str) -> TaskRecord | None:
+        """:meth:`status` for asyncio code: the store read in a thread."""
+        return await asyncio.to_thread(self.status, task_id)
+
     def output(self, task_id: str, offset: int = 0) -> tuple[str, int]:
         """The task's output from character ``offset`` on, and the offset to ask
         for next."""
         return self.store.output(task_id, offset)
+
+    def follow(
+        self, task_id: str, *, interval: float = 0.25, timeout: float | None = None
+    ) -> AsyncIterator[str]:
+        """For asyncio code: the task's output as it is recorded, chunk by
+        chunk, until the task is final (or ``timeout`` seconds passed); a web
+        route streams it (docs/async.md).  The store is read in a thread, one
+        read at a time, every ``interval`` seconds.  Raises KeyError for a
+        task the store has never heard of."""
+        return follow_output(
+            self.status, self.output, self._read_lock, task_id, interval=interval, timeout=timeout
+        )
 
     # -- cancelling -------------------------------------------------------------
 
@@ -379,6 +409,7 @@ class App:
         """Close the app's queues and store, and its connector if the app made
         it from a URL."""
         self.running.close()
+        self.event_loop.close()
         for tq in self.queues.values():
             tq.queue.close()
             if tq.outcomes is not None:
@@ -396,3 +427,11 @@ class App:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> App:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """``async with App(...)``: closed in a thread (closing waits on the
+        broker), so the event loop goes on meanwhile."""
+        await asyncio.to_thread(self.close)

@@ -6,7 +6,7 @@ whether (and when) the task runs again.
 
 from __future__ import annotations
 
-__all__ = ["Permanent", "Retry"]
+__all__ = ["Permanent", "Retry", "TimeLimitExceeded"]
 
 
 class Permanent(Exception):
@@ -27,3 +27,9 @@ class Retry(Exception):
                 f"Retry(after=...) must be a non-negative number of seconds, not {after!r}"
             )
         self.after = after
+
+
+class TimeLimitExceeded(Exception):
+    """An async handler ran past its ``time_limit`` (``@app.task(time_limit=...)``)
+    and was cancelled.  It fails the attempt like any other exception: the
+    queue's retry policy decides whether the task runs again."""

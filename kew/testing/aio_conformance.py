@@ -40,7 +40,7 @@ from kew.core.msg import FutureTimepoint
 from kew.qchan.codec import type_name
 from kew.qchan.spi import Capability, Message, now_ms
 from kew.qchan.spi.aio import AsyncConnector
-from kew.testing.conformance import Event, Job, Point, Request
+from kew.testing.conformance import Event, Job, Point, Request, _divide_by_zero
 from kew.testing.util import wait_for
 
 R = TypeVar("R")
@@ -553,7 +553,7 @@ class AsyncProviderConformance:
             # what the sync API dead-letters, and why
             q.producer.send(Message("bad", b'{"x": "one", "y": 1.0}'))
             q.send(Point(9, 9.0))
-            with q.sink(lambda p: 1 / 0):
+            with q.sink(_divide_by_zero):
                 wait_for(lambda: len(q.dead.list()) == 2, 10, what="the sync dead letters")
             sync_dead = {d.id: d.reason for d in q.dead.list()}
             assert q.dead.purge() == 2

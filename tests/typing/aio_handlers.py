@@ -39,5 +39,8 @@ async def main(q: kew.aio.Queue[int], sync_q: kew.Queue[int]) -> None:
     q.sink(render_text)  # expect: arg-type
     # a value of another type
     await q.send("1")  # expect: arg-type
+    # an async handler where the sync API calls it (its coroutine never awaited)
+    sync_q.sink(render)  # expect: arg-type
+    sync_q.sink(AsyncRenderer())  # expect: arg-type
     # forgetting the await of a send
     q.send(2)  # expect: unused-coroutine
