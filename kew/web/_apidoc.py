@@ -150,8 +150,8 @@ class HtmlDocs(OpenAPIRenderPlugin):
         return html.encode()
 
 
-@get("/ui/api", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-def api_page(request: Request[Any, Any, Any]) -> Response[str]:
+@get("/ui/api", include_in_schema=False, opt=PAGE)
+async def api_page(request: Request[Any, Any, Any]) -> Response[str]:
     """The API reference page, from the served OpenAPI document."""
     doc = request.app.openapi_schema.to_schema()
     return render(request, "api.html", heading="API", **api_context(doc))

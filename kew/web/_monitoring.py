@@ -3,6 +3,7 @@ answer) and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Literal
 
@@ -15,7 +16,7 @@ from litestar.handlers import HTTPRouteHandler
 from kew.task.model import WorkerRecord
 from kew.web._errors import AUTH_ERRORS
 from kew.web._openapi import response_spec
-from kew.web._state import in_thread, web_state
+from kew.web._state import web_state
 from kew.web.backend import Backend
 
 
@@ -28,15 +29,18 @@ class Health(msgspec.Struct, frozen=True):
     detail: str = ""
 
 
-def _broker_check(backend: Backend) -> None:
+async def _broker_check(backend: Backend) -> None:
+    """A round trip to the broker through the web's async connector: the
+    depths of the app's first queue."""
     names = backend.app.queue_names()
     if names:
-        backend.queue_infos(names[:1])
+        await backend.broker.stats(names[0])
 
 
-def _workers_seen(backend: Backend, window: float) -> list[WorkerRecord]:
+async def _workers_seen(backend: Backend, window: float) -> list[WorkerRecord]:
     horizon = int(time.time() * 1000 - window * 1000)
-    return [w for w in backend.store(lambda s: s.workers()) if w.last_seen >= horizon]
+    beats: list[WorkerRecord] = await backend.on_store(lambda s: list(s.workers()))
+    return [w for w in beats if w.last_seen >= horizon]
 
 
 @get(
@@ -53,7 +57,7 @@ async def health(state: State) -> Response[Health]:
     broker, detail = False, ""
     with anyio.move_on_after(config.health_timeout):
         try:
-            await in_thread(_broker_check, backend)
+            await _broker_check(backend)
             broker = True
         except Exception as e:
             detail = f"broker unreachable: {type(e).__name__}"
@@ -62,7 +66,7 @@ async def health(state: State) -> Response[Health]:
     seen: list[WorkerRecord] = []
     with anyio.move_on_after(config.health_timeout):
         try:
-            seen = await in_thread(_workers_seen, backend, config.worker_window)
+            seen = await _workers_seen(backend, config.worker_window)
         except Exception as e:
             detail = detail or f"task store unreadable: {type(e).__name__}"
     h = Health("ok" if broker else "unavailable", broker, seen, detail)
@@ -89,11 +93,13 @@ def _render_metrics() -> bytes:
     raises=AUTH_ERRORS,
     tags=["monitoring"],
     media_type="text/plain; version=0.0.4",
-    sync_to_thread=True,
 )
-def metrics() -> Response[bytes]:
-    """The Prometheus text exposition of kew's metrics."""
-    return Response(_render_metrics(), media_type="text/plain; version=0.0.4")
+async def metrics() -> Response[bytes]:
+    """The Prometheus text exposition of kew's metrics, rendered in a thread:
+    prometheus_client's collectors are sync, and kew.task.metrics reads the
+    queue depths through the app's (sync) connector at scrape time."""
+    text = await asyncio.to_thread(_render_metrics)
+    return Response(text, media_type="text/plain; version=0.0.4")
 
 
 #: The monitoring routes.

@@ -18,7 +18,7 @@ from litestar.response import Redirect
 
 from kew.web._errors import NoSuchQueue
 from kew.web._render import PAGE, PAGE_ADMIN, render
-from kew.web._state import WebState, audit, id_list, in_thread, web_state
+from kew.web._state import WebState, audited, id_list, web_state
 
 #: Dead letters listed on the page.
 DEAD_SHOWN = 200
@@ -37,8 +37,8 @@ def _dead_url(web: WebState, queue: str, **args: str) -> str:
     return url + ("?" + urlencode(args) if args else "")
 
 
-@get("/ui/queues/{queue:str}/dead", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-def dead_page(
+@get("/ui/queues/{queue:str}/dead", include_in_schema=False, opt=PAGE)
+async def dead_page(
     request: Request[Any, Any, Any],
     queue: Annotated[str, Parameter()],
     done: Annotated[str | None, Parameter()] = None,
@@ -54,7 +54,7 @@ def dead_page(
         "dead.html",
         heading=f"dead letters of {queue}",
         queue=queue,
-        dead=web.backend.dead_letters(queue, DEAD_SHOWN),
+        dead=await web.backend.dead_letters(queue, DEAD_SHOWN),
         flash=flash,
         base=_dead_url(web, queue),
     )
@@ -90,7 +90,7 @@ async def confirm(
     act, chosen = _wanted(action if isinstance(action, str) else "", ids)
     total = -1
     if chosen is None:
-        [info] = await in_thread(web.backend.queue_infos, [queue])
+        [info] = await web.backend.queue_infos([queue])
         total = info.dead
     return render(
         request,
@@ -117,9 +117,12 @@ async def _act(request: Request[Any, Any, Any], queue: str, act: Act) -> Redirec
     elif not ids:
         raise ValidationException(detail="no dead letters chosen")
     fn = web.backend.requeue if act == "requeue" else web.backend.purge
-    count = await in_thread(fn, queue, ids)
     verb = "requeued" if act == "requeue" else "purged"
-    audit(request, f"{verb} {count} dead letter(s) of {queue!r} (asked: {id_list(ids)}) via page")
+    count = await audited(
+        request,
+        fn(queue, ids),
+        lambda n: f"{verb} {n} dead letter(s) of {queue!r} (asked: {id_list(ids)}) via page",
+    )
     return Redirect(_dead_url(web, queue, done=act, count=str(count)), status_code=303)
 
 

@@ -18,10 +18,10 @@ from kew.web._workers import workers_view
 WINDOWS = (15, 60, 180, 360, 720, 1440)
 
 
-@get("/ui/workers", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-def workers_page(request: Request[Any, Any, Any]) -> Response[str]:
+@get("/ui/workers", include_in_schema=False, opt=PAGE)
+async def workers_page(request: Request[Any, Any, Any]) -> Response[str]:
     web = web_state(request.app.state)
-    workers = workers_view(web)
+    workers = await workers_view(web)
     return render(
         request,
         "workers.html",
@@ -32,13 +32,13 @@ def workers_page(request: Request[Any, Any, Any]) -> Response[str]:
     )
 
 
-@get("/ui/charts", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-def charts_page(
+@get("/ui/charts", include_in_schema=False, opt=PAGE)
+async def charts_page(
     request: Request[Any, Any, Any],
     minutes: Annotated[int, Parameter(ge=5, le=1440)] = 180,
 ) -> Response[str]:
     web = web_state(request.app.state)
-    stats = compute_stats(web, minutes)
+    stats = await compute_stats(web, minutes)
     tasks = {s.queue: s for s in stats.tasks}
     depth = {s.queue: s for s in stats.depth}
     names = ["*", *web.app.queue_names()]

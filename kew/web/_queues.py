@@ -4,7 +4,7 @@ them back or deleting them (``admin``; each logged at INFO by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -15,7 +15,7 @@ from litestar.params import Parameter
 
 from kew.web import validate
 from kew.web._errors import ADMIN_ERRORS, AUTH_ERRORS, BadValue, NoSuchQueue, invalid
-from kew.web._state import audit, id_list, in_thread, web_state
+from kew.web._state import audited, id_list, web_state
 from kew.web.backend import Backend, DeadLetterOut, QueueInfo
 
 
@@ -42,11 +42,10 @@ def _known(backend: Backend, queue: str) -> str:
     summary="Every queue: depths",
     raises=AUTH_ERRORS,
     tags=["queues"],
-    sync_to_thread=True,
 )
-def queues(state: State) -> list[QueueInfo]:
+async def queues(state: State) -> list[QueueInfo]:
     """Every queue of the app with its depths."""
-    return web_state(state).backend.queue_infos()
+    return await web_state(state).backend.queue_infos()
 
 
 @get(
@@ -54,20 +53,19 @@ def queues(state: State) -> list[QueueInfo]:
     summary="A queue's dead letters",
     raises=[NoSuchQueue, *AUTH_ERRORS],
     tags=["queues"],
-    sync_to_thread=True,
 )
-def dead_letters(
+async def dead_letters(
     state: State,
     queue: Annotated[str, Parameter(description="queue name")],
     limit: int = Parameter(default=100, ge=1, le=1000),
 ) -> list[DeadLetterOut]:
     """Up to ``limit`` dead letters of ``queue``."""
     backend = web_state(state).backend
-    return backend.dead_letters(_known(backend, queue), limit)
+    return await backend.dead_letters(_known(backend, queue), limit)
 
 
 async def _on_dead(
-    act: Callable[[Backend, str, list[str] | None], int],
+    act: Callable[[Backend, str, list[str] | None], Awaitable[int]],
     queue: str,
     request: Request[Any, Any, Any],
 ) -> Count:
@@ -82,9 +80,12 @@ async def _on_dead(
             ids = validate.parse(body, DeadLetterIds).ids
         except validate.Invalid as bad:
             raise invalid(bad) from None
-    count = await in_thread(act, backend, queue, ids)
     verb = "requeued" if act is Backend.requeue else "purged"
-    audit(request, f"{verb} {count} dead letter(s) of {queue!r} (asked: {id_list(ids)}) via API")
+    count = await audited(
+        request,
+        act(backend, queue, ids),
+        lambda n: f"{verb} {n} dead letter(s) of {queue!r} (asked: {id_list(ids)}) via API",
+    )
     return Count(count)
 
 

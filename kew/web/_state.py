@@ -1,6 +1,5 @@
 """What kew.web's route modules share: the per-application
-:class:`WebState`, who made a request, and running a blocking call off the
-event loop.
+:class:`WebState`, and who made a request.
 
 :func:`kew.web.create_app` keeps the :class:`WebState` in the application's
 ``state``; a handler takes Litestar's reserved ``state: State`` parameter
@@ -9,13 +8,12 @@ hooks (from ``connection.app.state``, ``asgi.state``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, TypeVar, cast
 
-import anyio.to_thread
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 
@@ -36,9 +34,10 @@ audit_log = logging.getLogger("kew.web.audit")
 
 @dataclass(frozen=True)
 class WebState:
-    """One served app: the task app, the settings, serialised access to the
-    broker and store, the page logins, the queue depth history, and the
-    workers this process runs (id -> threads, for the workers view)."""
+    """One served app: the task app, the settings, its broker and store
+    from the event loop, the page logins, the queue depth history (and its
+    sampler, while the application runs), and the workers this process runs
+    (id -> threads, for the workers view)."""
 
     app: TaskApp
     config: WebConfig
@@ -74,14 +73,26 @@ def audit(connection: ASGIConnection[Any, Any, Any, Any], what: str) -> None:
     audit_log.info("audit: %s %s", who if who is not None else "anonymous", what)
 
 
+async def audited(
+    connection: ASGIConnection[Any, Any, Any, Any],
+    action: Awaitable[R],
+    what: Callable[[R], str],
+) -> R:
+    """Await ``action``, then log ``what(its result)`` with :func:`audit`:
+    both to the end even if the request is cancelled meanwhile (a server
+    shutting down), so that what was done is audited."""
+
+    async def act() -> R:
+        result = await action
+        audit(connection, what(result))
+        return result
+
+    return await asyncio.shield(act())
+
+
 def id_list(ids: list[str] | None, most: int = 10) -> str:
     """Dead-letter ids for the audit log: all of them, or the first ``most``."""
     if ids is None:
         return "all"
     shown = ", ".join(repr(i) for i in ids[:most])
     return f"[{shown}{f', ... {len(ids) - most} more' if len(ids) > most else ''}]"
-
-
-async def in_thread(fn: Callable[..., R], *args: Any) -> R:
-    """``fn(*args)`` in a worker thread (the broker and store block)."""
-    return await anyio.to_thread.run_sync(partial(fn, *args))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from litestar import get
@@ -55,9 +55,9 @@ class Stats(msgspec.Struct, frozen=True):
     partial: bool = False
 
 
-def take_sample(web: WebState) -> None:
+async def take_sample(web: WebState) -> None:
     """Sample every queue's depths into the history (the sampler's job)."""
-    web.history.add(web.backend.queue_infos(), now_ms())
+    web.history.add(await web.backend.queue_infos(), now_ms())
 
 
 def _summed(series: list[list[DepthPoint]]) -> list[DepthPoint]:
@@ -85,9 +85,10 @@ _cache_lock = threading.Lock()
 _cache: dict[tuple[int, int, str | None], tuple[float, Stats]] = {}
 
 
-def compute_stats(web: WebState, minutes: int, queue: str | None = None) -> Stats:
+async def compute_stats(web: WebState, minutes: int, queue: str | None = None) -> Stats:
     """The trends of the last ``minutes`` (of one queue if given), reused
-    for :data:`CACHE_SECONDS`."""
+    for :data:`CACHE_SECONDS`.  The records are read and counted on the
+    store's thread (up to :data:`MAX_CHART_TASKS` of them)."""
     key = (id(web), minutes, queue)
     with _cache_lock:
         hit = _cache.get(key)
@@ -104,8 +105,13 @@ def compute_stats(web: WebState, minutes: int, queue: str | None = None) -> Stat
         updated_since=since,
         limit=MAX_CHART_TASKS,
     )
-    records = web.backend.store(lambda s: search_tasks(s, q))
-    counts = task_counts(records, since, until, width, [w for w in wanted if w in task_queues])
+    counted = [w for w in wanted if w in task_queues]
+
+    def count(store: Any) -> tuple[dict[str, list[TaskPoint]], int]:
+        records = search_tasks(store, q)
+        return task_counts(records, since, until, width, counted), len(records)
+
+    counts, n_records = await web.backend.on_store(count)
     if queue is None:
         tasks = [TaskSeries("*", counts.pop("*"))]
         tasks += [TaskSeries(name, pts) for name, pts in counts.items()]
@@ -124,7 +130,7 @@ def compute_stats(web: WebState, minutes: int, queue: str | None = None) -> Stat
         web.config.history_hours,
         tasks,
         depth,
-        partial=len(records) >= MAX_CHART_TASKS,
+        partial=n_records >= MAX_CHART_TASKS,
     )
     with _cache_lock:
         for k in [k for k, (t, _) in _cache.items() if time.monotonic() - t > CACHE_SECONDS]:
@@ -141,9 +147,8 @@ def compute_stats(web: WebState, minutes: int, queue: str | None = None) -> Stat
     "`sample_seconds` and kept in its memory for `history_hours`.",
     raises=[NoSuchQueue, *AUTH_ERRORS],
     tags=["monitoring"],
-    sync_to_thread=True,
 )
-def stats(
+async def stats(
     state: State,
     minutes: Annotated[
         int, Parameter(ge=5, le=1440, description="the window: the last N minutes")
@@ -155,7 +160,7 @@ def stats(
     web = web_state(state)
     if queue is not None and not web.backend.known(queue):
         raise NoSuchQueue(detail=f"no queue named {queue!r}")
-    return compute_stats(web, minutes, queue)
+    return await compute_stats(web, minutes, queue)
 
 
 #: The trend routes.

@@ -35,7 +35,7 @@ from kew.web._errors import (
     Unavailable,
     invalid,
 )
-from kew.web._state import audit, identity, in_thread, web_state
+from kew.web._state import audited, identity, web_state
 from kew.web.backend import Backend
 from kew.web.search import TaskQuery, search_tasks, to_ms
 
@@ -59,7 +59,7 @@ class Submitted(msgspec.Struct, frozen=True):
 # -- submit ---------------------------------------------------------------------
 
 
-def _submit_sync(backend: Backend, name: str, body: bytes, delay: float | None) -> str:
+async def _submit(backend: Backend, name: str, body: bytes, delay: float | None) -> str:
     tq = backend.app.queues[name]
     try:
         data = tq.decode_json(body)
@@ -69,7 +69,7 @@ def _submit_sync(backend: Backend, name: str, body: bytes, delay: float | None) 
         except validate.Invalid as bad:
             raise invalid(bad) from None
         raise BadValue(extra=[str(e)]) from None
-    task_id = str(tq.submit(data, delay=delay))
+    task_id = str(await tq.submit_async(data, delay=delay))
     if getattr(tq, "track", True):
         # The queued event travels to the recorder too; recording it
         # here as well (idempotent) means the status URL answers at once.
@@ -77,7 +77,7 @@ def _submit_sync(backend: Backend, name: str, body: bytes, delay: float | None) 
         next_at = at + round(delay * 1000) if delay else None
         event = TaskEvent(task_id, name, "queued", at, next_at=next_at)
         try:
-            backend.store(lambda s: s.apply([event]))
+            await backend.store.record(event)
         except Exception:
             log.warning("kew.web: could not record task %s as queued", task_id)
     return task_id
@@ -95,7 +95,7 @@ async def submit(
     name: str = request.route_handler.opt["queue"]
     body = await request.body()
     try:
-        task_id = await in_thread(_submit_sync, web_state(state).backend, name, body, delay)
+        task_id = await _submit(web_state(state).backend, name, body, delay)
     except MessageTooLarge as e:
         raise TooLarge(detail=str(e)) from None
     except (QueueFull, BrokerUnavailable) as e:
@@ -154,9 +154,8 @@ async def submit_unknown(
     "than `limit` is the last).",
     raises=AUTH_ERRORS,
     tags=["tasks"],
-    sync_to_thread=True,
 )
-def recent_tasks(
+async def recent_tasks(
     state: State,
     limit: int = Parameter(default=50, ge=1, le=1000, description="at most this many"),
     offset: int = Parameter(default=0, ge=0, le=1_000_000, description="skip this many first"),
@@ -191,11 +190,12 @@ def recent_tasks(
         )
     except ValueError as e:
         raise ValidationException(detail=str(e)) from None
-    return web_state(state).backend.store(lambda s: search_tasks(s, q))
+    return await web_state(state).backend.on_store(lambda s: search_tasks(s, q))
 
 
-def _record(backend: Backend, task_id: str) -> TaskRecord:
-    rec: TaskRecord | None = backend.store(lambda s: s.get(task_id))
+async def task_record(backend: Backend, task_id: str) -> TaskRecord:
+    """The task's record; NotFoundException when the store has never heard of it."""
+    rec: TaskRecord | None = await backend.on_store(lambda s: s.get(task_id))
     if rec is None:
         raise NotFoundException(detail=f"no task {task_id!r}")
     return rec
@@ -206,18 +206,18 @@ def _record(backend: Backend, task_id: str) -> TaskRecord:
     summary="A task's status",
     raises=[NotFoundException, *AUTH_ERRORS],
     tags=["tasks"],
-    sync_to_thread=True,
 )
-def task_status(
+async def task_status(
     state: State, task_id: Annotated[str, Parameter(description="task id")]
 ) -> TaskRecord:
     """A task's record in the store."""
-    return _record(web_state(state).backend, task_id)
+    return await task_record(web_state(state).backend, task_id)
 
 
-def _output(task_id: str, offset: int, store: Any) -> tuple[str, int]:
+def _output(task_id: str, offset: int, store: Any) -> tuple[str, int, TaskRecord | None]:
+    """The output from ``offset``, the offset after it, and the record then."""
     text, nxt = store.output(task_id, offset)
-    return str(text), int(nxt)
+    return str(text), int(nxt), store.get(task_id)
 
 
 async def _chunks(
@@ -229,12 +229,11 @@ async def _chunks(
     deadline = time.monotonic() + timeout
     final_seen = 0
     while True:
-        text, offset = await in_thread(backend.store, partial(_output, task_id, offset))
+        text, offset, rec = await backend.on_store(partial(_output, task_id, offset))
         if text:
             yield text
         if not follow or time.monotonic() > deadline:
             return
-        rec = await in_thread(backend.store, lambda s: s.get(task_id))
         if rec is None or rec.status in FINAL_STATUSES:
             final_seen += 1
             if final_seen > 2 and not text:  # chunks recorded after the final event
@@ -258,7 +257,7 @@ async def task_output(
 ) -> Stream:
     """A task's output as a text stream (404 for an unknown task)."""
     web = web_state(state)
-    await in_thread(_record, web.backend, task_id)
+    await task_record(web.backend, task_id)
     return Stream(
         _chunks(web.backend, task_id, follow, web.config.follow_timeout),
         media_type="text/plain",
@@ -269,14 +268,15 @@ async def task_output(
 # -- cancel -----------------------------------------------------------------------
 
 
-def cancel_sync(backend: Backend, task_id: str, by: str) -> CancelResult:
-    """Cancel ``task_id`` (``App.cancel``) with the store under the
-    backend's lock; NotFoundException when the store has never heard of it."""
+async def ask_cancel(backend: Backend, task_id: str, by: str) -> CancelResult:
+    """Cancel ``task_id`` (``App.cancel``, a sync call that writes to the store
+    and sends the cancel: on the store's thread); NotFoundException when the
+    store has never heard of it."""
     cancel = getattr(backend.app, "cancel", None)
     if not callable(cancel):
         raise NotFoundException(detail="this app cannot cancel tasks")
     try:
-        result: CancelResult = backend.store(lambda s: cancel(task_id, by=by, store=s))
+        result: CancelResult = await backend.on_store(lambda s: cancel(task_id, by=by, store=s))
     except KeyError:
         raise NotFoundException(detail=f"no task {task_id!r}") from None
     return result
@@ -304,8 +304,11 @@ async def cancel_task(
     """Cancel the task ``task_id``."""
     backend = web_state(request.app.state).backend
     who = identity(request)
-    result = await in_thread(cancel_sync, backend, task_id, str(who) if who else "")
-    audit(request, f"asked to cancel task {task_id!r} via API: {result.detail}")
+    result = await audited(
+        request,
+        ask_cancel(backend, task_id, str(who) if who else ""),
+        lambda r: f"asked to cancel task {task_id!r} via API: {r.detail}",
+    )
     return result
 
 

@@ -4,13 +4,14 @@ and the tasks the store shows running on each."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgspec
 from litestar import get
 from litestar.datastructures import State
 from litestar.handlers import HTTPRouteHandler
 
-from kew.task.model import TaskRecord
+from kew.task.model import TaskRecord, WorkerRecord
 from kew.web._errors import AUTH_ERRORS
 from kew.web._state import WebState, web_state
 from kew.web.search import TaskQuery, search_tasks
@@ -34,12 +35,14 @@ class WorkerOut(msgspec.Struct, frozen=True):
     running: list[TaskRecord]
 
 
-def workers_view(web: WebState) -> list[WorkerOut]:
+def _read(store: Any) -> tuple[list[WorkerRecord], list[TaskRecord]]:
+    running = TaskQuery(statuses=("running",), limit=MAX_RUNNING)
+    return list(store.workers()), search_tasks(store, running)
+
+
+async def workers_view(web: WebState) -> list[WorkerOut]:
     """Every worker heard of, alive ones first, with its running tasks."""
-    beats = web.backend.store(lambda s: list(s.workers()))
-    running = web.backend.store(
-        lambda s: search_tasks(s, TaskQuery(statuses=("running",), limit=MAX_RUNNING))
-    )
+    beats, running = await web.backend.on_store(_read)
     by_worker: dict[str, list[TaskRecord]] = {}
     for r in running:
         by_worker.setdefault(r.worker, []).append(r)
@@ -68,12 +71,11 @@ def workers_view(web: WebState) -> list[WorkerOut]:
     summary="Workers: alive or stale, their queues and running tasks",
     raises=AUTH_ERRORS,
     tags=["monitoring"],
-    sync_to_thread=True,
 )
-def workers(state: State) -> list[WorkerOut]:
+async def workers(state: State) -> list[WorkerOut]:
     """Every worker heard of through heartbeats (alive first), and the tasks
     running on each."""
-    return workers_view(web_state(state))
+    return await workers_view(web_state(state))
 
 
 #: The worker routes.

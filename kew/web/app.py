@@ -16,6 +16,11 @@ the guard and the lifespan hooks find the served app, its settings,
 :class:`Backend`, page sessions and depth history in the application's
 ``state`` (:mod:`kew.web._state`).
 
+Every handler is a coroutine: the broker is reached through the web's own
+async connector (:mod:`kew.web._broker`, kew.aio), submits through
+``TaskQueue.submit_async``, and the task store, a sync API, on one thread of
+the web's (:mod:`kew.web._store`).
+
 Behind a reverse proxy under a path prefix (``config.root_path``, e.g.
 ``/kew``), the application answers both forms of request: with the prefix
 (a proxy that passes the path as is) and without it (one that strips it);
@@ -215,14 +220,15 @@ async def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
     set_identity(connection, who)
 
 
-def _on_startup(asgi: Litestar) -> None:
+async def _on_startup(asgi: Litestar) -> None:
     web = web_state(asgi.state)
     complete_openapi(asgi, web.app)
+    web.backend.open()
     web.samplers.append(Sampler(lambda: take_sample(web), web.config.sample_seconds).start())
 
 
-def _on_shutdown(asgi: Litestar) -> None:
+async def _on_shutdown(asgi: Litestar) -> None:
     web = web_state(asgi.state)
     while web.samplers:
-        web.samplers.pop().stop()
-    web.backend.close()
+        await web.samplers.pop().stop()
+    await web.backend.close()

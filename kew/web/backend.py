@@ -1,4 +1,5 @@
-"""What the web front end needs of a task app, and thread-safe access to it.
+"""What the web front end needs of a task app, and access to it from the
+event loop (:class:`Backend`).
 
 :class:`TaskApp` is the part of :class:`kew.task.App` the front end uses,
 as a protocol, so that any app of that shape can be served.
@@ -6,18 +7,19 @@ as a protocol, so that any app of that shape can be served.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 
 from kew.qchan import DeadLetterInfo, Queue
-from kew.qchan.spi import Browser, Connector, QueueStats
+from kew.qchan.spi import Connector
 from kew.task.model import TaskRecord, WorkerRecord
+from kew.web._broker import WebBroker
+from kew.web._store import StoreThread
 
 R = TypeVar("R")
 
@@ -37,6 +39,10 @@ class TaskQueueLike(Protocol):
     @property
     def queue(self) -> Queue[Any]: ...
     def submit(self, data: Any, *, delay: float | None = None, id: str | None = None) -> str: ...
+    async def submit_async(
+        self, data: Any, *, delay: float | None = None, id: str | None = None
+    ) -> str: ...
+    def decode_json(self, body: bytes | str) -> Any: ...
 
 
 class Stoppable(Protocol):
@@ -123,31 +129,27 @@ def type_label(tp: Any) -> str:
 
 
 class Backend:
-    """Serialised access to the app's broker browsers and store: one call
-    at a time each (providers' browsers and stores need not be thread-safe)."""
+    """The served app's broker and store, from the event loop: the broker
+    through the web's async connector (:class:`~kew.web._broker.WebBroker`),
+    the store on its one thread (:class:`~kew.web._store.StoreThread`)."""
 
     def __init__(self, app: TaskApp) -> None:
         self.app = app
-        self._broker_lock = threading.Lock()
-        self._store_lock = threading.Lock()
-        self._browsers: dict[str, Browser] = {}
+        self.broker = WebBroker(app.connector)
+        self.store = StoreThread(lambda: app.store)
 
-    # -- broker -----------------------------------------------------------
+    def open(self) -> None:
+        """Connect to the broker (no I/O yet): the application's start."""
+        self.broker.open()
 
-    def _browser(self, name: str) -> Browser:
-        b = self._browsers.get(name)
-        if b is None:
-            self.app.connector.declare(name)  # queues are declared on first use
-            b = self._browsers[name] = self.app.connector.browser(name)
-        return b
+    async def close(self) -> None:
+        """Close the broker connection and stop the store's thread."""
+        await self.broker.close()
+        self.store.close()
 
-    def broker(self, fn: Callable[[], R]) -> R:
-        with self._broker_lock:
-            return fn()
-
-    def store(self, fn: Callable[[Any], R]) -> R:
-        with self._store_lock:
-            return fn(self.app.store)
+    async def on_store(self, fn: Callable[[Any], R]) -> R:
+        """``fn(store)`` on the store's thread (every store call of kew.web)."""
+        return await self.store.run(fn)
 
     def known(self, name: str) -> bool:
         return name in self.app.queue_names()
@@ -170,18 +172,20 @@ class Backend:
                 return "queue", type_label(getattr(queue, "type", ""))
         return "queue", ""
 
-    def queue_infos(self, names: Sequence[str] | None = None) -> list[QueueInfo]:
+    async def queue_infos(self, names: Sequence[str] | None = None) -> list[QueueInfo]:
+        """The depths of ``names`` (default: every queue of the app), asked
+        of the broker together."""
+        names = list(names if names is not None else self.app.queue_names())
+        stats = await asyncio.gather(*(self.broker.stats(name) for name in names))
         out = []
-        for name in names if names is not None else self.app.queue_names():
-            s: QueueStats = self.broker(lambda n=name: self._browser(n).stats())  # type: ignore[misc]
+        for name, s in zip(names, stats, strict=True):
             kind, tp = self.kind(name)
             out.append(QueueInfo(name, kind, tp, s.ready, s.in_flight, s.delayed, s.dead))
         return out
 
-    def dead_letters(self, name: str, limit: int) -> list[DeadLetterOut]:
-        dead = self.broker(lambda: list(self._browser(name).dead_letters(limit)))
+    async def dead_letters(self, name: str, limit: int) -> list[DeadLetterOut]:
         out = []
-        for d in dead:
+        for d in await self.broker.dead_letters(name, limit):
             info = DeadLetterInfo.of(d)
             text, b64 = body_text(info.body)
             out.append(
@@ -197,15 +201,8 @@ class Backend:
             )
         return out
 
-    def requeue(self, name: str, ids: Sequence[str] | None) -> int:
-        return self.broker(lambda: self._browser(name).requeue_dead(ids))
+    async def requeue(self, name: str, ids: Sequence[str] | None) -> int:
+        return await self.broker.requeue(name, ids)
 
-    def purge(self, name: str, ids: Sequence[str] | None) -> int:
-        return self.broker(lambda: self._browser(name).purge_dead(ids))
-
-    def close(self) -> None:
-        with self._broker_lock:
-            for b in self._browsers.values():
-                with contextlib.suppress(Exception):
-                    b.close()
-            self._browsers.clear()
+    async def purge(self, name: str, ids: Sequence[str] | None) -> int:
+        return await self.broker.purge(name, ids)

@@ -6,18 +6,20 @@ while the server runs and kept in its memory.
   task's latest run) and ``finished_at`` (with the final status): a task
   that ran three attempts counts once, when its last attempt started, and
   ``failed`` counts tasks that failed for good, not failed attempts.
-* Depths are sampled every ``sample_seconds`` by a thread of the server
-  (:class:`Sampler`) for ``history_hours``; a restart starts the history
+* Depths are sampled every ``sample_seconds`` by a task on the server's
+  event loop (:class:`Sampler`) for ``history_hours``; a restart starts the history
   afresh, and several servers each keep their own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import msgspec
 
@@ -73,33 +75,36 @@ class DepthHistory:
 
 
 class Sampler:
-    """A thread that calls ``sample()`` every ``every`` seconds (first at
-    once) until :meth:`stop`; a failing sample (broker down) is skipped."""
+    """A task of the event loop that awaits ``sample()`` every ``every``
+    seconds (first at once; the next ``every`` seconds after one ends) until
+    :meth:`stop`; a failing sample (broker down) is skipped."""
 
-    def __init__(self, sample: Callable[[], None], every: float) -> None:
+    def __init__(self, sample: Callable[[], Awaitable[None]], every: float) -> None:
         self._sample = sample
         self.every = every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kew-web-sampler", daemon=True)
+        self._task: asyncio.Task[None] | None = None
         self.failures = 0
 
     def start(self) -> Sampler:
-        self._thread.start()
+        """Start on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="kew-web-sampler")
         return self
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    async def _run(self) -> None:
+        while True:
             try:
-                self._sample()
+                await self._sample()
             except Exception as e:
                 self.failures += 1
                 log.debug("kew.web: queue depth sample failed: %s", type(e).__name__)
-            self._stop.wait(self.every)
+            await asyncio.sleep(self.every)
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def bucket_ms(window_ms: int, most: int = 240) -> int:

@@ -12,24 +12,26 @@ session's CSRF token (checked by the guard)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
-from litestar.exceptions import NotFoundException, ValidationException
+from litestar.exceptions import ValidationException
 from litestar.params import Parameter
 from litestar.response import Redirect
 
+from kew.task.model import TaskRecord
 from kew.web._apidoc import APIDOC_ROUTES
 from kew.web._errors import CsrfRefused
 from kew.web._page_dead import DEAD_PAGE_ROUTES
 from kew.web._page_views import VIEW_ROUTES
 from kew.web._render import PAGE, PAGE_ADMIN, page_context, render
-from kew.web._state import WebState, audit, audit_log, identity, in_thread, web_state
+from kew.web._state import WebState, audit_log, audited, identity, web_state
 from kew.web._stats import compute_stats
-from kew.web._tasks import cancel_sync
+from kew.web._tasks import ask_cancel, task_record
 from kew.web.auth import CSRF_FIELD, CSRF_HEADER, Sessions, token_identity
 from kew.web.search import STATUSES, TaskQuery, parse_local, search_tasks, to_ms
 
@@ -69,21 +71,26 @@ def _query(web: WebState, params: dict[str, str]) -> tuple[TaskQuery, str]:
     return q, problem
 
 
-def overview_context(request: Request[Any, Any, Any]) -> dict[str, Any]:
+async def overview_context(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The overview's data: the tasks found, the trends and the queues'
+    depths, asked of the store and the broker together."""
     web = web_state(request.app.state)
     params = {k: str(v) for k, v in request.query_params.items()}
     q, problem = _query(web, params)
-    found = web.backend.store(lambda s: search_tasks(s, q))
+    only = q.queues[0] if q.queues else None
+    found, stats, queues = await asyncio.gather(
+        web.backend.on_store(lambda s: search_tasks(s, q)),
+        compute_stats(web, 60, only),
+        web.backend.queue_infos(),
+    )
     kept = {k: params[k] for k in FILTERS if params.get(k)}
 
     def page_link(offset: int) -> str:
         args = {**kept, **({"offset": str(offset)} if offset else {})}
         return web.link("/ui") + ("?" + urlencode(args) if args else "")
 
-    only = q.queues[0] if q.queues else None
-    stats = compute_stats(web, 60, only)
     return {
-        "queues": web.backend.queue_infos(),
+        "queues": queues,
         "tasks": found[:PAGE_SIZE],
         "only": only,
         "filtered": q.filtered,
@@ -103,8 +110,8 @@ async def root(request: Request[Any, Any, Any]) -> Redirect:
     return Redirect(web_state(request.app.state).link("/ui"))
 
 
-@get("/ui", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-def index(request: Request[Any, Any, Any]) -> Response[str]:
+@get("/ui", include_in_schema=False, opt=PAGE)
+async def index(request: Request[Any, Any, Any]) -> Response[str]:
     web = web_state(request.app.state)
     form = {k: str(request.query_params.get(k) or "") for k in FILTERS}
     return render(
@@ -114,20 +121,17 @@ def index(request: Request[Any, Any, Any]) -> Response[str]:
         form=form,
         task_queues=sorted(web.app.queues),
         statuses=STATUSES,
-        **overview_context(request),
+        **await overview_context(request),
     )
 
 
-@get("/ui/overview", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-def overview(request: Request[Any, Any, Any]) -> Response[str]:
-    return render(request, "_overview.html", **overview_context(request))
+@get("/ui/overview", include_in_schema=False, opt=PAGE)
+async def overview(request: Request[Any, Any, Any]) -> Response[str]:
+    return render(request, "_overview.html", **await overview_context(request))
 
 
-def _task_record(request: Request[Any, Any, Any], task_id: str) -> Any:
-    rec = web_state(request.app.state).backend.store(lambda s: s.get(task_id))
-    if rec is None:
-        raise NotFoundException(detail=f"no task {task_id!r}")
-    return rec
+async def _task_record(request: Request[Any, Any, Any], task_id: str) -> TaskRecord:
+    return await task_record(web_state(request.app.state).backend, task_id)
 
 
 #: What the task page says after a cancel (its ``cancel`` query parameter).
@@ -138,8 +142,8 @@ _CANCEL_FLASH = {
 }
 
 
-@get("/ui/tasks/{task_id:str}", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-def task_page(
+@get("/ui/tasks/{task_id:str}", include_in_schema=False, opt=PAGE)
+async def task_page(
     request: Request[Any, Any, Any],
     task_id: Annotated[str, Parameter()],
     cancel: Annotated[str | None, Parameter()] = None,
@@ -148,7 +152,7 @@ def task_page(
         request,
         "task.html",
         heading=f"task {task_id}",
-        task=_task_record(request, task_id),
+        task=await _task_record(request, task_id),
         flash=_CANCEL_FLASH.get(cancel or "", ""),
     )
 
@@ -164,7 +168,7 @@ async def cancel_confirm(
 ) -> Response[str]:
     """The confirmation step: what cancelling will do, and a form doing it."""
     web = web_state(request.app.state)
-    task = await in_thread(_task_record, request, task_id)
+    task = await _task_record(request, task_id)
     return render(
         request,
         "task_cancel.html",
@@ -186,17 +190,20 @@ async def cancel_page(
     if form.get("confirm") != "yes":
         raise ValidationException(detail="not confirmed: use the confirmation form")
     who = identity(request)
-    result = await in_thread(cancel_sync, web.backend, task_id, str(who) if who else "")
-    audit(request, f"asked to cancel task {task_id!r} via page: {result.detail}")
+    result = await audited(
+        request,
+        ask_cancel(web.backend, task_id, str(who) if who else ""),
+        lambda r: f"asked to cancel task {task_id!r} via page: {r.detail}",
+    )
     outcome = (
         "final" if not result.cancelled else "done" if result.status == "cancelled" else "asked"
     )
     return Redirect(_task_url(web, task_id, cancel=outcome), status_code=303)
 
 
-@get("/ui/tasks/{task_id:str}/status", include_in_schema=False, opt=PAGE, sync_to_thread=True)
-def task_status(request: Request[Any, Any, Any], task_id: Annotated[str, Parameter()]) -> Any:
-    return render(request, "_task.html", task=_task_record(request, task_id))
+@get("/ui/tasks/{task_id:str}/status", include_in_schema=False, opt=PAGE)
+async def task_status(request: Request[Any, Any, Any], task_id: Annotated[str, Parameter()]) -> Any:
+    return render(request, "_task.html", task=await _task_record(request, task_id))
 
 
 @get("/ui/login", include_in_schema=False, opt={"scope": "public"})
