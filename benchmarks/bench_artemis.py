@@ -12,6 +12,10 @@ it answers, plus any --url.  Lines, 200-byte messages:
   consume    client-individual subscription (prefetch 100), ACK per message,
              vs a kew sink (prefetch 100)
 Writes a markdown table to stdout and benchmarks/results/.
+
+With --defaults (RabbitMQ-STOMP unless --url): only ``q.sink(h)`` with no
+arguments next to the raw client-individual consume (prefetch 100),
+--rounds times interleaved.
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ from typing import Any
 
 import msgspec
 import stomp
-from harness import Sample, bench_kew, make
+from harness import (
+    DEFAULTS_HEADER,
+    Rate,
+    Sample,
+    Timer,
+    bench_kew,
+    interleave,
+    kew_sink_defaults,
+    make,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -135,6 +148,50 @@ def raw(url: str, n: int, batch: int, prefetch: int) -> dict[str, float]:
     return out
 
 
+def raw_drain(url: str, n: int, prefetch: int = 100) -> Rate:
+    """msg/s of raw stomp.py draining ``n`` persistent messages sent
+    beforehand: a client-individual subscription (prefetch ``prefetch``),
+    decode, one ACK per message."""
+    o = Options.from_url(url)
+    dest = destination(o.dialect, f"rawbench-d-{os.urandom(3).hex()}")
+    enc = msgspec.json.Encoder()
+    headers = {"persistent": "true", "content-type": "application/json"}
+    if o.dialect == "artemis":
+        headers["destination-type"] = "ANYCAST"
+    conn, listener = _connect(o)
+    try:
+        bodies = [enc.encode(s) for s in make(n)]
+        for i in range(0, n, 100):
+            ids = []
+            for j in range(i, min(i + 100, n)):
+                rid = f"d{j}"
+                conn.send(dest, bodies[j], headers={**headers, "receipt": rid})
+                ids.append(rid)
+            listener.wait(ids)
+        dec = msgspec.json.Decoder(Sample)
+        done = threading.Event()
+        count = [0]
+
+        def on_msg(frame: Any) -> None:
+            dec.decode(frame.body)
+            conn.ack(frame.headers["ack"])
+            count[0] += 1
+            if count[0] == n:
+                done.set()
+
+        listener.on_msg = on_msg
+        timer = Timer()
+        timer.start()
+        conn.subscribe(dest, id="c", ack="client-individual",
+                       headers=subscribe_headers(o.dialect, prefetch))  # fmt: skip
+        done.wait(600)
+        got = timer.rate(n)
+        conn.unsubscribe("c")
+        return got
+    finally:
+        conn.disconnect()
+
+
 def _drain(conn: Any, listener: _Raw, dest: str, n: int, dialect: str) -> None:
     done = threading.Event()
     count = [0]
@@ -164,9 +221,18 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=10000)
     ap.add_argument("--url", action="append", default=[])
     ap.add_argument("--no-activemq", action="store_true")
+    ap.add_argument(
+        "--defaults",
+        action="store_true",
+        help="only `sink(h)` with no arguments vs raw stomp.py (prefetch 100), interleaved",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="with --defaults")
     args = ap.parse_args()
     urls = list(args.url)
     server = None
+    if args.defaults and not urls:
+        urls = ["stomp://guest:guest@127.0.0.1:61613/?dialect=rabbitmq"]
+        args.no_activemq = True
     if not args.no_activemq:
         from tests.brokers.activemq import ActiveMQServer
 
@@ -182,6 +248,29 @@ def main() -> None:
         "| broker | line | raw stomp.py msg/s | kew msg/s | kew / raw | kew / raw send |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    if args.defaults:
+        try:
+            parts = [f"STOMP, n={args.n} messages of 200 bytes", "", DEFAULTS_HEADER]
+            for url in urls:
+                dialect = Options.from_url(url).dialect
+                parts.append(
+                    interleave(
+                        dialect,
+                        args.n,
+                        args.rounds,
+                        lambda u=url: raw_drain(u, args.n),  # type: ignore[misc]
+                        lambda u=url: kew_sink_defaults(u, args.n),  # type: ignore[misc]
+                    )
+                )
+        finally:
+            if server is not None:
+                server.kill()
+        table = "\n".join(parts)
+        print(table)
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        (out / f"defaults-stomp-{time.strftime('%Y%m%d-%H%M%S')}.md").write_text(table + "\n")
+        return
     try:
         for url in urls:
             base = raw(url, args.n, 100, 100)

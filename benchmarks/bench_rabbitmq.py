@@ -24,6 +24,9 @@ publisher confirms, prefetch 100, one ack per message.  Lines:
   run through benchmarks/bench_tasks.py's driver.
 
 Writes a markdown table to stdout and benchmarks/results/rabbitmq-<date>.md.
+
+With --defaults: only ``q.sink(h)`` with no arguments next to raw pika's
+consume (prefetch 100, an ack each), --rounds times interleaved.
 """
 
 from __future__ import annotations
@@ -42,7 +45,16 @@ from typing import Any
 
 import msgspec
 import pika
-from harness import Sample, bench_kew, make
+from harness import (
+    DEFAULTS_HEADER,
+    Rate,
+    Sample,
+    Timer,
+    bench_kew,
+    interleave,
+    kew_sink_defaults,
+    make,
+)
 
 import kew
 
@@ -106,6 +118,48 @@ def raw(url: str, n: int, batch: int, prefetch: int) -> dict[str, float]:
         ch.queue_delete(key)
         conn.close()
     return out
+
+
+def raw_drain(url: str, n: int, prefetch: int = 100) -> Rate:
+    """msg/s of raw pika draining ``n`` persistent messages sent beforehand:
+    basic_consume with prefetch ``prefetch``, decode, one ack per message."""
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    ch = conn.channel()
+    key = f"rawbench-d-{os.urandom(3).hex()}"
+    ch.queue_declare(key, durable=True, arguments={"x-queue-type": "classic"})
+    enc = msgspec.json.Encoder()
+    bodies = [enc.encode(s) for s in make(n)]
+    props = [
+        pika.BasicProperties(
+            message_id=str(i),
+            headers={"content-type": "application/json"},
+            delivery_mode=2,
+            content_type="application/json",
+        )
+        for i in range(n)
+    ]
+    try:
+        pipelined(conn, key, bodies, props, 100)
+        dec = msgspec.json.Decoder(Sample)
+        cons = conn.channel()
+        cons.basic_qos(prefetch_count=prefetch)
+        left = [n]
+
+        def on_message(c: object, method: object, _p: object, body: bytes) -> None:
+            dec.decode(body)
+            cons.basic_ack(method.delivery_tag)  # type: ignore[attr-defined]
+            left[0] -= 1
+            if left[0] == 0:
+                cons.stop_consuming()
+
+        timer = Timer()
+        timer.start()
+        cons.basic_consume(key, on_message)
+        cons.start_consuming()
+        return timer.rate(n)
+    finally:
+        ch.queue_delete(key)
+        conn.close()
 
 
 def pipelined(
@@ -233,10 +287,30 @@ def main() -> None:
     ap.add_argument("--e2e", type=int, default=10000, help="messages for the end-to-end line")
     ap.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--defaults",
+        action="store_true",
+        help="only `sink(h)` with no arguments vs raw pika (prefetch 100), interleaved",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="with --defaults")
     args = ap.parse_args()
     if args.worker:
         url, queue, n, out = args.worker
         kew_worker(url, queue, int(n), Path(out))
+        return
+    if args.defaults:
+        rows = interleave(
+            "rabbitmq",
+            args.n,
+            args.rounds,
+            lambda: raw_drain(args.url, args.n),
+            lambda: kew_sink_defaults(args.url, args.n),
+        )
+        table = f"RabbitMQ, n={args.n} messages of 200 bytes\n\n{DEFAULTS_HEADER}\n{rows}"
+        print(table)
+        (HERE / "results").mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (HERE / "results" / f"defaults-rabbitmq-{stamp}.md").write_text(table + "\n")
         return
     base = raw(args.url, args.n, 100, 100)
     ours = bench_kew(args.url, args.n, 100, 100)

@@ -5,6 +5,10 @@
 Lines: XADD one at a time vs ``send``; pipelined XADD (batches of 100) vs
 ``send_many``; XREADGROUP (COUNT 100) + XACK + XDEL per message vs a kew sink
 (prefetch 100, ack per message).  200-byte messages.  Writes a markdown table.
+
+With --defaults: only ``q.sink(h)`` with no arguments next to redis-py's fast
+loop (XREADGROUP COUNT 100, one XACK + XDEL per batch), --rounds times
+interleaved.
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ from pathlib import Path
 
 import msgspec
 import redis
-from harness import Sample, bench_kew, make
+from harness import (
+    DEFAULTS_HEADER,
+    Rate,
+    Sample,
+    Timer,
+    bench_kew,
+    interleave,
+    kew_sink_defaults,
+    make,
+)
 
 
 def raw(url: str, n: int, batch: int) -> dict[str, float]:
@@ -59,11 +72,65 @@ def raw(url: str, n: int, batch: int) -> dict[str, float]:
     return out
 
 
+def raw_drain(url: str, n: int, batch: int = 100) -> Rate:
+    """msg/s of redis-py's fast loop draining ``n`` entries added
+    beforehand: XREADGROUP COUNT ``batch``, decode each, then one XACK (and
+    XDEL, as kew keeps the stream short) for the batch."""
+    r = redis.Redis.from_url(url.split("?")[0])
+    key = f"rawbench-d-{os.urandom(3).hex()}"
+    enc = msgspec.json.Encoder()
+    headers = b'{"content-type":"application/json"}'
+    try:
+        p = r.pipeline(transaction=False)
+        for i, s in enumerate(make(n)):
+            p.xadd(key, {"id": str(i), "body": enc.encode(s), "headers": headers})
+        p.execute()
+        r.xgroup_create(key, "g", "0")
+        dec = msgspec.json.Decoder(Sample)
+        timer = Timer()
+        timer.start()
+        left = n
+        while left:
+            reply = r.xreadgroup("g", "c", {key: ">"}, count=batch, block=1000)
+            ids = []
+            for entry_id, fields in reply[0][1]:
+                dec.decode(fields[b"body"])
+                ids.append(entry_id)
+            p = r.pipeline(transaction=False)
+            p.xack(key, "g", *ids)
+            p.xdel(key, *ids)
+            p.execute()
+            left -= len(ids)
+        return timer.rate(n)
+    finally:
+        r.delete(key)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--url", default="redis://127.0.0.1:6379/14")
+    ap.add_argument(
+        "--defaults",
+        action="store_true",
+        help="only `sink(h)` with no arguments vs redis-py's fast loop, interleaved",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="with --defaults")
     args = ap.parse_args()
+    if args.defaults:
+        rows = interleave(
+            "redis",
+            args.n,
+            args.rounds,
+            lambda: raw_drain(args.url, args.n),
+            lambda: kew_sink_defaults(args.url, args.n),
+        )
+        table = f"Redis, n={args.n} messages of 200 bytes\n\n{DEFAULTS_HEADER}\n{rows}"
+        print(table)
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        (out / f"defaults-redis-{time.strftime('%Y%m%d-%H%M%S')}.md").write_text(table + "\n")
+        return
     base = raw(args.url, args.n, 100)
     ours = bench_kew(args.url, args.n, 100, 100)
     lines = [

@@ -82,8 +82,100 @@ def bench_kew(url: str, n: int, batch: int, prefetch: int) -> dict[str, float]:
     return out
 
 
-def bench_raw_sqlite(path: str, n: int, batch: int, prefetch: int) -> dict[str, float]:
-    """The same inserts/claims/deletes with sqlite3 alone."""
+Rate = tuple[float, float]
+"""msg/s, and the CPU time of the client process per message (us): the
+steadier figure on a shared machine."""
+
+
+class Timer:
+    """Wall and process CPU time from ``start()`` to ``rate(n)``."""
+
+    def start(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def rate(self, n: int) -> Rate:
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        return n / wall, cpu / n * 1e6
+
+
+def kew_sink_defaults(url: str, n: int) -> Rate:
+    """msg/s (and CPU us/msg) of ``q.sink(handler)`` with no arguments
+    (concurrency 1, the default window) draining ``n`` messages sent
+    beforehand: the figure a user gets without tuning."""
+    conn = kew.connect(url)
+    name = f"bench-d-{os.urandom(3).hex()}"
+    q = kew.Queue(conn, name, Sample)
+    items = make(n)
+    try:
+        for i in range(0, n, 100):
+            q.send_many(items[i : i + 100])
+        done = threading.Event()
+        count = [0]
+
+        def take(_: Sample) -> None:
+            count[0] += 1
+            if count[0] == n:
+                done.set()
+
+        timer = Timer()
+        timer.start()
+        sub = q.sink(take)
+        done.wait(600)
+        got = timer.rate(n)  # to the last message, not the stop
+        sub.stop()
+        return got
+    finally:
+        conn.delete(name)
+        conn.close()
+
+
+def interleave(
+    label: str, n: int, rounds: int, raw: Callable[[], Rate], ours: Callable[[], Rate]
+) -> str:
+    """Runs ``raw`` and ``ours`` one after the other, ``rounds`` times (a
+    shared, noisy machine: the ratio of neighbours is the figure), and
+    returns markdown table rows, the last with the medians."""
+    rows: list[tuple[Rate, Rate]] = []
+    lines = []
+    for i in range(rounds):
+        r, k = raw(), ours()
+        rows.append((r, k))
+        lines.append(
+            f"| {label} | {i + 1} | {r[0]:,.0f} | {k[0]:,.0f} | {k[0] / r[0]:.2f} "
+            f"| {r[1]:.1f} | {k[1]:.1f} | {r[1] / k[1]:.2f} |"
+        )
+    mid = rounds // 2
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[mid]
+
+    lines.append(
+        f"| {label} | median | {median([r[0] for r, _ in rows]):,.0f} "
+        f"| {median([k[0] for _, k in rows]):,.0f} "
+        f"| **{median([k[0] / r[0] for r, k in rows]):.2f}** "
+        f"| {median([r[1] for r, _ in rows]):.1f} | {median([k[1] for _, k in rows]):.1f} "
+        f"| **{median([r[1] / k[1] for r, k in rows]):.2f}** |"
+    )
+    return "\n".join(lines)
+
+
+DEFAULTS_HEADER = (
+    "| broker | round | raw msg/s | kew `sink(h)` msg/s | kew / raw "
+    "| raw CPU us/msg | kew CPU us/msg | raw / kew CPU |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|"
+)
+
+
+_INSERT = "INSERT INTO m (queue, id, body, headers, avail_at) VALUES ('q', ?, ?, ?, ?)"
+_HEADERS = b'{"content-type":"application/json"}'
+
+
+def _now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _raw_db(path: str) -> sqlite3.Connection:
+    """A sqlite3 connection with kew's pragmas and a table shaped like kew's."""
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
@@ -92,16 +184,65 @@ def bench_raw_sqlite(path: str, n: int, batch: int, prefetch: int) -> dict[str, 
         " body BLOB, headers BLOB, avail_at INTEGER, owner TEXT, count INTEGER DEFAULT 0);"
         "CREATE INDEX IF NOT EXISTS m_next ON m (queue, avail_at, seq);"
     )
+    return db
+
+
+def _raw_consume(db: sqlite3.Connection, n: int, prefetch: int, batch_delete: bool) -> None:
+    """Claim ``prefetch`` rows per transaction, decode each; delete each
+    (autocommit) or, with ``batch_delete``, the claimed batch in one."""
+    dec = msgspec.json.Decoder(Sample)
+    left = n
+    while left:
+        db.execute("BEGIN IMMEDIATE")
+        rows = db.execute(
+            "UPDATE m SET avail_at = ?, owner = 'me', count = count + 1 WHERE seq IN "
+            "(SELECT seq FROM m WHERE queue = 'q' AND avail_at <= ? ORDER BY avail_at, seq "
+            "LIMIT ?) RETURNING seq, body",
+            (_now() + 30000, _now(), prefetch),
+        ).fetchall()
+        db.execute("COMMIT")
+        for seq, body in rows:
+            dec.decode(body)
+            if not batch_delete:
+                db.execute("DELETE FROM m WHERE seq = ? AND owner = 'me'", (seq,))
+        if batch_delete and rows:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("DELETE FROM m WHERE seq = ? AND owner = 'me'", [(r[0],) for r in rows])
+            db.execute("COMMIT")
+        left -= len(rows)
+
+
+def raw_sqlite_drain(path: str, n: int, prefetch: int = 100, batch_delete: bool = False) -> Rate:
+    """msg/s (and CPU us/msg) of the raw loop draining ``n`` rows inserted
+    beforehand."""
+    db = _raw_db(path)
+    enc = msgspec.json.Encoder()
+    try:
+        db.execute("DELETE FROM m")
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            _INSERT, [(str(i), enc.encode(s), _HEADERS, _now()) for i, s in enumerate(make(n))]
+        )
+        db.execute("COMMIT")
+        db.execute("PRAGMA synchronous=NORMAL")  # kew's consumer connection does the same
+        timer = Timer()
+        timer.start()
+        _raw_consume(db, n, prefetch, batch_delete)
+        return timer.rate(n)
+    finally:
+        db.close()
+
+
+def bench_raw_sqlite(path: str, n: int, batch: int, prefetch: int) -> dict[str, float]:
+    """The same inserts/claims/deletes with sqlite3 alone."""
+    db = _raw_db(path)
     enc = msgspec.json.Encoder()
     items = [enc.encode(s) for s in make(n)]
-    headers = b'{"content-type":"application/json"}'
-    now = lambda: time.time_ns() // 1_000_000  # noqa: E731
-    ins = "INSERT INTO m (queue, id, body, headers, avail_at) VALUES ('q', ?, ?, ?, ?)"
     out: dict[str, float] = {}
 
     def single() -> None:
         for i, body in enumerate(items[: min(n, 2000)]):
-            db.execute(ins, (str(i), body, headers, now()))  # autocommit: one transaction
+            db.execute(_INSERT, (str(i), body, _HEADERS, _now()))  # autocommit: one transaction
 
     out["send"] = rate(min(n, 2000), single)
     db.execute("DELETE FROM m")
@@ -110,33 +251,42 @@ def bench_raw_sqlite(path: str, n: int, batch: int, prefetch: int) -> dict[str, 
         for i in range(0, n, batch):
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
-                ins, [(str(j), b, headers, now()) for j, b in enumerate(items[i : i + batch])]
+                _INSERT, [(str(j), b, _HEADERS, _now()) for j, b in enumerate(items[i : i + batch])]
             )
             db.execute("COMMIT")
 
     out["send_many"] = rate(n, many)
     db.execute("PRAGMA synchronous=NORMAL")  # kew's consumer connection does the same
-
-    def consume() -> None:
-        dec = msgspec.json.Decoder(Sample)
-        left = n
-        while left:
-            db.execute("BEGIN IMMEDIATE")
-            rows = db.execute(
-                "UPDATE m SET avail_at = ?, owner = 'me', count = count + 1 WHERE seq IN "
-                "(SELECT seq FROM m WHERE queue = 'q' AND avail_at <= ? ORDER BY avail_at, seq "
-                "LIMIT ?) RETURNING seq, body",
-                (now() + 30000, now(), prefetch),
-            ).fetchall()
-            db.execute("COMMIT")
-            for seq, body in rows:
-                dec.decode(body)
-                db.execute("DELETE FROM m WHERE seq = ? AND owner = 'me'", (seq,))
-            left -= len(rows)
-
-    out["consume"] = rate(n, consume)
+    out["consume"] = rate(n, lambda: _raw_consume(db, n, prefetch, False))
     db.close()
     return out
+
+
+def defaults(tmp: str, n: int, rounds: int) -> str:
+    """``sink(h)`` with no arguments on SQLite next to the raw loop (claim
+    100, delete each; and claim 100, delete the batch in one transaction)."""
+    k = 0
+
+    def ours() -> Rate:
+        nonlocal k
+        k += 1
+        return kew_sink_defaults(f"sqlite:///{tmp}/kew-d{k}.sqlite3", n)
+
+    return "\n".join(
+        [
+            DEFAULTS_HEADER,
+            interleave(
+                "sqlite", n, rounds, lambda: raw_sqlite_drain(f"{tmp}/raw-d.sqlite3", n), ours
+            ),
+            interleave(
+                "sqlite (raw: batch delete)",
+                n,
+                rounds,
+                lambda: raw_sqlite_drain(f"{tmp}/raw-b.sqlite3", n, batch_delete=True),
+                ours,
+            ),
+        ]
+    )
 
 
 def main() -> None:
@@ -145,8 +295,21 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=5000, help="messages per line (send: at most 2000)")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--prefetch", type=int, default=100)
+    ap.add_argument(
+        "--defaults",
+        action="store_true",
+        help="only `sink(h)` with no arguments vs the raw loop (SQLite), interleaved",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="with --defaults")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="kew-bench-")
+    if args.defaults:
+        table = f"SQLite, n={args.n} messages of 200 bytes\n\n" + defaults(tmp, args.n, args.rounds)
+        print(table)
+        results = Path(__file__).parent / "results"
+        results.mkdir(exist_ok=True)
+        (results / f"defaults-sqlite-{time.strftime('%Y%m%d-%H%M%S')}.md").write_text(table + "\n")
+        return
     urls = args.url or [f"sqlite:///{tmp}/kew.sqlite3"]
     lines = [
         f"n={args.n} messages of 200 bytes, batch={args.batch}, prefetch={args.prefetch}",

@@ -277,6 +277,12 @@ class RedisConsumer:
             self._renew, self._lease / 3000, name="kew-redis-lease"
         )
 
+    def set_prefetch(self, count: int) -> None:
+        """From now on hold at most ``count`` deliveries
+        (``WindowedConsumer``): a pull consumer takes only what ``fetch``
+        asks for, so the bound is all there is to move."""
+        self._prefetch = count
+
     # The deliveries of a fetch.
 
     def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:

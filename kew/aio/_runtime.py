@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
-from kew.qchan.runtime import STALL_AFTER
+from kew.qchan._liveness import STALL_AFTER, Liveness
 from kew.qchan.spi import ConsumerFailed, Delivery
 from kew.qchan.spi.aio import AsyncConsumer
 
@@ -81,7 +80,7 @@ class Subscription:
         self._handler = handler
         self._poll = poll_interval
         self._waiting = waiting
-        self._stall_after = stall_after
+        self._live = Liveness(name, poll_interval, stall_after)  # (shared with kew.qchan)
         self._refill = max(1, prefetch // 4)
         self._pending: deque[Delivery] = deque()  # fetched, not started
         self._running = 0  # started, not finished
@@ -91,14 +90,7 @@ class Subscription:
         self._work = asyncio.Condition()
         self._workers: list[asyncio.Task[None]] = []
         self._fetcher: asyncio.Task[None] | None = None
-        self.last_fetch = time.monotonic()
-        self.last_delivery = self.last_fetch
         self.handled = 0
-        #: Why the consumer failed for good (``ConsumerFailed``), or could
-        #: not be opened; else None.
-        self.error: BaseException | None = None
-        self._failing_since: float | None = None
-        self._waiting_since: float | None = None
         _RUNNING.add(self)
         self._stop_task: asyncio.Task[bool] | None = None
         self._started = loop.create_task(self._start(open_consumer), name=f"kew-start-{name}")
@@ -112,7 +104,7 @@ class Subscription:
         try:
             self._consumer = await open_consumer(self.prefetch)
         except BaseException as e:
-            self.error = e
+            self._live.error = e
             _RUNNING.discard(self)
             raise
         if self._stopping:  # stopped while opening: stop() closes the consumer
@@ -151,31 +143,39 @@ class Subscription:
         return len(self._pending) + self._running
 
     @property
+    def error(self) -> BaseException | None:
+        """Why the consumer failed for good (``ConsumerFailed``), or could
+        not be opened; else None."""
+        return self._live.error
+
+    @property
+    def last_fetch(self) -> float:
+        """When (``time.monotonic()``) the fetch task last fetched or looked."""
+        return self._live.last_fetch
+
+    @property
+    def last_delivery(self) -> float:
+        """When (``time.monotonic()``) a fetch last brought deliveries."""
+        return self._live.last_delivery
+
+    @property
     def stall_after(self) -> float:
         """Seconds of failing fetches, or of work left waiting undelivered
         while there was room, after which this subscription is no longer
         alive / healthy."""
-        return self._stall_after
+        return self._live.stall_after
 
     @stall_after.setter
     def stall_after(self, seconds: float) -> None:
-        self._stall_after = seconds
+        self._live.stall_after = seconds
 
     @property
     def alive(self) -> bool:
         """The fetch task is running, has polled recently, its consumer has
         not failed for good, and its fetches have not been failing for
         longer than ``stall_after``.  Asks the broker nothing."""
-        now = time.monotonic()
-        failing = self._failing_since
-        return (
-            not self._stopping
-            and self.error is None
-            and self._fetcher is not None
-            and not self._fetcher.done()
-            and now - self.last_fetch < 10 * self._poll + 30
-            and (failing is None or now - failing < self._stall_after)
-        )
+        fetcher = self._fetcher
+        return self._live.alive(not self._stopping and fetcher is not None and not fetcher.done())
 
     async def healthy(self) -> bool:
         """``alive``, and not stalled: work has not been waiting on the broker
@@ -184,35 +184,14 @@ class Subscription:
         return self.alive and not await self._stalled()
 
     async def _stalled(self) -> bool:
-        if self._waiting is None:
+        if self._waiting is None or self._live.busy(self.in_flight >= self.prefetch):
             return False
-        now = time.monotonic()
-        full = self.in_flight >= self.prefetch
-        if full or self.last_delivery > (self._waiting_since or -1.0):
-            self._waiting_since = None  # busy (long handlers are progress) or delivered since
-        if full:
-            return False
-        since = self._waiting_since
         try:
-            waiting = await self._waiting()
+            waiting: int | None = await self._waiting()
         except Exception as e:  # the broker cannot tell: fetch failures say the rest
             log.debug("kew: cannot count what waits on %s: %s", self.name, e)
-            return False
-        if waiting <= 0:
-            self._waiting_since = None
-            return False
-        if since is None:
-            self._waiting_since = now
-            return False
-        if now - since < self._stall_after:
-            return False
-        log.error(
-            "kew: %s has had %d message(s) waiting for %.0f s and delivered none: stalled",
-            self.name,
-            waiting,
-            now - since,
-        )
-        return True
+            waiting = None
+        return self._live.stalled(waiting)
 
     # -- loops ------------------------------------------------------------
 
@@ -228,7 +207,7 @@ class Subscription:
 
     async def _fetch_loop(self) -> None:
         assert self._consumer is not None
-        while not self._stopping and self.error is None:
+        while not self._stopping and self._live.error is None:
             room = self._room()
             if not room:
                 self._room_freed.clear()
@@ -237,7 +216,7 @@ class Subscription:
                         await self._room_freed.wait()
                 except TimeoutError:
                     pass
-                self.last_fetch = time.monotonic()
+                self._live.polled()
                 continue
             batch = await self._fetch(self._consumer, room)
             if batch:
@@ -251,28 +230,13 @@ class Subscription:
         try:
             batch = await consumer.fetch(most, self._poll)
         except ConsumerFailed as e:
-            log.error("kew: the consumer of %s failed and cannot recover: %s", self.name, e)
-            self.error = e
+            self._live.failed_for_good(e)
             return ()
         except Exception as e:
-            now = time.monotonic()
-            if self._failing_since is None:
-                self._failing_since = now
-                log.exception("kew: fetching from %s failed; retrying", self.name)
-            else:
-                log.warning(
-                    "kew: fetching from %s still fails after %.0f s; retrying: %s",
-                    self.name,
-                    now - self._failing_since,
-                    e,
-                )
+            self._live.failed(e)
             await asyncio.sleep(1.0)
             return ()
-        now = time.monotonic()
-        self._failing_since = None
-        self.last_fetch = now
-        if batch:
-            self.last_delivery = now
+        self._live.fetched(len(batch))
         return batch
 
     async def _work_loop(self) -> None:

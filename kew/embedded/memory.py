@@ -215,6 +215,12 @@ class MemoryConsumer:
         self._limit = limit
         self._mine: set[int] = set()
 
+    def set_prefetch(self, count: int) -> None:
+        """From now on hold at most ``count`` deliveries
+        (``WindowedConsumer``): a pull consumer takes only what ``fetch``
+        asks for, so the bound is all there is to move."""
+        self._prefetch = count
+
     def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
         b = self._broker
         deadline = now_ms() + timeout * 1000

@@ -283,6 +283,12 @@ class SqliteConsumer:
             self._renew, self._ops.lease_ms / 3000, name="kew-sqlite-lease"
         )
 
+    def set_prefetch(self, count: int) -> None:
+        """From now on hold at most ``count`` deliveries
+        (``WindowedConsumer``): a pull consumer takes only what ``fetch``
+        asks for, so the bound is all there is to move."""
+        self._prefetch = count
+
     # The deliveries of a fetch.
 
     def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:

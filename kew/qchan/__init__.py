@@ -364,7 +364,7 @@ class Queue(Generic[T]):
 
     def sink(
         self,
-        consumer: ChannelSink[T] | Callable[[T], object],
+        consumer: ChannelSink[T] | Callable[[T], None],
         *,
         concurrency: int = 1,
         prefetch: int | None = None,
@@ -373,6 +373,14 @@ class Queue(Generic[T]):
 
         A message is acked after the consumer returns.  If it raises, the
         message goes to the dead letters with the error (no retry loop).
+        The consumer returns None: an ``async def`` (whose coroutine would
+        never be awaited) is refused by mypy and, at run time, with a
+        TypeError; kew.aio's ``sink`` awaits one.
+
+        Acks of handlers that returned meanwhile are committed together.
+        ``prefetch`` pins the deliveries held at most; without it the window
+        adapts (``Subscription.window``): the concurrency for long handlers,
+        more for short ones.
         """
         check_sync(getattr(consumer, "consume", consumer), "the sink handler")
         sink = as_sink(consumer)
@@ -380,7 +388,7 @@ class Queue(Generic[T]):
 
     def message_sink(
         self,
-        consumer: Callable[[ChannelMessage[CountedSchedule, T]], object],
+        consumer: Callable[[ChannelMessage[CountedSchedule, T]], None],
         *,
         concurrency: int = 1,
         prefetch: int | None = None,
@@ -489,20 +497,24 @@ class Queue(Generic[T]):
     ) -> Subscription:
         policy = self.policy
 
-        def handler(consumer: Consumer, delivery: Delivery) -> None:
+        def handler(consumer: Consumer, delivery: Delivery) -> bool:
             admitted = policy.admit(consumer, delivery)
             if admitted is None:
-                return
+                return False
             try:
                 process(delivery, admitted[0])
             except Exception as e:  # logged, and its reason, as kew.aio's sink does
+                # One at a time, on this thread: the SPI has no batched dead
+                # letter (each is a move with its reason), and it is the
+                # failure path.
                 consumer.dead_letter(delivery, policy.failure(delivery, e))
-                return
-            consumer.ack(delivery)
+                return False
+            return True  # acked by the subscription, with others (GroupAck)
 
-        prefetch = prefetch or concurrency
         self.declare()
-        consumer = self.connector.consumer(self.name, prefetch)
+        # Made with the concurrency as its window; without ``prefetch`` the
+        # subscription widens it while handlers are short (kew.qchan._window).
+        consumer = self.connector.consumer(self.name, prefetch or concurrency)
         return Subscription(
             consumer,
             handler,

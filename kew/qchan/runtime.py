@@ -6,13 +6,21 @@ whose fetches have failed for longer than ``stall_after``, or that left
 work waiting on the broker for longer than ``stall_after`` while it had
 room, is not alive.
 
-One fetch thread keeps at most ``prefetch`` deliveries unsettled and hands
+One fetch thread keeps at most ``window`` deliveries unsettled and hands
 them to ``concurrency`` handler threads (or runs them inline when
-``concurrency`` is 1).  The handler settles each delivery; whatever it
-raises is logged and the delivery is handed back, so nothing is lost and the
-loop never dies.  ``stop()`` stops fetching, hands back what has not
-started, and gives running handlers a grace period before handing theirs
-back too.
+``concurrency`` is 1).  The window is ``prefetch`` when given, else it
+adapts (:mod:`kew.qchan._window`): the concurrency for long handlers, more
+for short ones, so that handlers do not wait on round trips.  The handler
+settles each delivery, or returns True to have it acked: in a group with
+others (:class:`GroupAck`) while the window exceeds the concurrency, else
+at once.  Whatever it raises is logged and the delivery is handed back, so
+nothing is lost and the loop never dies.  ``stop()`` stops fetching, hands
+back what has not started, and gives running handlers a grace period
+before handing theirs back too.
+
+The group commits live in :mod:`kew.qchan._commit` (imported from here
+too), the liveness rules in :mod:`kew.qchan._liveness` (shared with
+kew.aio).
 """
 
 from __future__ import annotations
@@ -22,242 +30,51 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
 
-from kew.qchan.spi import (
-    AsyncOutboxConsumer,
-    Consumer,
-    ConsumerFailed,
-    Delivery,
-    Message,
-    OutboxConsumer,
+from kew.qchan._commit import (
+    AsyncGroupCommit,
+    Done,
+    GroupAck,
+    GroupCommit,
+    GroupSettle,
+    SendMany,
+    Settlement,
 )
+from kew.qchan._liveness import STALL_AFTER, Liveness
+from kew.qchan._window import WindowPolicy
+from kew.qchan.spi import Consumer, ConsumerFailed, Delivery, WindowedConsumer
+
+__all__ = [
+    "STALL_AFTER",
+    "AsyncGroupCommit",
+    "BatchSubscription",
+    "Done",
+    "GroupAck",
+    "GroupCommit",
+    "GroupSettle",
+    "Handler",
+    "SendMany",
+    "Settlement",
+    "Subscription",
+]
 
 log = logging.getLogger("kew.consumer")
 
-P = TypeVar("P")
-
-Handler = Callable[[Consumer, Delivery], None]
-"""Processes one delivery and settles it through the consumer."""
-
-SendMany = Callable[[str, Sequence[Message]], None]
-"""Sends messages to a queue (by name); returns once the broker has them."""
-
-
-#: Seconds of failing fetches, or of work waiting undelivered while there
-#: was room, after which a subscription is no longer alive / healthy.
-STALL_AFTER = 60.0
-
-Done = Callable[[BaseException | None], None]
-"""Called once a commit is done: None, or what it failed with."""
-
-
-class _Commits(Generic[P]):
-    """What both group commits share: ``submit`` waits on ``submit_later``."""
-
-    def submit_later(self, payload: P, done: Done) -> None:
-        raise NotImplementedError
-
-    def submit(self, payload: P) -> None:
-        """Return once ``payload`` is committed; raise if its batch failed."""
-        outcome: list[BaseException | None] = []
-        finished = threading.Event()
-
-        def done(error: BaseException | None) -> None:
-            outcome.append(error)
-            finished.set()
-
-        self.submit_later(payload, done)
-        finished.wait()
-        if outcome[0] is not None:
-            raise outcome[0]
-
-
-class GroupCommit(_Commits[P]):
-    """Batches concurrent callers into one commit (a group commit): whoever
-    comes while a commit is under way joins the next one, so N callers
-    arriving together cost one commit, not N.  The caller that finds no
-    commit under way commits, and goes on committing what others add
-    meanwhile until nothing is left.  ``commit`` gets the payloads of every
-    caller of a batch, in arrival order; if it raises, every caller of that
-    batch learns the error.  One commit is under way at a time (why, with
-    figures: docs/tasks.md, "Throughput").
-    """
-
-    def __init__(self, commit: Callable[[list[P]], None]) -> None:
-        self._commit = commit
-        self._lock = threading.Lock()
-        self._committing = False
-        self._later: list[tuple[P, Done]] = []
-
-    def submit_later(self, payload: P, done: Done) -> None:
-        """Like :meth:`submit`, but returns at once while another caller is
-        committing (that one commits this too).  ``done(error)`` is called
-        after the commit (``None``: committed), in the committing thread."""
-        with self._lock:
-            self._later.append((payload, done))
-            if self._committing:
-                return
-            self._committing = True
-        while True:
-            with self._lock:
-                items, self._later = self._later, []
-                if not items:
-                    self._committing = False
-                    return
-            failure: BaseException | None = None
-            try:
-                self._commit([payload for payload, _ in items])
-            except BaseException as e:
-                failure = e
-            for _, callback in items:
-                try:
-                    callback(failure)
-                except Exception:
-                    log.exception("kew: a group commit callback failed")
-
-
-class AsyncGroupCommit(_Commits[P]):
-    """A :class:`GroupCommit` whose commit finishes by callback
-    (``commit(payloads, done)`` returns at once): no thread waits on the
-    broker.  One commit is under way at a time; callers arriving meanwhile
-    join the next batch, which whoever finishes the commit starts (often the
-    broker's I/O thread)."""
-
-    def __init__(self, commit: Callable[[list[P], Done], None]) -> None:
-        self._commit = commit
-        self._lock = threading.Lock()
-        self._committing = False
-        self._later: list[tuple[P, Done]] = []
-
-    def submit_later(self, payload: P, done: Done) -> None:
-        """Queue ``payload``; ``done(error)`` is called after its commit, on
-        whichever thread finishes it."""
-        with self._lock:
-            self._later.append((payload, done))
-            if self._committing:
-                return
-            self._committing = True
-            items, self._later = self._later, []
-        self._start(items)
-
-    def _start(self, items: list[tuple[P, Done]]) -> None:
-        # A commit that finishes before it returns (nothing to wait for)
-        # hands its successor back to this loop, not to a nested call.
-        me = threading.get_ident()
-        while items:
-            successor: list[list[tuple[P, Done]]] = []
-            inside = [True]
-
-            def finished(
-                error: BaseException | None,
-                batch: list[tuple[P, Done]] = items,
-                successor: list[list[tuple[P, Done]]] = successor,
-                inside: list[bool] = inside,
-            ) -> None:
-                for _, callback in batch:
-                    try:
-                        callback(error)
-                    except Exception:
-                        log.exception("kew: a group commit callback failed")
-                with self._lock:
-                    if not self._later:
-                        self._committing = False
-                        return
-                    after, self._later = self._later, []
-                if inside[0] and threading.get_ident() == me:
-                    successor.append(after)
-                else:
-                    self._start(after)
-
-            try:
-                self._commit([payload for payload, _ in items], finished)
-            except BaseException as e:
-                finished(e)
-            inside[0] = False
-            items = successor[0] if successor else []
-
-
-Settlement = tuple[Sequence[Delivery], Sequence[tuple[str, Message]]]
-"""Deliveries to ack, and (queue, message) pairs to store first."""
-
-
-class GroupSettle:
-    """Settles one consumer's deliveries together with outgoing messages
-    (an outbox), batching concurrent callers with a :class:`GroupCommit`.
-
-    A consumer with ``settle`` (:class:`OutboxConsumer`) commits a batch in
-    one step; for any other, the batch's messages go out first with
-    ``send_many`` (one call per queue), then each delivery is acked.  Either
-    way a delivery is never acked before the messages are stored.
-
-    ``pack(queue, messages)``, if given, may rewrite the messages of one
-    batch bound for one queue before they are sent (the task layer packs
-    the status events of a batch's handlers into one message).
-    """
-
-    def __init__(
-        self,
-        consumer: Consumer,
-        send_many: SendMany,
-        *,
-        pack: Callable[[str, list[Message]], list[Message]] | None = None,
-    ) -> None:
-        self._consumer = consumer
-        self._send_many = send_many
-        self._pack = pack
-        self._outbox = consumer if isinstance(consumer, OutboxConsumer) else None
-        self._group: GroupCommit[Settlement] | AsyncGroupCommit[Settlement]
-        if isinstance(consumer, AsyncOutboxConsumer):
-            self._async = consumer
-            self._group = AsyncGroupCommit(self._commit_async)
-        else:
-            self._group = GroupCommit(self._commit)
-
-    def settle(self, acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
-        """Return once ``sends`` are stored and ``acks`` acked; raise if
-        their batch failed."""
-        self._group.submit((acks, sends))
-
-    def settle_later(
-        self,
-        acks: Sequence[Delivery],
-        sends: Sequence[tuple[str, Message]],
-        done: Callable[[BaseException | None], None],
-    ) -> None:
-        """Like :meth:`settle`, but returns at once while another caller is
-        committing; ``done(error)`` is called after the commit.  A handler
-        that returns before ``done`` keeps its delivery counted as held
-        (``Subscription.hold``)."""
-        self._group.submit_later((acks, sends), done)
-
-    def _gather(self, batch: list[Settlement]) -> tuple[list[Delivery], dict[str, list[Message]]]:
-        acks = [d for a, _ in batch for d in a]
-        by_queue: dict[str, list[Message]] = {}
-        for _, sends in batch:
-            for queue, message in sends:
-                by_queue.setdefault(queue, []).append(message)
-        if self._pack is not None:
-            by_queue = {q: self._pack(q, ms) for q, ms in by_queue.items()}
-        return acks, by_queue
-
-    def _commit_async(self, batch: list[Settlement], done: Done) -> None:
-        acks, by_queue = self._gather(batch)
-        self._async.settle_async(acks, [(q, m) for q, ms in by_queue.items() for m in ms], done)
-
-    def _commit(self, batch: list[Settlement]) -> None:
-        acks, by_queue = self._gather(batch)
-        if self._outbox is not None:
-            self._outbox.settle(acks, [(q, m) for q, ms in by_queue.items() for m in ms])
-            return
-        for queue, messages in by_queue.items():
-            self._send_many(queue, messages)
-        for delivery in acks:
-            self._consumer.ack(delivery)
+Handler = Callable[[Consumer, Delivery], object]
+"""Processes one delivery and settles it through the consumer, or returns
+True to have the subscription ack it (in a group commit, see
+:meth:`Subscription.ack`)."""
 
 
 class Subscription:
-    """A running consumer. Use as a context manager, or call ``stop()``."""
+    """A running consumer. Use as a context manager, or call ``stop()``.
+
+    ``prefetch`` pins the window (deliveries held at most); without it the
+    window adapts (:mod:`kew.qchan._window`), from the concurrency up, when
+    the consumer's window can change (:class:`~kew.qchan.spi.WindowedConsumer`;
+    the consumer must then be made with the concurrency as its prefetch),
+    and stays the concurrency when it cannot.
+    """
 
     def __init__(
         self,
@@ -273,8 +90,7 @@ class Subscription:
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
-        prefetch = prefetch or concurrency
-        if prefetch < concurrency:
+        if prefetch is not None and prefetch < concurrency:
             raise ValueError(f"prefetch ({prefetch}) must be >= concurrency ({concurrency})")
         self._handler = handler
         loops = [(self._fetch_loop, f"kew-fetch-{name}")]
@@ -282,14 +98,14 @@ class Subscription:
             loops += [(self._work_loop, f"kew-work-{name}-{i}") for i in range(concurrency)]
         self._start(consumer, name, concurrency, prefetch, poll_interval, loops)
         self._waiting = waiting
-        self._stall_after = stall_after
+        self._live.stall_after = stall_after
 
     def _start(
         self,
         consumer: Consumer,
         name: str,
         concurrency: int,
-        prefetch: int,
+        prefetch: int | None,
         poll_interval: float,
         loops: Sequence[tuple[Callable[[], None], str]],
     ) -> None:
@@ -298,9 +114,14 @@ class Subscription:
         the one ``alive`` watches)."""
         self.name = name
         self.concurrency = concurrency
-        self.prefetch = prefetch
-        self._refill = max(1, prefetch // 4)
+        self._window = prefetch or concurrency
+        self._refill = max(1, self._window // 4)
+        self._policy: WindowPolicy | None = None
+        self._windowed: WindowedConsumer | None = None
+        if prefetch is None and isinstance(consumer, WindowedConsumer):
+            self._policy, self._windowed = WindowPolicy(concurrency), consumer
         self._consumer = consumer
+        self._acks = GroupAck(consumer, self._committed, name=f"kew-ack-{name}")
         self._poll = poll_interval
         # Two conditions on one lock, so that a wake-up goes only to whom it
         # concerns: ``_cond`` to the fetch loop and stop() (room freed, state
@@ -314,15 +135,9 @@ class Subscription:
         self._settling = 0  # finished, settle still under way (see hold())
         self._stopping = False
         self._closed = threading.Event()
-        self.last_fetch = time.monotonic()
-        self.last_delivery = self.last_fetch
         self.handled = 0
-        #: Why the consumer failed for good (``ConsumerFailed``), else None.
-        self.error: BaseException | None = None
-        self._failing_since: float | None = None  # first of consecutive failed fetches
-        self._waiting_since: float | None = None  # work seen waiting, nothing delivered since
+        self._live = Liveness(name, poll_interval)  # (shared with kew.aio)
         self._waiting = None
-        self._stall_after = STALL_AFTER
         self._threads = [
             threading.Thread(target=target, name=thread, daemon=True) for target, thread in loops
         ]
@@ -337,44 +152,108 @@ class Subscription:
         with self._cond:
             return len(self._pending) + self._running + self._settling
 
+    @property
+    def window(self) -> int:
+        """Deliveries this subscription holds at most now: ``prefetch`` when
+        it was given, else the adaptive window (the concurrency while
+        handlers are long or the consumer's window cannot change; up to
+        ``kew.qchan._window.cap`` for short handlers)."""
+        return self._window
+
+    @property
+    def prefetch(self) -> int:
+        """The same as :attr:`window` (its older name)."""
+        return self._window
+
+    @property
+    def adaptive(self) -> bool:
+        """The window adapts to the handlers (no ``prefetch`` was given, and
+        the consumer's window can change)."""
+        return self._policy is not None
+
     def _room(self) -> int:
         """How many deliveries to fetch now (caller holds the lock): the room
-        under ``prefetch`` once it is worth a fetch, else 0.  With handlers
+        under the window once it is worth a fetch, else 0.  With handlers
         busy or work pending for each idle one, it waits until a quarter of
-        the prefetch is free, so that a fetch (a round trip on most brokers)
+        the window is free, so that a fetch (a round trip on most brokers)
         brings a batch rather than one delivery (figures: docs/tasks.md)."""
-        room = self.prefetch - len(self._pending) - self._running - self._settling
+        room = self._window - len(self._pending) - self._running - self._settling
         if room <= 0:
             return 0
         if room >= self._refill or len(self._pending) + self._running < self.concurrency:
             return room
         return 0
 
+    def _adapt(self) -> tuple[int, int] | None:
+        """(old, new) when the window should change (caller holds the lock).
+        A smaller one takes effect here; a larger one once the consumer
+        grants it (:meth:`_resize`, outside the lock)."""
+        policy = self._policy
+        if policy is None:
+            return None
+        old = self._window
+        new = policy.update(self._running)
+        if new is None:
+            return None
+        if new < old:
+            self._set_window(new)
+        return old, new
+
+    def _set_window(self, window: int) -> None:
+        self._window = window
+        self._refill = max(1, window // 4)
+
+    def _resize(self, old: int, new: int) -> None:
+        """Ask the consumer for the window ``new`` (it may take a round trip)."""
+        assert self._windowed is not None and self._policy is not None
+        try:
+            self._windowed.set_prefetch(new)
+        except Exception as e:
+            log.warning(
+                "kew: %s: the window could not change from %d to %d: %s", self.name, old, new, e
+            )
+            if new > old:
+                with self._cond:
+                    self._policy.undo(old)
+            return
+        log.debug("kew: %s: window %d -> %d", self.name, old, new)
+        if new > old:
+            with self._cond:
+                self._set_window(new)
+                self._wake()
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the consumer failed for good (``ConsumerFailed``), else None."""
+        return self._live.error
+
+    @property
+    def last_fetch(self) -> float:
+        """When (``time.monotonic()``) the fetch loop last fetched or looked."""
+        return self._live.last_fetch
+
+    @property
+    def last_delivery(self) -> float:
+        """When (``time.monotonic()``) a fetch last brought deliveries."""
+        return self._live.last_delivery
+
     @property
     def stall_after(self) -> float:
         """Seconds of failing fetches, or of work left waiting undelivered
         while there was room, after which this subscription is no longer
         alive / healthy (``STALL_AFTER`` unless given)."""
-        return self._stall_after
+        return self._live.stall_after
 
     @stall_after.setter
     def stall_after(self, seconds: float) -> None:
-        self._stall_after = seconds
+        self._live.stall_after = seconds
 
     @property
     def alive(self) -> bool:
         """The fetch loop is running, has polled recently, its consumer has
         not failed for good, and its fetches have not been failing for
         longer than ``stall_after``.  Asks the broker nothing."""
-        now = time.monotonic()
-        failing = self._failing_since
-        return (
-            not self._stopping
-            and self.error is None
-            and self._threads[0].is_alive()
-            and now - self.last_fetch < 10 * self._poll + 30
-            and (failing is None or now - failing < self._stall_after)
-        )
+        return self._live.alive(not self._stopping and self._threads[0].is_alive())
 
     def healthy(self) -> bool:
         """``alive``, and not stalled: work has not been waiting on the broker
@@ -387,52 +266,47 @@ class Subscription:
     def _stalled(self) -> bool:
         if self._waiting is None:
             return False
-        now = time.monotonic()
         with self._cond:
-            full = len(self._pending) + self._running + self._settling >= self.prefetch
-            if full or self.last_delivery > (self._waiting_since or -1.0):
-                # Busy (long handlers are progress) or delivered since: reset.
-                self._waiting_since = None
-            since = self._waiting_since
-        if full:
-            return False
+            held = len(self._pending) + self._running + self._settling
+            if self._live.busy(held >= self._window):
+                return False
         try:
-            waiting = self._waiting()
+            waiting: int | None = self._waiting()
         except Exception as e:  # the broker cannot tell: fetch failures say the rest
             log.debug("kew: cannot count what waits on %s: %s", self.name, e)
-            return False
-        if waiting <= 0:
-            with self._cond:
-                self._waiting_since = None
-            return False
-        if since is None:
-            with self._cond:
-                self._waiting_since = now
-            return False
-        if now - since < self._stall_after:
-            return False
-        log.error(
-            "kew: %s has had %d message(s) waiting for %.0f s and delivered none: stalled",
-            self.name,
-            waiting,
-            now - since,
-        )
-        return True
+            waiting = None
+        return self._live.stalled(waiting)
 
     # -- loops ------------------------------------------------------------
 
     def _fetch_loop(self) -> None:
         try:
             while True:
+                # One wake-up of the group's thread for the acks of the
+                # batch run inline: they are committed while this fetches.
+                self._acks.kick()
                 with self._cond:
-                    while not self._stopping and not (room := self._room()):
+                    resize = self._adapt()
+                    while not resize and not self._stopping and not (room := self._room()):
                         self._cond.wait(self._poll)
-                        self.last_fetch = time.monotonic()
-                    if self._stopping or self.error is not None:
+                        self._live.polled()
+                        resize = self._adapt()  # handlers running long shrink it
+                    if self._stopping or self._live.error is not None:
                         return
+                    starved = len(self._pending) + self._running < self.concurrency
+                if resize:
+                    self._resize(*resize)
+                    continue
+                start = time.monotonic()
                 batch = self._fetch(room)
                 if not batch:
                     continue
+                if self._policy is not None:
+                    took, size = time.monotonic() - start, sum(len(d.message.body) for d in batch)
+                    with self._cond:
+                        self._policy.delivered(len(batch), size)
+                        if starved:
+                            self._policy.fetched(took)
                 if self.concurrency == 1:
                     for i, delivery in enumerate(batch):
                         if self._stopping:
@@ -459,30 +333,15 @@ class Subscription:
         try:
             batch = self._consumer.fetch(most, self._poll)
         except ConsumerFailed as e:
-            log.error("kew: the consumer of %s failed and cannot recover: %s", self.name, e)
             with self._cond:
-                self.error = e
+                self._live.failed_for_good(e)
                 self._cond.notify_all()
             return ()
         except Exception as e:
-            now = time.monotonic()
-            if self._failing_since is None:
-                self._failing_since = now
-                log.exception("kew: fetching from %s failed; retrying", self.name)
-            else:
-                log.warning(
-                    "kew: fetching from %s still fails after %.0f s; retrying: %s",
-                    self.name,
-                    now - self._failing_since,
-                    e,
-                )
+            self._live.failed(e)
             self._wait_stopping(1.0)
             return ()
-        now = time.monotonic()
-        self._failing_since = None
-        self.last_fetch = now
-        if batch:
-            self.last_delivery = now
+        self._live.fetched(len(batch))
         return batch
 
     def _work_loop(self) -> None:
@@ -497,24 +356,47 @@ class Subscription:
             self._run(delivery)
 
     def _run(self, delivery: Delivery) -> None:
+        start = time.monotonic()
+        ack = False
+        took: float | None = None  # the handler's time (not its ack's)
         try:
-            self._handler(self._consumer, delivery)
+            ack = self._handler(self._consumer, delivery) is True
+            took = time.monotonic() - start
+            if ack and self._window <= self.concurrency:
+                # No slack for deliveries settling (nothing could join a
+                # group without holding up a handler): at once, here.
+                self._consumer.ack(delivery)
+                ack = False
         except Exception:
             log.exception("kew: handler for %s failed outside the sink; handing back", self.name)
             self._settle_safely(self._consumer.release, delivery)
         finally:
+            if took is None:
+                took = time.monotonic() - start
             with self._cond:
+                if ack:
+                    self._settling += 1  # held until its ack is committed
                 self._running -= 1
                 self.handled += 1
+                if self._policy is not None:
+                    self._policy.ran(took)
                 self._wake()
+        if ack:
+            # Inline (one handler, on the fetch thread): the fetch loop
+            # wakes the group once the batch is run.
+            self._ack_later(delivery, wake=self.concurrency > 1)
 
     def hold(self) -> Callable[[], None]:
         """For a handler that returns before its delivery is settled (a
         settle left to a group commit): the delivery stays counted as held
-        (against ``prefetch``, and waited for by ``stop()``) until the
+        (against the window, and waited for by ``stop()``) until the
         returned function is called, once, when it is settled or failed."""
         with self._cond:
-            self._settling += 1
+            return self._hold()
+
+    def _hold(self) -> Callable[[], None]:
+        self._settling += 1
+        since = time.monotonic()
         called = False
 
         def done() -> None:
@@ -523,9 +405,53 @@ class Subscription:
                 if not called:
                     called = True
                     self._settling -= 1
+                    if self._policy is not None:
+                        self._policy.settled(time.monotonic() - since)
                     self._wake()
 
         return done
+
+    def ack(self, delivery: Delivery) -> None:
+        """Ack ``delivery`` (once its handler has returned): while the
+        window exceeds the concurrency, in a group with others (one broker
+        call for all handed over meanwhile, on a thread of the
+        subscription's: see :class:`GroupAck`), and it returns at once; the
+        delivery stays counted as held until the ack is committed, and is
+        handed back if that fails.  Else at once, on this thread."""
+        with self._cond:
+            grouped = self._window > self.concurrency
+            if grouped:
+                self._settling += 1
+        if grouped:
+            self._ack_later(delivery)
+        else:
+            self._consumer.ack(delivery)
+
+    def _ack_later(self, delivery: Delivery, wake: bool = True) -> None:
+        """(``_settling`` counts it already.)"""
+        if not self._acks.ack_later(delivery, wake):  # stopped: the group is closed
+            self._settle_safely(self._consumer.ack, delivery)
+            self._committed([delivery], [], None)
+
+    def _committed(
+        self, deliveries: list[Delivery], since: list[float], error: BaseException | None
+    ) -> None:
+        """The group's callback: ``deliveries`` acked (or failed: handed back)."""
+        if error is not None:
+            log.error(
+                "kew: acking %d deliveries of %s failed (%s); they will be delivered again",
+                len(deliveries),
+                self.name,
+                error,
+            )
+            for delivery in deliveries:
+                self._settle_safely(self._consumer.release, delivery)
+        now = time.monotonic()
+        with self._cond:
+            self._settling -= len(deliveries)
+            if self._policy is not None and since:
+                self._policy.settled(sum(now - t for t in since) / len(since), len(since))
+            self._wake()
 
     def _wake(self) -> None:
         """After a delivery is finished or settled (caller holds the lock):
@@ -575,6 +501,9 @@ class Subscription:
         with self._cond:
             while (self._running or self._settling) and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
+        # The acks of handlers that returned are committed, not handed back.
+        self._acks.close(max(1.0, deadline - time.monotonic()))
+        with self._cond:
             finished = self._running == 0 and self._settling == 0
         try:
             self._consumer.close()
@@ -609,13 +538,13 @@ class BatchSubscription(Subscription):
         loops = [(self._batch_loop, f"kew-batch-{name}")]
         self._start(consumer, name, 1, prefetch, poll_interval, loops)
         self._waiting = waiting
-        self._stall_after = stall_after
+        self._live.stall_after = stall_after
 
     def _batch_loop(self) -> None:
         try:
             while True:
                 with self._cond:
-                    if self._stopping or self.error is not None:
+                    if self._stopping or self._live.error is not None:
                         return
                 batch = self._fetch(self.prefetch)
                 if not batch:

@@ -323,8 +323,9 @@ class TaskQueue(Generic[T]):
     def subscribe(
         self, worker_id: str, concurrency: int, prefetch: int | None = None
     ) -> Subscription:
-        """Start consuming: ``concurrency`` handlers, prefetch = concurrency
-        unless given (never less than concurrency)."""
+        """Start consuming: ``concurrency`` handlers; the window adapts
+        (the concurrency for long tasks, more for short ones) unless
+        ``prefetch`` pins it (never less than concurrency)."""
         policy, schedule = self.queue.policy, self.queue.schedule
 
         def handler(consumer: Consumer, delivery: Delivery) -> None:
@@ -360,7 +361,7 @@ class TaskQueue(Generic[T]):
             handler,
             name=self.name,
             concurrency=concurrency,
-            prefetch=prefetch or concurrency,
+            prefetch=prefetch,  # None: the adaptive window (kew.qchan._window)
         )
         subs.append(sub)
         return sub

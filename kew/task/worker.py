@@ -2,9 +2,13 @@
 
     kew worker mymodule:app --concurrency 8
 
-* One subscription per queue; a task queue runs ``concurrency`` handlers
-  with prefetch = concurrency (no hidden multiplier).  A queue declared with
-  its own ``concurrency`` uses that.
+* One subscription per queue; a task queue runs ``concurrency`` handlers.
+  A queue declared with its own ``concurrency`` uses that.  The window
+  (deliveries held ahead) adapts unless ``prefetch`` pins it: the
+  concurrency while tasks run long (nothing held that another worker could
+  run), more for short tasks (at most 256, or the concurrency, and 32 MiB
+  of bodies), so that handlers do not wait on round trips
+  (``kew.qchan._window``; ``windows()`` tells each one).
 * ``run()`` blocks until SIGTERM or SIGINT.  The first signal stops taking
   work: tasks not started are handed back at once, running ones get
   ``grace`` seconds to finish; those still running then are handed back
@@ -29,6 +33,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -90,8 +95,8 @@ class Worker:
         self.concurrency = concurrency
         if prefetch is not None and prefetch < concurrency:
             raise ValueError(f"prefetch ({prefetch}) must be >= concurrency ({concurrency})")
-        #: Deliveries a task queue's subscription holds at most (default:
-        #: its concurrency; no hidden multiplier).
+        #: Deliveries a task queue's subscription holds at most (None: its
+        #: window adapts, from its concurrency up, while tasks are short).
         self.prefetch = prefetch
         self.record = record
         self.metrics_port = metrics_port
@@ -244,6 +249,12 @@ class Worker:
             or time.monotonic() - self._beat_ok < 3 * self.heartbeat + 10
         )
 
+    def windows(self) -> dict[str, int]:
+        """The window of each of its queues' subscriptions now (deliveries
+        held at most), by queue name: the concurrency while tasks run long,
+        more while they are short, or the ``prefetch`` given."""
+        return {sub.name: sub.window for sub in self.subscriptions}
+
     def failure(self) -> str | None:
         """Why the worker cannot go on (a consumer failed for good:
         ``ConsumerFailed``), naming the queue; None while it can."""
@@ -297,6 +308,16 @@ class Worker:
         self._stopped.set()
         self._remove_health_file()
         return not left and all(finished)
+
+    async def __aenter__(self) -> Worker:
+        """``async with app.worker(...)`` (an app's lifespan): started in a
+        thread; the event loop goes on meanwhile."""
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Stopped gracefully (:meth:`stop`, ``grace`` seconds) in a thread."""
+        await asyncio.to_thread(self.stop)
 
     def stop_now(self) -> None:
         """Hand everything back at once (a second signal)."""

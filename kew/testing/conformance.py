@@ -35,19 +35,22 @@ from hypothesis import strategies as st
 
 import kew
 from kew.core.msg import ChannelMessage, CountedSchedule, FutureTimepoint, RepeatAction, Schedule
-from kew.qchan.runtime import GroupSettle, Subscription
 from kew.qchan.spi import (
     Capability,
     Connector,
-    Delivery,
     Message,
     MessageTooLarge,
-    OutboxConsumer,
     now_ms,
 )
+from kew.testing._settle_kit import SettleConformance, _fetch_n, _receive
 from kew.testing.util import wait_for
 
 # -- types the kit round-trips ----------------------------------------------
+
+
+def _divide_by_zero(value: object) -> None:
+    """A sink handler that fails (ZeroDivisionError) for every message."""
+    1 / 0  # noqa: B018
 
 
 class Point(msgspec.Struct, frozen=True):
@@ -99,29 +102,6 @@ SETTINGS = settings(
 )
 
 
-def _receive(connector: Connector, queue: str, timeout: float = 10.0) -> Delivery:
-    """Fetch and ack one delivery through the SPI."""
-    consumer = connector.consumer(queue, 1)
-    try:
-        got = wait_for(lambda: consumer.fetch(1, 0.5), timeout, what=f"a message on {queue}")
-        consumer.ack(got[0])
-        return got[0]
-    finally:
-        consumer.close()
-
-
-def _fetch_n(consumer: Any, n: int, timeout: float = 10.0) -> list[Delivery]:
-    """Fetch until ``n`` deliveries are held (not settled)."""
-    got: list[Delivery] = []
-
-    def more() -> bool:
-        got.extend(consumer.fetch(n - len(got), 0.5))
-        return len(got) >= n
-
-    wait_for(more, timeout, what=f"{n} deliveries")
-    return got
-
-
 def _collect(q: kew.Queue[Any], n: int, timeout: float = 20.0, **kw: Any) -> list[Any]:
     got: list[Any] = []
     lock = threading.Lock()
@@ -145,11 +125,11 @@ def _check_round_trip(q: kew.Queue[Any], strategy: st.SearchStrategy[Any]) -> No
     check()
 
 
-class ProviderConformance:
-    """Subclass this with a ``url`` fixture to check a provider."""
+class ProviderConformance(SettleConformance):
+    """Subclass this with a ``url`` fixture to check a provider.  (The
+    settling tests, and ``need`` and ``crash_redelivery_timeout``, come from
+    :class:`kew.testing._settle_kit.SettleConformance`.)"""
 
-    #: Seconds the kit waits for a killed consumer's message to come back.
-    crash_redelivery_timeout: float = 60.0
     #: How late a delayed message may be on an idle broker, in seconds.
     max_delay_lateness: float = 1.0
 
@@ -175,11 +155,6 @@ class ProviderConformance:
             c.delete(name)
         finally:
             c.close()
-
-    def need(self, connector: Connector, capability: Capability) -> None:
-        reason = connector.lacks.get(capability)
-        if reason is not None:
-            pytest.skip(f"{connector.url} lacks {capability.value}: {reason}")
 
     # -- typed round trips ---------------------------------------------------
 
@@ -339,7 +314,7 @@ class ProviderConformance:
         q = kew.Queue(connector, queue_name, int)
         received: dict[int, int] = {}
         due: dict[int, int] = {}
-        with q.sink(lambda i: received.setdefault(i, now_ms()), concurrency=2):
+        with q.sink(lambda i: received.__setitem__(i, now_ms()), concurrency=2):
             for i, delay in enumerate((1.5, 0.5, 1.0)):
                 when = FutureTimepoint.after(delay)
                 due[i] = when.epoch_ms
@@ -516,7 +491,7 @@ class ProviderConformance:
 
     def test_dead_letters_list_requeue_purge(self, connector: Connector, queue_name: str) -> None:
         q = kew.Queue(connector, queue_name, int)
-        with q.sink(lambda i: 1 / 0):
+        with q.sink(_divide_by_zero):
             q.send_many(range(4))
             wait_for(lambda: len(q.dead.list()) == 4, 10, what="4 dead letters")
         dead = q.dead.list()
@@ -529,7 +504,7 @@ class ProviderConformance:
         assert sorted(int(d.body) for d in q.dead.list()) == [2, 3]
         assert q.dead.requeue() == 2
         assert sorted(_collect(q, 2)) == [2, 3]
-        with q.sink(lambda i: 1 / 0):
+        with q.sink(_divide_by_zero):
             q.send(7)
             wait_for(lambda: q.dead.list(), 10, what="a dead letter")
         assert q.dead.purge() == 1
@@ -589,106 +564,3 @@ class ProviderConformance:
         assert "://" in connector.url
         for secret in ("guest:guest@", ":password@", ":secret@"):
             assert secret not in text
-
-    # -- settling with an outbox (optional OutboxConsumer.settle; GroupSettle) ---
-
-    @pytest.fixture
-    def outbox_name(self, url: str, queue_name: str) -> Iterator[str]:
-        name = queue_name + ".out"
-        yield name
-        c = kew.connect(url)
-        try:
-            c.delete(name)
-        finally:
-            c.close()
-
-    def _settled(self, connector: Connector, queue: str, ready: int) -> None:
-        """Wait until ``queue`` holds ``ready`` messages and none in flight
-        (counts the provider cannot tell are not checked)."""
-        browser = connector.browser(queue)
-        try:
-
-            def ok() -> bool:
-                s = browser.stats()
-                return s.ready in (-1, ready) and s.in_flight in (-1, 0)
-
-            wait_for(ok, 10, what=f"{queue}: {ready} ready, none in flight")
-        finally:
-            browser.close()
-
-    def test_outbox_settle_sends_then_acks(
-        self, connector: Connector, queue_name: str, outbox_name: str
-    ) -> None:
-        connector.declare(queue_name)
-        connector.declare(outbox_name)
-        connector.producer(queue_name).send_many([Message(f"in{i}", b"%d" % i) for i in range(3)])
-        consumer = connector.consumer(queue_name, 3)
-        if not isinstance(consumer, OutboxConsumer):
-            consumer.close()
-            pytest.skip(f"{connector.url}: consumers have no settle() (optional)")
-        try:
-            held = _fetch_n(consumer, 3)
-            # A message too large for the broker: refused, nothing acked.
-            limit = connector.max_message_size
-            with pytest.raises(MessageTooLarge):
-                consumer.settle(held[:1], [(outbox_name, Message("big", b"x" * (limit + 1)))])
-            sends = [
-                (outbox_name, Message("out1", b"one", {"k": "v", "n": 2})),
-                (outbox_name, Message("out2", b"two")),
-                (queue_name, Message("again", b"back", deliver_at=now_ms() + 300)),
-            ]
-            consumer.settle(held[:2], sends)
-            consumer.settle(held[:1], [])  # settled already: skipped, no error
-            got = [_receive(connector, outbox_name), _receive(connector, outbox_name)]
-            assert [(d.message.id, d.message.body) for d in got] == [
-                ("out1", b"one"),
-                ("out2", b"two"),
-            ]
-            assert got[0].message.headers == {"k": "v", "n": 2}
-            # The third delivery is still held: released, it comes back
-            # (and so does the delayed message sent to the consumer's queue).
-            consumer.release(held[2])
-            back = _fetch_n(consumer, 2)
-            assert sorted(d.message.id for d in back) == ["again", "in2"]
-            consumer.settle(back, [])
-        finally:
-            consumer.close()
-        self._settled(connector, queue_name, 0)
-
-    def test_group_settle_from_concurrent_handlers(
-        self, connector: Connector, queue_name: str, outbox_name: str
-    ) -> None:
-        """Handlers settling at once (GroupSettle: the consumer's settle, or
-        send_many then ack for a consumer without one): every outgoing
-        message stored, every delivery acked, none twice."""
-        connector.declare(queue_name)
-        connector.declare(outbox_name)
-        n = 60
-        connector.producer(queue_name).send_many([Message(f"t{i}", b"%d" % i) for i in range(n)])
-        consumer = connector.consumer(queue_name, 8)
-        out = connector.producer(outbox_name)
-        settler = GroupSettle(consumer, lambda q, ms: out.send_many(ms))
-        handled: list[str] = []
-        lock = threading.Lock()
-
-        def handle(_: Any, d: Delivery) -> None:
-            msg = Message("o-" + d.message.id, d.message.body)
-            settler.settle((d,), [(outbox_name, msg)])
-            with lock:
-                handled.append(d.message.id)
-
-        sub = Subscription(consumer, handle, name=queue_name, concurrency=8)
-        try:
-            wait_for(lambda: len(handled) >= n, 30, what=f"{n} settled")
-        finally:
-            sub.stop(grace=5)
-        assert sorted(handled) == sorted(f"t{i}" for i in range(n))
-        self._settled(connector, queue_name, 0)
-        reader = connector.consumer(outbox_name, n)
-        try:
-            got = _fetch_n(reader, n, 20)
-            for d in got:
-                reader.ack(d)
-        finally:
-            reader.close()
-        assert sorted(d.message.id for d in got) == sorted(f"o-t{i}" for i in range(n))
