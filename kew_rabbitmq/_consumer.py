@@ -9,6 +9,11 @@ settles and dead letters (published on a second, confirm-mode channel,
 acked on their confirms).  It keeps heartbeats going however long a handler
 runs.
 
+The window can change while it runs (``set_prefetch``): RabbitMQ applies a
+per-consumer ``basic.qos`` to new consumers only (and refuses ``global`` on
+quorum queues), so the I/O thread cancels the consumer, keeping what it
+delivered (:func:`~kew_rabbitmq._settle.cancel_keeping`), and consumes anew.
+
 A message whose envelope kew cannot read (another program's: see
 :mod:`kew_rabbitmq._envelope`) is dead-lettered by that thread at once with
 the reason.  A lost connection is reconnected with
@@ -56,7 +61,17 @@ from kew_rabbitmq._envelope import (
     properties,
     read,
 )
-from kew_rabbitmq._settle import Done, Op, Settle, settle_error, write_ack, write_requeue
+from kew_rabbitmq._settle import (
+    Done,
+    Op,
+    Settle,
+    Write,
+    Writes,
+    cancel_keeping,
+    settle_error,
+    write_ack,
+    write_requeue,
+)
 
 if TYPE_CHECKING:
     from kew_rabbitmq.provider import RabbitConnector
@@ -89,11 +104,17 @@ class RabbitConsumer:
     #: How long basic.consume may be refused (queue missing, access denied)
     #: before the consumer fails.
     GONE_AFTER = 5.0
+    #: How long a resize on a quorum queue holds the acks with no delivery
+    #: coming before it gives up waiting for the window to fill (``Writes.drain``).
+    DRAIN_WAIT = 0.1
 
     def __init__(self, connector: RabbitConnector, queue: str, prefetch: int) -> None:
         self._c = connector
         self._queue = queue
-        self._prefetch = prefetch
+        self._prefetch = prefetch  # the window wanted (set_prefetch), under _window
+        self._window = threading.Condition()
+        self._asked = self._applied = 0  # set_prefetch calls made / in effect (_window)
+        self._losses = 0  # connections lost (a set_prefetch waiting gives up)
         self._quorum = connector.options.queue_type == "quorum"
         self._buffer = DeliveryBuffer()  # what the I/O thread received, per generation
         self._generation = 0
@@ -115,16 +136,27 @@ class RabbitConsumer:
         self._unconfirmed: collections.deque[tuple[int, Settle]] = collections.deque()
         self._returned: set[str] = set()  # ids of messages the broker could not route
         self._cancelled = False  # by the broker
+        self._ctag = ""  # the consumer's tag on the current connection
+        self._consuming = 0  # its window
+        self._writes = Writes()
         self._frame_max = 131_072  # negotiated with the broker when connected
         self.reconnects = 0
         self.unexpected_errors = 0  # on the I/O thread, each logged with its traceback
         reset_in_child(self)
         self._thread = threading.Thread(target=self._run_io, name=f"kew-amqp-{queue}", daemon=True)
         self._thread.start()
+        self._wait_started()
+
+    def _wait_started(self) -> None:
+        """Wait until the I/O thread subscribed, or raise why it could not
+        (the async route awaits it instead: :mod:`kew_rabbitmq._aio_consumer`)."""
         self._ready.wait()  # the I/O thread sets it whether it subscribed or not
+        self._raise_start_error()
+
+    def _raise_start_error(self) -> None:
         error = self._start_error
         if error is not None:
-            why = f"cannot consume from {queue!r} at {connector.url}: {error}"
+            why = f"cannot consume from {self._queue!r} at {self._c.url}: {error}"
             if isinstance(error, AccessRefused):
                 raise AccessRefused(why) from error
             raise BrokerUnavailable(why) from error
@@ -163,6 +195,8 @@ class RabbitConsumer:
                     conn.process_data_events(time_limit=0.2)
                     if self._cancelled:
                         raise _Cancelled()
+                    if self._asked != self._applied and not self._closed.is_set():
+                        self._resize(conn)
                 with contextlib.suppress(AMQPError):
                     self._flush_ops()  # acks queued while closing
                     deadline = time.monotonic() + 10
@@ -225,9 +259,11 @@ class RabbitConsumer:
     def _subscribe(self) -> Any:
         """Connect, open the consumer's and the confirm channel, consume."""
         conn = open_connection(self._c.options, stop=self._closed)
+        with self._window:
+            window, asked = self._prefetch, self._asked
         try:
             ch = conn.channel()
-            ch.basic_qos(prefetch_count=self._prefetch)
+            ch.basic_qos(prefetch_count=window)
             pub = self._confirm_channel(conn)
             self._fail_open("the connection was lost")  # their ops are void
             with self._ops_lock:  # ops of the lost connection are void
@@ -236,25 +272,87 @@ class RabbitConsumer:
                 self._generation += 1
                 self._conn, self._channel = conn, ch
             self._pub, self._seq = pub, 0
+            self._writes = Writes()
             self._returned.clear()
             self._c.delay_queues.clear()  # declared again on this connection
             self._cancelled = False
             self._frame_max = int(getattr(conn._impl.params, "frame_max", 0)) or 131_072
             ch.add_on_cancel_callback(self._on_cancel)
-            try:
-                ch.basic_consume(self._queue, self._on_message)
-            except ChannelClosedByBroker as e:
-                if e.reply_code not in (403, 404):
-                    raise
-                raise _NotConsumable(
-                    f"cannot consume from {self._queue!r}: ({e.reply_code}) {e.reply_text}"
-                ) from e
+            self._consume(ch, window)
         except BaseException:
             if conn.is_open:
                 with contextlib.suppress(Exception):
                     conn.close()
             raise
+        self._resized(asked)
         return conn
+
+    def _consume(self, ch: Any, window: int) -> None:
+        """basic.consume (after a basic.qos of ``window``): a new tag."""
+        try:
+            self._ctag = ch.basic_consume(self._queue, self._on_message)
+            self._consuming = window
+            self._writes.consumed()
+        except ChannelClosedByBroker as e:
+            if e.reply_code not in (403, 404):
+                raise
+            raise _NotConsumable(
+                f"cannot consume from {self._queue!r}: ({e.reply_code}) {e.reply_text}"
+            ) from e
+
+    # -- the window (set_prefetch: any thread; _resize: the I/O thread) --
+
+    def set_prefetch(self, count: int) -> None:
+        """From now on the broker pushes at most ``count`` deliveries on top
+        of those held already (which stay held and ackable).  Waits for the
+        I/O thread to consume with it (a few round trips; on a quorum queue
+        first for the consumer's credit to run out: ``Writes.drain``), not
+        for a lost connection (the next one consumes with it) nor a closed one."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"prefetch must be an int >= 1, not {count!r}")
+        with self._window:
+            self._prefetch = count
+            self._asked += 1
+            asked, losses = self._asked, self._losses
+        conn = self._conn
+        if conn is None or not conn.is_open or self._pid != os.getpid():
+            return  # lost: the next connection consumes with it
+        if threading.current_thread() is self._thread:
+            return  # the I/O loop sees it when this callback returns
+        try:
+            conn.add_callback_threadsafe(nothing)  # the I/O loop sees it now
+        except Exception:
+            return  # lost: the next connection consumes with it
+        with self._window:
+            self._window.wait_for(
+                lambda: (
+                    self._applied - asked >= 0
+                    or self._losses != losses
+                    or self._closed.is_set()
+                    or self._failure is not None
+                ),
+                self.COMMIT_TIMEOUT,
+            )
+
+    def _resized(self, asked: int) -> None:
+        with self._window:
+            self._applied = asked
+            self._window.notify_all()
+
+    def _resize(self, conn: Any) -> None:
+        """Consume again with the window asked for: cancel (keeping what the
+        consumer delivered), basic.qos, basic.consume."""
+        with self._window:
+            window, asked = self._prefetch, self._asked
+        if window != self._consuming:
+            ch, writes = self._channel, self._writes
+            if self._quorum:
+                writes.drain(conn, ch, self._queue, self._consuming, self.DRAIN_WAIT)
+            cancel_keeping(conn, ch, self._ctag, self._check_cancelled)
+            writes.release(ch)
+            ch.basic_qos(prefetch_count=window)
+            self._consume(ch, window)
+        self._resized(asked)
 
     def _confirm_channel(self, conn: Any) -> Any:
         """A channel in confirm mode whose confirms and returns come to
@@ -281,9 +379,14 @@ class RabbitConsumer:
     def _on_cancel(self, _frame: Any) -> None:
         self._cancelled = True  # the I/O loop subscribes again
 
+    def _check_cancelled(self) -> None:
+        if self._cancelled:
+            raise _Cancelled()
+
     def _on_message(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
         # callbacks come only for the current connection
         tag = (self._generation, method.delivery_tag)
+        self._writes.delivered(method.delivery_tag)
         with self._ops_lock:
             self._held.add(method.delivery_tag)
         count = delivery_count(props, method.redelivered, self._quorum)
@@ -322,6 +425,9 @@ class RabbitConsumer:
         if lost is not None and lost.is_open:  # e.g. only the channel failed
             with contextlib.suppress(Exception):
                 lost.close()
+        with self._window:  # a set_prefetch waiting returns
+            self._losses += 1
+            self._window.notify_all()
         self._unconfirmed.clear()
         self._fail_open(why)
         self._buffer.drop()
@@ -450,10 +556,7 @@ class RabbitConsumer:
             entry.error = f"no queue for {', '.join(returned)}"
         ch = self._channel
         for tag in entry.tags:  # stored: ack; else delivered again
-            if entry.error:
-                write_requeue(ch, tag)
-            else:
-                write_ack(ch, tag)
+            self._writes.write(ch, write_requeue if entry.error else write_ack, tag)
         self._finish(entry, "")
 
     def _finish(self, entry: Settle, error: str) -> None:
@@ -468,13 +571,13 @@ class RabbitConsumer:
         for entry in entries:
             entry.finish(why, self._c.url, self._queue)
 
-    def _release_soon(self, delivery: Delivery, op: Callable[[Any, int], None]) -> None:
+    def _release_soon(self, delivery: Delivery, op: Write) -> None:
         """Ack or requeue: queued for the I/O thread, not waited for (if the
         connection drops first, the broker requeues the message anyway)."""
         with self._ops_lock:  # atomic with a reconnect's reset
             tags = self._take([delivery])
             if tags:
-                self._schedule(lambda ch: op(ch, tags[0]))
+                self._schedule(lambda ch: self._writes.write(ch, op, tags[0]))
 
     def ack(self, delivery: Delivery) -> None:
         self._release_soon(delivery, write_ack)
@@ -565,6 +668,8 @@ class RabbitConsumer:
 
     def close(self) -> None:
         self._closed.set()
+        with self._window:  # a set_prefetch waiting returns
+            self._window.notify_all()
         if self._pid == os.getpid():
             conn = self._conn
             if conn is not None and conn.is_open:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, ChannelClosedByBroker
@@ -53,6 +53,7 @@ from kew.qchan.spi import (
     Capability,
     ConfigError,
     ConnectorBase,
+    Message,
 )
 from kew.qchan.spi.kit import DelayRoute
 from kew_rabbitmq._browser import RabbitBrowser
@@ -102,6 +103,7 @@ class RabbitConnector(ConnectorBase):
         self._pid = os.getpid()
         self._conn: Any = None  # opened at the first operation, not here
         self._channel: Any = None
+        self._sender: RabbitProducer | None = None  # send_to's (a connection of its own)
         reset_in_child(self)
 
     def __repr__(self) -> str:
@@ -183,6 +185,18 @@ class RabbitConnector(ConnectorBase):
     def browser(self, queue: str) -> RabbitBrowser:
         return RabbitBrowser(self, queue)
 
+    def send_to(self, sends: Sequence[tuple[str, Message]]) -> None:
+        """``MultiSender``: every message published (``mandatory``, delayed
+        ones to their delay queues) on one confirm-mode channel, then one
+        wait for all the confirms: one round trip (or one AMQP transaction
+        with ``batch=tx``).  A producer of the connector's own, made at the
+        first call, does it."""
+        with self._lock:
+            if self._sender is None:
+                self._sender = RabbitProducer(self, "")
+            sender = self._sender
+        sender.send_to(sends)
+
     def delete(self, queue: str) -> None:
         """The queue, its dead letters, and the delay queues that this
         connector declared for it (others expire by themselves)."""
@@ -203,6 +217,9 @@ class RabbitConnector(ConnectorBase):
             if self._pid == os.getpid():
                 close_quietly(self._conn)
             self._conn = None
+            sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()
 
 
 # -- producer (kew_rabbitmq._producer), consumer (kew_rabbitmq._consumer),
