@@ -212,6 +212,15 @@ class RabbitConnector(ConnectorBase):
             self._delay_made.discard(name)
             self.delay_queues.pop(name, None)
 
+    def aio(self) -> Any:
+        """The native async route (``kew.aio``): a
+        :class:`kew_rabbitmq._aio.RabbitAsyncConnector`, pika's connections
+        run by I/O threads that wake the event loop (concurrent sends
+        pipelined on one confirm channel); no I/O here."""
+        from kew_rabbitmq._aio import RabbitAsyncConnector  # (it imports this module's parts)
+
+        return RabbitAsyncConnector(self)
+
     def close(self) -> None:
         with self._lock:
             if self._pid == os.getpid():

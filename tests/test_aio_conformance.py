@@ -1,5 +1,6 @@
-"""The conformance kit through kew.aio on every provider: memory by its native
-route, the others through the thread bridge until their native routes land."""
+"""The conformance kit through kew.aio on every provider: memory, SQLite,
+Redis and RabbitMQ (classic and quorum queues) by their native routes, the
+STOMP brokers through the thread bridge."""
 
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class TestSqliteAsync(AsyncProviderConformance):
 
 
 class TestRedisAsync(AsyncProviderConformance):
+    expected_route = "native"
     crash_redelivery_timeout = 20.0
 
     @pytest.fixture
@@ -37,12 +39,28 @@ class TestRedisAsync(AsyncProviderConformance):
 
 
 class TestRabbitAsync(AsyncProviderConformance):
+    expected_route = "native"
     crash_redelivery_timeout = 30.0
 
     @pytest.fixture
     def url(self) -> str:
         require(port_open("127.0.0.1", 5672), "RabbitMQ is not reachable on 127.0.0.1:5672")
         return "amqp://guest:guest@127.0.0.1:5672/?delay_granularity=50&max_message_size=1048576"
+
+
+class TestRabbitQuorumAsync(AsyncProviderConformance):
+    """The same kit on quorum queues (exact delivery counts, no browsing)."""
+
+    expected_route = "native"
+    crash_redelivery_timeout = 30.0
+
+    @pytest.fixture
+    def url(self) -> str:
+        require(port_open("127.0.0.1", 5672), "RabbitMQ is not reachable on 127.0.0.1:5672")
+        return (
+            "amqp://guest:guest@127.0.0.1:5672/"
+            "?delay_granularity=50&max_message_size=1048576&queue_type=quorum"
+        )
 
 
 class TestRabbitStompAsync(AsyncProviderConformance):

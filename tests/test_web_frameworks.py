@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from kew.testing.util import wait_for
+
 MODULES = (
     "examples.web_frameworks.tasks",
     "examples.web_frameworks.fastapi_app",
@@ -51,6 +53,8 @@ def test_submit_stream_output_and_status(env: None, framework: str) -> None:
         assert r.status_code == 202, r.text
         task_id = r.json()["id"]
         assert len(task_id) == 32
+        # known once the recorder has stored its queued event (a moment)
+        wait_for(lambda: client.get(f"/tasks/{task_id}").status_code == 200, 20, what="status")
         with client.stream("GET", f"/tasks/{task_id}/output") as streamed:
             assert streamed.status_code == 200
             assert streamed.headers["content-type"].startswith("text/plain")
