@@ -75,6 +75,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -277,16 +278,36 @@ class BrokerView:
 
             self._r = redis.Redis.from_url(URLS["redis"])
         else:
-            import pika
+            self._connect()
 
-            self._amqp = pika.BlockingConnection(pika.URLParameters(URLS["rabbitmq"]))
-            self._ch = self._amqp.channel()
+    def _connect(self) -> None:
+        import pika
+
+        with contextlib.suppress(Exception):
+            if self._amqp is not None:
+                self._amqp.close()
+        self._amqp = pika.BlockingConnection(pika.URLParameters(URLS["rabbitmq"]))
+        self._ch = self._amqp.channel()
+
+    def _amqp_call(self, call: Callable[[Any], Any]) -> Any:
+        """``call(channel)``; once more on a new connection if the broker
+        closed this one (it sits idle while a queue fills) or the channel."""
+        import pika
+
+        try:
+            if self._ch.is_closed:
+                self._ch = self._amqp.channel()
+            return call(self._ch)
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelWrongStateError):
+            self._connect()
+            return call(self._ch)
 
     def depth(self, system: str, queue: str) -> int:
         """Messages in the queue (RabbitMQ: ready; Redis: stream entries)."""
         if self._r is not None:
             return int(self._r.xlen(stream_key(system, queue)))
-        return int(self._ch.queue_declare(queue, passive=True).method.message_count)
+        declared = self._amqp_call(lambda ch: ch.queue_declare(queue, passive=True))
+        return int(declared.method.message_count)
 
     def drained(self, system: str, queue: str) -> bool:
         """Redis: every group has nothing pending and nothing left to read;
@@ -318,15 +339,10 @@ class BrokerView:
         names = [queue, f"{queue}.dead", f"{queue}.events", f"{queue}.events.dead", f"{queue}.dlq"]
         for name in names:
             with contextlib.suppress(pika.exceptions.ChannelClosed):
-                if self._ch.is_closed:
-                    self._ch = self._amqp.channel()
-                self._ch.queue_delete(name)
+                self._amqp_call(lambda ch, name=name: ch.queue_delete(name))
         with contextlib.suppress(pika.exceptions.ChannelClosed):
-            if self._ch.is_closed:
-                self._ch = self._amqp.channel()
-            self._ch.exchange_delete(queue)  # (Taskiq's exchange, named after the queue)
-        if self._ch.is_closed:
-            self._ch = self._amqp.channel()
+            # (Taskiq's exchange, named after the queue)
+            self._amqp_call(lambda ch: ch.exchange_delete(queue))
 
     def close(self) -> None:
         if self._r is not None:
@@ -468,6 +484,17 @@ def run_one(
             print(f"clean-up of {queue} failed: {e}", file=sys.stderr)
 
 
+def _kew_version() -> str:
+    """The checkout's commit, "+" if its files differ from it."""
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return r.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return f"kew {head}{'+' if git('status', '--porcelain', '--untracked-files=no') else ''}"
+
+
 def _versions() -> str:
     names = ("taskiq", "taskiq-aio-pika", "taskiq-redis", "faststream", "aio-pika", "redis", "pika")
     found = []
@@ -488,7 +515,7 @@ def table(
         f"# No-op async tasks through one worker process ({n:,} tasks, median of {rounds})",
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}, {platform.node()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, {_versions()}. "
+        f"Python {platform.python_version()}, {_kew_version()}, {_versions()}. "
         "tasks/s: N / (first task to the later of the N-th handler's return and the broker "
         "reporting the queue drained: Redis every task acked, RabbitMQ none ready); "
         "ok: after the worker's stop the broker holds nothing for the queue and the handler "

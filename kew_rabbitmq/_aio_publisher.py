@@ -171,8 +171,9 @@ class Publisher:
             done = self._done.get(loop)
             batch = [done.popleft() for _ in range(min(RESOLVE_EACH, len(done)))] if done else []
             more = bool(done)
-            if not more:
+            if not more:  # (no reference kept to a loop that may close)
                 self._resolving.discard(loop)
+                self._done.pop(loop, None)
         for item in batch:
             if item.future.done():  # its coroutine was cancelled
                 continue

@@ -273,7 +273,7 @@ REDIS = "redis://127.0.0.1:6379/14?prefix=kew-webasync-{suffix}"
 BROKERS = {
     # URL, route, the web's own connection (else the app's: a masked password)
     "redis": (REDIS, "native", True),
-    "amqp": ("amqp://guest:guest@127.0.0.1:5672/", "bridge", False),
+    "amqp": ("amqp://guest:guest@127.0.0.1:5672/", "native", False),
     "stomp": ("stomp://127.0.0.1:61613/?dialect=rabbitmq", "bridge", True),
 }
 

@@ -23,8 +23,8 @@ not raised: the task is queued).
 event loop (the coroutines of one turn go out together), through kew.aio's
 connector for the app's (:func:`kew.aio.from_sync`): its native route when
 it sends to several queues (:class:`~kew.qchan.spi.aio.AsyncMultiSender`:
-memory, SQLite, Redis), else the sync ``send_to`` in a thread of the loop's
-executor (the thread bridge's way, RabbitMQ and STOMP today: the loop never
+memory, SQLite, Redis, RabbitMQ), else the sync ``send_to`` in a thread of
+the loop's executor (the thread bridge's way, STOMP today: the loop never
 blocks, one thread waits per commit).
 """
 
