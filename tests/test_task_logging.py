@@ -208,7 +208,7 @@ def test_a_body_that_does_not_decode_is_an_error_and_a_failed_task(
     assert dead.id == "not-a-render" and "cannot decode as Render" in dead.reason
 
 
-# -- async handlers: refused where they are declared -------------------------------
+# -- async handlers: refused where a plain callable is run --------------------------
 
 
 async def render_async(job: Render) -> None: ...
@@ -224,13 +224,10 @@ def plain(job: Render) -> None: ...
 @pytest.mark.parametrize(
     ("declare", "name"),
     [
-        (lambda app, fn: app.task()(fn), "render_async"),
-        (lambda app, fn: app.task_queue("q", Render, fn), "render_async"),
-        (lambda app, fn: app.task_queue("q", Render, plain, on_exceeded=fn), "render_async"),
         (lambda app, fn: app.command_task("q", Render, fn), "render_async"),
         (lambda app, fn: app.consumer(kew.Queue(app.connector, "c", Render), fn), "render_async"),
     ],
-    ids=["task", "task_queue", "on_exceeded", "command_task", "consumer"],
+    ids=["command_task", "consumer"],
 )
 def test_async_handlers_are_refused_at_declaration(
     app: App, declare: Callable[[App, object], object], name: str
@@ -240,6 +237,15 @@ def test_async_handlers_are_refused_at_declaration(
             declare(app, fn)
         assert label in str(e.value)
     assert not app.queues and not app.consumers  # nothing declared
+
+
+def test_task_handlers_may_be_async(app: App) -> None:
+    """A task handler (and its exceeded handler) may be an ``async def``: it
+    runs on the app's event loop (tests/test_task_async.py runs them)."""
+    tq = app.task()(render_async)
+    other = app.task_queue("q", Render, AsyncRenderer(), on_exceeded=render_async)
+    assert tq.is_async and other.is_async
+    assert set(app.queues) == {"render_async", "q"}
 
 
 def test_a_plain_handler_is_still_welcome(app: App) -> None:
