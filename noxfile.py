@@ -28,9 +28,22 @@ def tests(session: nox.Session) -> None:
     setup = ROOT / "scripts" / "setup-test-brokers"
     if setup.exists():
         session.run("bash", str(setup), external=True)
-    args = session.posargs or ["-q", "-rs", "--durations=15"]
+    # The longest chaos and soak runs (marked slow) run on demand: nox -s slow.
+    args = session.posargs or ["-q", "-rs", "--durations=15", "-m", "not slow"]
     # pytest exits 5 when it collected no test: that is a failure here.
     session.run("pytest", *args, success_codes=[0])
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """The tests marked slow: the chaos runs on the clusters and broker
+    pairs, the STOMP delay-queue expiry (each cluster's conformance and one
+    failover run are in the tests session)."""
+    _install(session)
+    setup = ROOT / "scripts" / "setup-test-brokers"
+    if setup.exists():
+        session.run("bash", str(setup), external=True)
+    session.run("pytest", "-q", "-rs", "-m", "slow", *session.posargs, success_codes=[0])
 
 
 @nox.session

@@ -402,6 +402,7 @@ class _Chaos:
         self.cluster.cut_connections()
 
 
+@pytest.mark.slow
 def test_chaos_with_the_leader_killed(cluster: RabbitMQCluster, tmp_path: Path) -> None:
     """tests/chaos/driver.py on the cluster: workers SIGKILLed, the chaos
     queue's leader SIGKILLed twice (and started again), connections cut by
