@@ -503,6 +503,18 @@ def _lagging_replica_run(cluster: RedisCluster, url: str, window: int) -> dict[s
     q = kew.Queue(c, queue, int)
     master = cluster.master_of(f"kew:{{{queue}}}")
     replica = cluster.replica_of(master)
+    # A node that rejoined (an earlier failover) may still be syncing: start
+    # once the master's replica acknowledges writes again.
+    raw = redis.Redis(host="127.0.0.1", port=master)
+    probe = f"kew:{{{queue}}}:probe"
+
+    def replicated() -> bool:
+        raw.set(probe, 1)
+        return int(raw.execute_command("WAIT", 1, 200)) >= 1
+
+    wait_for(replicated, 60, what="the replica in sync")
+    raw.delete(probe)
+    raw.close()
     confirmed: list[int] = []
     refused: list[str] = []
     q.send_many(range(100))
