@@ -86,6 +86,7 @@ BENCHMARKS = {
     "floor": "benchmarks/floor_pika.py",
     "validate": "benchmarks/bench_validate.py",
     "aio": "benchmarks/bench_aio.py",
+    "async-tasks": "benchmarks/bench_async_tasks.py",
 }
 
 

@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -156,23 +157,22 @@ def _build_taskiq(system: str, broker: str, url: str, queue: str) -> dict[str, A
     if broker == "rabbitmq":
         from taskiq_aio_pika import AioPikaBroker, Exchange, Queue, QueueType
 
-        kind = {"type": QueueType.CLASSIC} if system == "taskiq-classic" else {}
+        tasks, dead = Queue(name=queue), Queue(name=f"{queue}.dlq")
+        if system == "taskiq-classic":
+            tasks = dataclasses.replace(tasks, type=QueueType.CLASSIC)
+            dead = dataclasses.replace(dead, type=QueueType.CLASSIC)
         b = AioPikaBroker(
-            url,
-            exchange=Exchange(name=queue),
-            task_queues=[Queue(name=queue, **kind)],
-            dead_letter_queue=Queue(name=f"{queue}.dlq", **kind),
+            url, exchange=Exchange(name=queue), task_queues=[tasks], dead_letter_queue=dead
         )
     else:
         from taskiq_redis import RedisStreamBroker
 
         b = RedisStreamBroker(url, queue_name=queue)
 
-    @b.task(task_name="noop")
     async def noop(x: int) -> None:
         _count()
 
-    return {"broker": b, "noop": noop}
+    return {"broker": b, "noop": b.task(task_name="noop")(noop)}
 
 
 def _build_faststream(system: str, broker: str, url: str, queue: str) -> dict[str, Any]:
@@ -193,10 +193,10 @@ def _build_faststream(system: str, broker: str, url: str, queue: str) -> dict[st
         b = RedisBroker(url, **quiet)
         sub = b.subscriber(stream=StreamSub(queue, group=FS_GROUP, consumer="c1"))
 
-    @sub
     async def noop(x: int) -> None:
         _count()
 
+    sub(noop)
     return {"app": FastStream(b), "broker": b}
 
 
@@ -338,8 +338,12 @@ class BrokerView:
 
         names = [queue, f"{queue}.dead", f"{queue}.events", f"{queue}.events.dead", f"{queue}.dlq"]
         for name in names:
+
+            def delete(ch: Any, name: str = name) -> None:
+                ch.queue_delete(name)
+
             with contextlib.suppress(pika.exceptions.ChannelClosed):
-                self._amqp_call(lambda ch, name=name: ch.queue_delete(name))
+                self._amqp_call(delete)
         with contextlib.suppress(pika.exceptions.ChannelClosed):
             # (Taskiq's exchange, named after the queue)
             self._amqp_call(lambda ch: ch.exchange_delete(queue))
@@ -368,13 +372,11 @@ def worker_cmd(system: str) -> list[str]:
 
 
 def _cpu_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far."""
-    import psutil
-
-    t = psutil.cpu_times()
-    idle = t.idle + getattr(t, "iowait", 0.0)
-    total = sum(t)
-    return total - idle, total
+    """(busy, total) CPU ticks of the whole machine so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:9]]  # user .. steal
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
 
 
 @dataclass
@@ -395,7 +397,7 @@ class Line:
     failed: list[str] = field(default_factory=list)
 
     def median(self, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in self.runs)
+        return float(statistics.median(getattr(r, attr) for r in self.runs))
 
 
 def run_one(
