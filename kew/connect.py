@@ -9,8 +9,10 @@ providers are registered the same way, in ``pyproject.toml``: one registry.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import weakref
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import cast
@@ -27,6 +29,11 @@ in the working directory."""
 DISTRIBUTION = "ome-kew"
 
 _GROUP = "kew.providers"
+
+#: The URL each connector :func:`connect` made was given, password included:
+#: kept here, out of sight (not on the connector: never in its repr, its
+#: ``url`` or a log), for :func:`connect_again`.
+_URLS: weakref.WeakKeyDictionary[Connector, str] = weakref.WeakKeyDictionary()
 
 
 def install_hint(extra: str) -> str:
@@ -73,7 +80,23 @@ def connect(url: str | None = None) -> Connector:
             f"the provider for {scheme}:// ({ep.module}) cannot be imported: {e}{hint}"
         ) from None
     factory = cast(Callable[[str], Connector], getattr(module, ep.attr or "connect"))
-    return factory(url)
+    connector = factory(url)
+    with contextlib.suppress(TypeError):  # a third party's, without weak references
+        _URLS[connector] = url
+    return connector
+
+
+def connect_again(connector: Connector) -> Connector | None:
+    """A new connector to the broker ``connector`` reaches, made by
+    :func:`connect` from the URL ``connector`` was made from, its password
+    included (``connector.url`` masks it: it cannot connect again), which
+    kew keeps out of sight, never shown; None when ``connector`` was not made
+    by :func:`connect`.  The new connector is the caller's to close."""
+    try:
+        url = _URLS.get(connector)
+    except TypeError:
+        return None
+    return None if url is None else connect(url)
 
 
 def ping(connector: Connector) -> float:

@@ -1,8 +1,10 @@
-"""GroupCommit and AsyncGroupCommit (one commit under way, the rest
-batched), and the task layer's packing of status events into one message."""
+"""GroupCommit, AsyncGroupCommit and LoopGroupCommit (one commit under way,
+the rest batched), and the task layer's packing of status events into one
+message."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import threading
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from kew.qchan._commit import LoopGroupCommit
 from kew.qchan.runtime import AsyncGroupCommit, GroupCommit
 from kew.qchan.spi import Message, now_ms
 from kew.task import App, SqliteTaskStore, TaskEvent
@@ -184,3 +187,78 @@ def test_async_commit_that_raises_fails_its_batch() -> None:
         group.submit(1)
     with pytest.raises(ValueError, match=r"bad batch \[2\]"):  # and the next one still runs
         group.submit(2)
+
+
+# -- LoopGroupCommit: coroutines on an event loop ----------------------------------
+
+
+def test_loop_group_commit_batches_a_turn_and_what_comes_meanwhile() -> None:
+    """The 100 coroutines of one turn go out in one commit; the 50 that come
+    while it runs go in the next; one commit under way at a time."""
+    batches: list[list[int]] = []
+    running = [0]
+    most = [0]
+
+    async def commit(batch: list[int]) -> None:
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        await asyncio.sleep(0.05)  # (a commit that takes a while: others come meanwhile)
+        batches.append(batch)
+        running[0] -= 1
+
+    group: LoopGroupCommit[int] = LoopGroupCommit(commit)
+
+    async def main() -> None:
+        first = [asyncio.ensure_future(group.submit(i)) for i in range(100)]
+        while not running[0]:  # the first commit under way
+            await asyncio.sleep(0)
+        later = [asyncio.ensure_future(group.submit(i)) for i in range(100, 150)]
+        await asyncio.gather(*first, *later)
+
+    asyncio.run(main())
+    assert batches == [list(range(100)), list(range(100, 150))]
+    assert most[0] == 1 and group.commits == 2
+
+
+def test_loop_group_commit_failure_reaches_its_batch_and_each_loop_has_its_own() -> None:
+    """A commit that raises fails every caller of its batch, the next batch
+    goes on; two loops (two threads) never share a batch."""
+    seen: list[tuple[int, list[str]]] = []
+
+    async def commit(batch: list[str]) -> None:
+        seen.append((threading.get_ident(), batch))
+        if "bad" in batch:
+            raise ValueError("refused")
+
+    group: LoopGroupCommit[str] = LoopGroupCommit(commit)
+
+    async def failing() -> list[BaseException | None]:
+        out = await asyncio.gather(group.submit("a"), group.submit("bad"), return_exceptions=True)
+        await group.submit("after")
+        return list(out)
+
+    results = asyncio.run(failing())
+    assert [type(r) for r in results] == [ValueError, ValueError]
+    assert [b for _, b in seen] == [["a", "bad"], ["after"]]
+
+    seen.clear()
+    started = threading.Barrier(2)
+
+    def on_a_loop(name: str) -> None:
+        async def main() -> None:
+            started.wait(10)
+            await asyncio.gather(*(group.submit(f"{name}{i}") for i in range(10)))
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=on_a_loop, args=(n,)) for n in ("x", "y")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    for ident, batch in seen:
+        assert len({item[0] for item in batch}) == 1  # one loop's items only
+        assert ident in {t.ident for t in threads}
+    assert sorted(item for _, b in seen for item in b) == sorted(
+        f"{n}{i}" for n in ("x", "y") for i in range(10)
+    )

@@ -5,7 +5,8 @@ deliveries settled together cost one round trip, not N (one ``XACK`` for
 many ids on Redis, one transaction on SQLite, one confirm wait on
 RabbitMQ).  :class:`GroupCommit` commits on the first caller's thread,
 :class:`AsyncGroupCommit` finishes by callback (no thread waits on the
-broker).  :class:`GroupSettle` is
+broker), :class:`LoopGroupCommit` is for coroutines (a task of their event
+loop commits, awaiting).  :class:`GroupSettle` is
 the task layer's settle (messages stored, then the acks); :class:`GroupAck`
 is a plain sink's, committed on a thread of its own (so that even one
 handler thread gets its acks batched).
@@ -13,11 +14,13 @@ handler thread gets its acks batched).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from kew.qchan.spi import (
@@ -163,6 +166,70 @@ class AsyncGroupCommit(_Commits[P]):
                 finished(e)
             inside[0] = False
             items = successor[0] if successor else []
+
+
+class _LoopBatch(Generic[P]):
+    """One event loop's payloads waiting, and the task committing them."""
+
+    __slots__ = ("task", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[P, asyncio.Future[None]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+
+class LoopGroupCommit(Generic[P]):
+    """The group commit of coroutines: the payloads submitted in one turn of
+    an event loop go out in one ``await commit(payloads)``, run by a task of
+    that loop, and those submitted while it runs in the next one (one
+    commit under way per loop; each loop has its own batches).  If a commit
+    fails, every caller of its batch gets the error.  A caller that gives up
+    (cancelled) leaves its payload in its batch: it may be committed."""
+
+    def __init__(self, commit: Callable[[list[P]], Awaitable[None]]) -> None:
+        self._commit = commit
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatch[P]] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: Commits made (a statistic, for tests).
+        self.commits = 0
+
+    async def submit(self, payload: P) -> None:
+        """Return once ``payload`` is committed; raise its batch's error."""
+        loop = asyncio.get_running_loop()
+        batch = self._loops.get(loop)
+        if batch is None:
+            batch = self._loops[loop] = _LoopBatch()
+        future: asyncio.Future[None] = loop.create_future()
+        batch.waiting.append((payload, future))
+        if batch.task is None:  # starts at the loop's next turn: this turn's payloads join
+            batch.task = loop.create_task(self._drain(batch))
+        await future
+
+    async def _drain(self, batch: _LoopBatch[P]) -> None:
+        """Commit what waits, batch after batch, until nothing is left."""
+        try:
+            while batch.waiting:
+                items, batch.waiting = batch.waiting, []
+                error: BaseException | None = None
+                self.commits += 1
+                try:
+                    await self._commit([payload for payload, _ in items])
+                except BaseException as e:  # every caller of the batch hears it
+                    error = e
+                for _, future in items:
+                    if future.done():  # its caller gave up
+                        continue
+                    if error is None:
+                        future.set_result(None)
+                    elif isinstance(error, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(error)
+                if error is not None and not isinstance(error, Exception):
+                    raise error  # cancelled (the loop is closing), KeyboardInterrupt
+        finally:
+            batch.task = None
 
 
 Settlement = tuple[Sequence[Delivery], Sequence[tuple[str, Message]]]

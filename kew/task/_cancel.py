@@ -3,9 +3,10 @@
 The cancel travels as messages, never as a local signal (docs/tasks.md,
 "Cancel"):
 
-* **the canceller** (:func:`cancel_task`: ``App.cancel``, ``kew task cancel``,
-  ``POST /tasks/{id}/cancel``) reads the task's record in the store; a final
-  task is left alone.  Otherwise it marks the task in the store at once (a
+* **the canceller** (:func:`cancel_task`: ``App.cancel``, ``kew task cancel``;
+  :func:`cancel_task_async`: ``App.cancel_async``, ``POST /tasks/{id}/cancel``)
+  reads the task's record in the store; a final task is left alone.
+  Otherwise it marks the task in the store at once (a
   ``cancel-requested`` event applied there, and sent on the events queue for
   the recorders), then sends a :class:`Control` message to the control queue
   of every worker the store saw alive (a heartbeat within :data:`LIVE_MS`);
@@ -22,24 +23,27 @@ The cancel travels as messages, never as a local signal (docs/tasks.md,
   takes any task and again with every heartbeat, when it can read the store
   the canceller marked (:class:`Controls`).
 
-Package-internal: ``App.cancel`` and the worker use it.
+Package-internal: ``App.cancel``, ``App.cancel_async`` and the worker use it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
 import msgspec
 
+import kew.aio
 from kew.qchan import Queue, Subscription
 from kew.qchan.spi import now_ms
-from kew.task.model import TaskEvent, TaskStatus
+from kew.qchan.spi.aio import AsyncConnector
+from kew.task.model import EventMessage, TaskEvent, TaskRecord, TaskStatus, WorkerRecord
 from kew.task.store import TaskStore
 
 if TYPE_CHECKING:
@@ -54,7 +58,9 @@ __all__ = [
     "CancelSet",
     "Control",
     "Controls",
+    "StoreRunner",
     "cancel_task",
+    "cancel_task_async",
     "control_queue_name",
     "stop_running",
 ]
@@ -68,6 +74,8 @@ CANCEL_TTL = 86_400.0
 CANCEL_MOST = 100_000
 #: A worker whose heartbeat the store got within this many ms is told of a cancel.
 LIVE_MS = 30_000
+
+R = TypeVar("R")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -178,15 +186,9 @@ def _tell(app: App, workers: list[str], message: Control) -> int:
     return told
 
 
-def cancel_task(
-    app: App, task_id: str, *, by: str = "", store: TaskStore | None = None
-) -> CancelResult:
-    """Cancel the task ``task_id`` of ``app`` (see the module); ``store``:
-    where its record is (default ``app.store``).  Raises KeyError when the
-    store has never heard of the task.  Idempotent: a second cancel changes
-    nothing (it sends the messages again, for a worker that missed them)."""
-    store = app.store if store is None else store
-    rec = store.get(task_id)
+def _to_cancel(task_id: str, rec: TaskRecord | None) -> TaskRecord | CancelResult:
+    """``rec``, or the answer for a task with nothing left to cancel; raises
+    KeyError for a task the store has never heard of."""
     if rec is None:
         raise KeyError(task_id)
     if rec.status == "cancelled":
@@ -195,16 +197,15 @@ def cancel_task(
         return CancelResult(
             task_id, False, rec.status, f"task {task_id} {rec.status} already: nothing to cancel"
         )
-    at = now_ms()
-    again = rec.cancel_requested_at is not None
-    event = TaskEvent(task_id, rec.queue, "cancel-requested", at, text=by)
-    store.apply([event])  # the mark, at once: workers read it
-    try:
-        app.emitter.emit([event])  # and for the recorders (another store)
-    except Exception as e:
-        log.warning("kew: cannot send the cancel-requested event of task %s: %s", task_id, e)
-    live = sorted(w.id for w in store.workers() if at - w.last_seen <= LIVE_MS)
-    told = _tell(app, live, Control("cancel", [task_id], at, by))
+    return rec
+
+
+def _live(workers: Iterable[WorkerRecord], at: int) -> list[str]:
+    return sorted(w.id for w in workers if at - w.last_seen <= LIVE_MS)
+
+
+def _asked(task_id: str, rec: TaskRecord, by: str, told: int) -> CancelResult:
+    """Logged, and the answer, once the cancel is asked."""
     log.info(
         "kew: cancel of task %s (%s) asked%s; %d live worker(s) told",
         task_id,
@@ -212,7 +213,7 @@ def cancel_task(
         f" by {by}" if by else "",
         told,
     )
-    what = "asked again" if again else "asked"
+    what = "asked again" if rec.cancel_requested_at is not None else "asked"
     when = "when a worker takes it" if rec.status != "running" else "when its worker stops it"
     return CancelResult(
         task_id,
@@ -221,6 +222,128 @@ def cancel_task(
         f"cancel of task {task_id} ({rec.status}) {what}: it ends cancelled {when}",
         told,
     )
+
+
+def cancel_task(
+    app: App, task_id: str, *, by: str = "", store: TaskStore | None = None
+) -> CancelResult:
+    """Cancel the task ``task_id`` of ``app`` (see the module); ``store``:
+    where its record is (default ``app.store``).  Raises KeyError when the
+    store has never heard of the task.  Idempotent: a second cancel changes
+    nothing (it sends the messages again, for a worker that missed them)."""
+    store = app.store if store is None else store
+    rec = _to_cancel(task_id, store.get(task_id))
+    if isinstance(rec, CancelResult):
+        return rec
+    at = now_ms()
+    event = TaskEvent(task_id, rec.queue, "cancel-requested", at, text=by)
+    store.apply([event])  # the mark, at once: workers read it
+    try:
+        app.emitter.emit([event])  # and for the recorders (another store)
+    except Exception as e:
+        log.warning("kew: cannot send the cancel-requested event of task %s: %s", task_id, e)
+    live = _live(store.workers(), at)
+    told = _tell(app, live, Control("cancel", [task_id], at, by))
+    return _asked(task_id, rec, by, told)
+
+
+class StoreRunner(Protocol):
+    """Runs ``fn(store)`` off the event loop and awaits it (a task store is
+    a sync API): kew.web's store thread (``Backend.on_store``), or
+    ``App.cancel_async``'s default, a thread of the loop's executor."""
+
+    def __call__(self, fn: Callable[[Any], R], /) -> Awaitable[R]: ...
+
+
+def _in_executor(store: Callable[[], TaskStore]) -> StoreRunner:
+    """``fn(store())`` in a thread of the loop's executor (``store()`` too:
+    an app opens its store on first use)."""
+
+    async def run(fn: Callable[[Any], R], /) -> R:
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(store()))
+
+    return run
+
+
+async def _emit_async(app: App, conn: AsyncConnector, event: TaskEvent) -> None:
+    """``event`` to the app's events queue with the async API."""
+    if not app.emitter.enabled:
+        return
+    events = app.events
+    queue: kew.aio.Queue[EventMessage] = kew.aio.Queue(
+        conn,
+        events.name,
+        cast("type[EventMessage]", EventMessage),
+        max_depth=events.max_depth,
+    )
+    try:
+        await queue.send([event])
+    finally:
+        await queue.close()
+
+
+async def _tell_one(conn: AsyncConnector, app_name: str, worker: str, message: Control) -> bool:
+    name = control_queue_name(app_name, worker)
+    queue = kew.aio.Queue(conn, name, Control)
+    try:
+        producer = await conn.producer(name)  # (not declared: see _tell)
+        try:
+            await producer.send(queue.message(message))
+        finally:
+            await producer.close()
+    except Exception as e:
+        log.warning("kew: cannot send a cancel to worker %s (%s): %s", worker, name, e)
+        return False
+    return True
+
+
+async def _tell_async(app: App, conn: AsyncConnector, workers: list[str], message: Control) -> int:
+    """:func:`_tell` with the async API, to every worker at once."""
+    sent = await asyncio.gather(*(_tell_one(conn, app.name, w, message) for w in workers))
+    return sum(sent)
+
+
+def _mark(event: TaskEvent, store: TaskStore) -> list[WorkerRecord]:
+    """The cancel mark applied, then the workers the store knows (one trip)."""
+    store.apply([event])
+    return list(store.workers())
+
+
+async def cancel_task_async(
+    app: App,
+    task_id: str,
+    *,
+    by: str = "",
+    store: TaskStore | None = None,
+    on_store: StoreRunner | None = None,
+    connector: AsyncConnector | None = None,
+) -> CancelResult:
+    """:func:`cancel_task` for a coroutine, with the same steps and answer:
+    the store read and written by ``on_store`` (default: a thread of the
+    loop's executor, on ``store``, default ``app.store``), the event and
+    the control messages sent with the async API on ``connector`` (default:
+    the app's async connector, the one ``submit_async`` uses)."""
+    if on_store is None:
+        given = store
+        on_store = _in_executor(lambda: app.store if given is None else given)
+    if connector is None:
+        from kew.task._submit import submitter
+
+        connector = submitter(app)._async_connector()
+    found: TaskRecord | None = await on_store(lambda s: s.get(task_id))
+    rec = _to_cancel(task_id, found)
+    if isinstance(rec, CancelResult):
+        return rec
+    at = now_ms()
+    event = TaskEvent(task_id, rec.queue, "cancel-requested", at, text=by)
+    workers = await on_store(lambda s: _mark(event, s))  # the mark, at once
+    try:
+        await _emit_async(app, connector, event)  # and for the recorders
+    except Exception as e:
+        log.warning("kew: cannot send the cancel-requested event of task %s: %s", task_id, e)
+    message = Control("cancel", [task_id], at, by)
+    told = await _tell_async(app, connector, _live(workers, at), message)
+    return _asked(task_id, rec, by, told)
 
 
 class Controls:

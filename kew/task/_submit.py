@@ -20,7 +20,8 @@ the depth checked, the task sent, then its event (a failing event logged,
 not raised: the task is queued).
 
 ``submit_async`` does the same for coroutines, with a group commit per
-event loop (the coroutines of one turn go out together), through kew.aio's
+event loop (:class:`~kew.qchan._commit.LoopGroupCommit`: the coroutines of
+one turn go out together), through kew.aio's
 connector for the app's (:func:`kew.aio.from_sync`): its native route when
 it sends to several queues (:class:`~kew.qchan.spi.aio.AsyncMultiSender`:
 memory, SQLite, Redis, RabbitMQ), else the sync ``send_to`` in a thread of
@@ -38,6 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kew.qchan import Queue
+from kew.qchan._commit import LoopGroupCommit
 from kew.qchan.spi import Connector, Message, MessageTooLarge, MultiSender, now_ms
 from kew.qchan.spi.aio import AsyncConnector, AsyncMultiSender
 from kew.task._events import Emitter, chunks
@@ -140,17 +142,6 @@ class GroupCommit:
             after.wake.set()
 
 
-class _LoopBatch:
-    """The async group commit of one event loop: parts waiting, and the
-    task committing them (one commit under way at a time)."""
-
-    __slots__ = ("task", "waiting")
-
-    def __init__(self) -> None:
-        self.waiting: list[tuple[Part, asyncio.Future[None]]] = []
-        self.task: asyncio.Task[None] | None = None
-
-
 class Submitter:
     """The submits of one app: a group commit for threads, one per event
     loop for coroutines."""
@@ -166,9 +157,7 @@ class Submitter:
         self._group = GroupCommit(self._commit)
         self._lock = threading.Lock()
         self._aio: AsyncConnector | None = None
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatch] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._async_group: LoopGroupCommit[Part] = LoopGroupCommit(self._commit_async)
 
     # -- what a submit sends ----------------------------------------------------
 
@@ -303,40 +292,9 @@ class Submitter:
         part = self.part(tq, items, due)
         if undeclared := self._undeclared(tq):  # (a round trip: in a thread, once)
             await loop.run_in_executor(None, self._declare, undeclared)
-        batch = self._loops.get(loop)
-        if batch is None:
-            batch = self._loops[loop] = _LoopBatch()
-        future: asyncio.Future[None] = loop.create_future()
-        batch.waiting.append((part, future))
-        if batch.task is None:  # starts at the loop's next turn: this turn's parts join
-            batch.task = loop.create_task(self._drain(batch))
-        await future
+        await self._async_group.submit(part)
         self._told(part)
         return part.ids
-
-    async def _drain(self, batch: _LoopBatch) -> None:
-        """Commit what waits, batch after batch, until nothing is left."""
-        try:
-            while batch.waiting:
-                items, batch.waiting = batch.waiting, []
-                error: BaseException | None = None
-                try:
-                    await self._commit_async([part for part, _ in items])
-                except BaseException as e:  # every caller of the batch hears it
-                    error = e
-                for _, future in items:
-                    if future.done():  # its caller was cancelled
-                        continue
-                    if error is None:
-                        future.set_result(None)
-                    elif isinstance(error, asyncio.CancelledError):
-                        future.cancel()
-                    else:
-                        future.set_exception(error)
-                if error is not None and not isinstance(error, Exception):
-                    raise error  # cancelled (the loop is closing), KeyboardInterrupt
-        finally:
-            batch.task = None
 
     async def _commit_async(self, parts: list[Part]) -> None:
         sends = self._sends(parts)

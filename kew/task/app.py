@@ -32,9 +32,10 @@ from kew.connect import connect
 from kew.qchan import Queue, Subscription, check_sync
 from kew.qchan.codec import Codec
 from kew.qchan.spi import Connector
+from kew.qchan.spi.aio import AsyncConnector
 from kew.task._async_run import EventLoopThread
 from kew.task._attempt import TaskQueue
-from kew.task._cancel import CancelResult, CancelSet, cancel_task
+from kew.task._cancel import CancelResult, CancelSet, StoreRunner, cancel_task, cancel_task_async
 from kew.task._events import Emitter, Recorder, Running
 from kew.task._follow import follow_output
 from kew.task.command import CommandSpec, ExitAction, check_result, run_command
@@ -362,6 +363,28 @@ class App:
         ``store``: where the task's record is (default :attr:`store`).
         Raises KeyError if the store has never heard of the task."""
         return cancel_task(self, task_id, by=by, store=store)
+
+    async def cancel_async(
+        self,
+        task_id: str,
+        *,
+        by: str = "",
+        store: TaskStore | None = None,
+        on_store: StoreRunner | None = None,
+        connector: AsyncConnector | None = None,
+    ) -> CancelResult:
+        """:meth:`cancel` for asyncio code, with the same steps, semantics
+        and result: the event and the cancel messages are sent with the
+        async API (on ``connector``, default the app's async connector,
+        the one ``TaskQueue.submit_async`` uses); the task store, a sync
+        API, is read and written off the loop by ``on_store(fn)``, which
+        awaits ``fn(store)`` (default: in a thread of the loop's executor,
+        on ``store``, default :attr:`store`).  ``kew serve`` passes its own
+        connection and its store thread.  Raises KeyError if the store has
+        never heard of the task."""
+        return await cancel_task_async(
+            self, task_id, by=by, store=store, on_store=on_store, connector=connector
+        )
 
     # -- running ----------------------------------------------------------------
 

@@ -17,7 +17,9 @@ text exposition for a web ``/metrics`` endpoint):
   process (the worker's)
 - ``kew_queue_depth{queue,state}``: ready / in_flight / delayed / dead of
   every queue the app declares, read from the broker at scrape time (a count
-  the broker cannot tell is left out)
+  the broker cannot tell is left out); or, with ``render(depths=...)``, the
+  depths its async caller read already (the web's ``/metrics``: no broker
+  call then, so it renders on the event loop)
 
 Counters are per process: each worker exports what it ran.  Prometheus sums
 them across workers.
@@ -26,10 +28,11 @@ them across workers.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -37,6 +40,7 @@ from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kew.qchan.spi import QueueStats
 from kew.task.model import TaskEvent
 
 __all__ = ["CONTENT_TYPE", "REGISTRY", "TaskMetrics", "install", "render", "serve"]
@@ -75,6 +79,12 @@ DURATION = Histogram(
     ["queue", "outcome"],
     buckets=BUCKETS,
     registry=REGISTRY,
+)
+
+#: The depths ``render(depths=...)`` exports (None: read the installed apps'
+#: queues from the broker), for the render under way in this context.
+_GIVEN: contextvars.ContextVar[Mapping[str, QueueStats] | None] = contextvars.ContextVar(
+    "kew_metrics_depths", default=None
 )
 
 _ENDS = {"succeeded": "succeeded", "retry-scheduled": "retried", "failed": "failed"}
@@ -163,6 +173,12 @@ class _DepthCollector(Collector):
         family = GaugeMetricFamily(
             "kew_queue_depth", "Messages in a queue, by state.", labels=["queue", "state"]
         )
+        given = _GIVEN.get()
+        if given is not None:  # read already, by an async caller: no I/O here
+            for name, stats in given.items():
+                _add(family, name, stats)
+            yield family
+            return
         with self._lock:
             seen: set[str] = set()
             for app in self._apps:
@@ -176,10 +192,7 @@ class _DepthCollector(Collector):
                         log.warning("kew: metrics cannot read the depth of %s: %s", name, e)
                         self._forget(app, name)
                         continue
-                    for state in ("ready", "in_flight", "delayed", "dead"):
-                        value = getattr(stats, state)
-                        if value >= 0:
-                            family.add_metric([name, state], value)
+                    _add(family, name, stats)
         yield family
 
     @staticmethod
@@ -205,6 +218,13 @@ class _DepthCollector(Collector):
                 b.close()
 
 
+def _add(family: GaugeMetricFamily, name: str, stats: QueueStats) -> None:
+    for state in ("ready", "in_flight", "delayed", "dead"):
+        value = getattr(stats, state)
+        if value >= 0:
+            family.add_metric([name, state], value)
+
+
 _DEPTH = _DepthCollector()
 REGISTRY.register(_DEPTH)
 _installed: dict[int, TaskMetrics] = {}
@@ -225,10 +245,22 @@ def install(app: Any) -> TaskMetrics:
         return m
 
 
-def render(*, include_default: bool = False) -> bytes:
+def render(
+    *, include_default: bool = False, depths: Mapping[str, QueueStats] | None = None
+) -> bytes:
     """The text exposition of kew's metrics (and, with ``include_default``,
-    of prometheus_client's default registry: process metrics, the app's own)."""
-    out = generate_latest(REGISTRY)
+    of prometheus_client's default registry: process metrics, the app's own).
+
+    ``depths``: the queue depths to export (queue name: its stats), read
+    already, e.g. by a coroutine with ``await browser.stats()``; then
+    ``kew_queue_depth`` has those, the broker is not called, and the render
+    does no I/O (an event loop may call it).  Default: the depths of every
+    queue of the installed apps, read from the broker now."""
+    token = _GIVEN.set(depths)
+    try:
+        out = generate_latest(REGISTRY)
+    finally:
+        _GIVEN.reset(token)
     if include_default:
         from prometheus_client import REGISTRY as DEFAULT
 

@@ -2,15 +2,17 @@
 for the served app's broker, and the browsers it reads depths and dead
 letters with.
 
-The web opens a connection of its own to the app's broker,
-``kew.aio.connect(app.connector.url)``, when the application starts, and
-closes it when it stops; the task app keeps its connector (its submits,
-recorder and workers use it).  A connector's ``url`` has its password masked
-(``***``): for such a URL the web cannot connect again, and takes the route
-of the app's own connector instead (``kew.aio.from_sync``), never closed
-here, since closing it would close the app's connector, which the app owns
-and closes.  (A memory broker is per process and named: ``memory://name``
-reaches the same one.)
+The web opens a connection of its own to the app's broker when the
+application starts, and closes it when it stops; the task app keeps its
+connector (its submits, recorder and workers use it).  It connects with the
+URL the app's connector was made from (:func:`kew.connect.connect_again`:
+``connector.url`` masks a password, ``***``, so it cannot be used; the real
+one is kept out of sight by :func:`kew.connect`, and never shown here), else
+with ``connector.url`` when it hides nothing.  A connector made otherwise,
+whose URL has a password, leaves the web the route of the app's own
+connector (``kew.aio.from_sync``), never closed here, since closing it would
+close the app's connector, which the app owns and closes.  (A memory broker
+is per process and named: ``memory://name`` reaches the same one.)
 
 On a provider with a native async route (memory, SQLite, Redis) no thread
 waits on the broker; on the others kew.aio's bridge does the threading,
@@ -27,6 +29,7 @@ import logging
 from collections.abc import Collection, Sequence
 
 import kew.aio
+from kew.connect import connect, connect_again
 from kew.qchan.spi import Connector, DeadLetter, QueueStats
 from kew.qchan.spi.aio import AsyncBrowser, AsyncConnector
 
@@ -73,14 +76,18 @@ class WebBroker:
         """Connect (no I/O: the first call talks to the broker)."""
         if self._conn is not None:
             return
-        url = self._app_connector.url
-        if "***" not in url:
-            try:
-                self._conn = kew.aio.connect(url, threads=BRIDGE_THREADS)
-                self._owned = True
-                return
-            except Exception as e:  # a third party's URL that does not connect twice
-                log.info("kew.web: %s: using the app's connector (%s)", url, e)
+        app = self._app_connector
+        try:
+            again = connect_again(app)
+            if again is None and "***" not in app.url:
+                again = connect(app.url)
+        except Exception as e:  # a third party's URL that does not connect twice
+            log.info("kew.web: %s: using the app's connector (%s)", app.url, e)
+            again = None
+        if again is not None:
+            self._conn = kew.aio.from_sync(again, threads=BRIDGE_THREADS)
+            self._owned = True
+            return
         self._conn = kew.aio.from_sync(self._app_connector, threads=BRIDGE_THREADS)
         self._owned = False
 

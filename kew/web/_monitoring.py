@@ -4,6 +4,7 @@ answer) and ``/metrics`` (Prometheus)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Literal
 
@@ -13,11 +14,14 @@ from litestar import Response, get
 from litestar.datastructures import State
 from litestar.handlers import HTTPRouteHandler
 
+from kew.qchan.spi import QueueStats
 from kew.task.model import WorkerRecord
 from kew.web._errors import AUTH_ERRORS
 from kew.web._openapi import response_spec
 from kew.web._state import web_state
 from kew.web.backend import Backend
+
+log = logging.getLogger("kew.web")
 
 
 class Health(msgspec.Struct, frozen=True):
@@ -73,15 +77,33 @@ async def health(state: State) -> Response[Health]:
     return Response(h, status_code=200 if broker else 503, headers={"Cache-Control": "no-cache"})
 
 
-def _render_metrics() -> bytes:
+async def _depths(backend: Backend, timeout: float) -> dict[str, QueueStats]:
+    """The depths of the app's queues, asked of the broker together through
+    the web's async connector; a queue that fails or does not answer within
+    ``timeout`` seconds is left out (and logged)."""
+    names = backend.app.queue_names()
+    found = await asyncio.gather(
+        *(asyncio.wait_for(backend.broker.stats(name), timeout) for name in names),
+        return_exceptions=True,
+    )
+    depths: dict[str, QueueStats] = {}
+    for name, stats in zip(names, found, strict=True):
+        if isinstance(stats, QueueStats):
+            depths[name] = stats
+        elif isinstance(stats, Exception):
+            log.warning("kew.web: metrics cannot read the depth of %s: %r", name, stats)
+        else:
+            raise stats  # cancelled: the request was
+    return depths
+
+
+def _render_metrics(depths: dict[str, QueueStats]) -> bytes:
     try:
         from kew.task import metrics as task_metrics
-
-        render = getattr(task_metrics, "render", None)
-        if render is not None:
-            return bytes(render())
-    except ImportError:
+    except ImportError:  # prometheus_client missing
         pass
+    else:
+        return task_metrics.render(depths=depths)
     import prometheus_client
 
     return bytes(prometheus_client.generate_latest())
@@ -94,12 +116,14 @@ def _render_metrics() -> bytes:
     tags=["monitoring"],
     media_type="text/plain; version=0.0.4",
 )
-async def metrics() -> Response[bytes]:
-    """The Prometheus text exposition of kew's metrics, rendered in a thread:
-    prometheus_client's collectors are sync, and kew.task.metrics reads the
-    queue depths through the app's (sync) connector at scrape time."""
-    text = await asyncio.to_thread(_render_metrics)
-    return Response(text, media_type="text/plain; version=0.0.4")
+async def metrics(state: State) -> Response[bytes]:
+    """The Prometheus text exposition of kew's metrics: the queue depths
+    awaited through the web's async connector (``health_timeout`` each),
+    then rendered on the loop (prometheus_client's collectors are sync; with
+    the depths given, none does I/O)."""
+    web = web_state(state)
+    depths = await _depths(web.backend, web.config.health_timeout)
+    return Response(_render_metrics(depths), media_type="text/plain; version=0.0.4")
 
 
 #: The monitoring routes.

@@ -9,8 +9,9 @@ cancelled request, a timeout) gets its answer no more; a call not started
 yet is dropped.
 
 The ``queued`` events a submit records (so that its status URL answers at
-once) go in batches: the submits of one turn of the loop, and those that
-come while a batch is being written, share one ``store.apply``.
+once) go in batches (:class:`~kew.qchan._commit.LoopGroupCommit`, as the
+submits' own group commit): the submits of one turn of the loop, and those
+that come while a batch is being written, share one ``store.apply``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
+from kew.qchan._commit import LoopGroupCommit
 from kew.task.model import TaskEvent
 
 __all__ = ["THREAD_NAME", "StoreThread"]
@@ -40,8 +42,7 @@ class StoreThread:
         self._store = store
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: list[tuple[TaskEvent, asyncio.Future[None]]] = []
-        self._writing: asyncio.Task[None] | None = None
+        self._group: LoopGroupCommit[TaskEvent] = LoopGroupCommit(self._apply)
         #: Calls run so far (a statistic, for tests).
         self.calls = 0
 
@@ -61,36 +62,10 @@ class StoreThread:
 
     async def record(self, event: TaskEvent) -> None:
         """Apply ``event`` with the others waiting (one ``store.apply`` a batch)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._pending.append((event, future))
-        if self._writing is None:  # starts at the loop's next turn: this turn's join
-            self._writing = loop.create_task(self._write())
-        await future
+        await self._group.submit(event)
 
-    async def _write(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                events = [event for event, _ in batch]
-                error: BaseException | None = None
-                try:
-                    await self.run(partial(_apply, events))
-                except BaseException as e:  # every caller of the batch hears it
-                    error = e
-                for _, future in batch:
-                    if future.done():  # its caller gave up
-                        continue
-                    if error is None:
-                        future.set_result(None)
-                    elif isinstance(error, asyncio.CancelledError):
-                        future.cancel()
-                    else:
-                        future.set_exception(error)
-                if error is not None and not isinstance(error, Exception):
-                    raise error
-        finally:
-            self._writing = None
+    async def _apply(self, events: list[TaskEvent]) -> None:
+        await self.run(partial(_apply, events))
 
     def close(self) -> None:
         """No more calls (a call under way finishes); the next :meth:`run`

@@ -269,14 +269,23 @@ async def task_output(
 
 
 async def ask_cancel(backend: Backend, task_id: str, by: str) -> CancelResult:
-    """Cancel ``task_id`` (``App.cancel``, a sync call that writes to the store
-    and sends the cancel: on the store's thread); NotFoundException when the
-    store has never heard of it."""
-    cancel = getattr(backend.app, "cancel", None)
-    if not callable(cancel):
-        raise NotFoundException(detail="this app cannot cancel tasks")
+    """Cancel ``task_id`` with ``App.cancel_async``: the store read and
+    written on the store's thread, the event and the cancel messages sent on
+    the web's async connector; NotFoundException when the store has never
+    heard of it.  (An app with only a sync ``cancel``: that, on the store's
+    thread.)"""
+    app = backend.app
+    cancel_async = getattr(app, "cancel_async", None)
+    cancel = getattr(app, "cancel", None)
     try:
-        result: CancelResult = await backend.on_store(lambda s: cancel(task_id, by=by, store=s))
+        if callable(cancel_async):
+            result: CancelResult = await cancel_async(
+                task_id, by=by, on_store=backend.on_store, connector=backend.broker.connector
+            )
+        elif callable(cancel):
+            result = await backend.on_store(lambda s: cancel(task_id, by=by, store=s))
+        else:
+            raise NotFoundException(detail="this app cannot cancel tasks")
     except KeyError:
         raise NotFoundException(detail=f"no task {task_id!r}") from None
     return result
