@@ -11,11 +11,17 @@ other.  This module: the connector, the producer, the browser.
   every producer of a connector (and ``send_to``) that arrive on a loop
   while a round trip is under way go together in the next one: one
   pipeline without MULTI (on Cluster, one per master, side by side),
-  followed on the same connection by ``WAIT`` with ``min_replicas``.  Each
+  followed on the same connection by ``WAIT`` with ``min_replicas``.  In
+  it, the messages to one stream are added by one ``EVAL`` (a Lua loop of
+  XADDs, up to 1,000 messages or 1 MiB a script: one command to pack,
+  run and answer instead of one a message, the entries as the sync
+  provider writes them); a delayed message is a ZADD of its own.  Each
   ``await`` returns once its own messages are stored (and confirmed by the
-  replicas).  An error reply fails only the sends it belongs to; after a
-  lost connection or a moved slot, the sends not yet stored go again
-  (``retries``), with those that arrived meanwhile.
+  replicas).  An error reply fails only the sends it belongs to (those of
+  its script: one stream's); after a lost connection or a moved slot, the
+  sends not yet stored go again (``retries``), with those that arrived
+  meanwhile.  A server that refuses scripts to the user (an ACL without
+  ``@scripting``) gets one XADD a message from then on.
 * Every other call goes through :class:`~kew_redis._aio_client.AsyncClient`:
   retried and translated into kew's errors as the sync provider's.
 * The consumer: :mod:`kew_redis._aio_consumer`.
@@ -24,11 +30,12 @@ other.  This module: the connector, the producer, the browser.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import NoPermissionError, RedisClusterException, ResponseError
 
 from kew.qchan.spi import (
     Capability,
@@ -42,15 +49,18 @@ from kew.qchan.spi import (
 from kew.qchan.spi.wire import Malformed
 from kew_redis import _entries as entry
 from kew_redis._aio_client import AsyncClient, PerLoop
-from kew_redis._aio_writes import STEP, GroupCommit, Item, Part, write_parts
+from kew_redis._aio_writes import STEP, Batch, GroupCommit, Item, Part, write_parts
 from kew_redis._client import aio_script
+from kew_redis._reading import GROUP
 from kew_redis._writes import Recorder
-from kew_redis.provider import GROUP, RedisConnector, _add, _check_size, _Keys
+from kew_redis.provider import RedisConnector, _add, _check_size, _Keys
 
 if TYPE_CHECKING:
     from kew_redis._aio_consumer import RedisAsyncConsumer
 
 __all__ = ["RedisAsyncBrowser", "RedisAsyncConnector", "RedisAsyncProducer"]
+
+log = logging.getLogger("kew.redis")
 
 #: What a send submits to the group commit: its messages, with their queues.
 Sends = Sequence[tuple[str, Message]]
@@ -74,6 +84,8 @@ class RedisAsyncConnector:
             lambda: GroupCommit(self._write, "kew-redis-sends")
         )
         self._keys: dict[str, _Keys] = {}  # by queue, for the flushes
+        #: Sends to a stream go in one EVAL (until the server refuses scripts).
+        self._scripts = True
         self._move_due = aio_script(entry.MOVE_DUE)
         self._closed = False
 
@@ -137,18 +149,38 @@ class RedisAsyncConnector:
             await self.sends.submit(sends)
 
     async def _write(self, items: list[Item[Sends]]) -> list[Item[Sends]]:
-        """A flush of :attr:`sends`: the commands of every message built
-        (the sync provider's ``_add``) and packed here, ``STEP`` messages a
-        turn of the loop, then one round trip; the items to send again."""
+        """A flush of :attr:`sends`, in one round trip: the messages to each
+        stream in one ``EVAL`` of :data:`~kew_redis._aio_writes.ADD_ALL`
+        (a :class:`~kew_redis._aio_writes.Batch`; without scripts, refused
+        by the server's ACL, one XADD each), delayed ones a ZADD each (the
+        sync provider's ``_add``), packed here ``STEP`` messages a turn of
+        the loop; the items to send again."""
         parts: list[Part] = []
+        batches: dict[str, Batch] = {}  # the open one of each stream
+        owners: list[Batch | int] = []  # of each message: its batch, or its part
+        keys_of = self._keys
+        n = 0
         for i in items:
             for queue, m in i.value:
-                if len(parts) % STEP == STEP - 1:
+                n += 1
+                if n % STEP == 0:
                     await asyncio.sleep(0)
-                keys = self._keys.get(queue) or self._keys.setdefault(queue, self.keys(queue))
+                keys = keys_of.get(queue) or keys_of.setdefault(queue, self.keys(queue))
+                if self._scripts and m.body.__class__ is bytes and not _delayed(m):
+                    batch = batches.get(keys.stream)
+                    if batch is None or batch.full:
+                        batch = batches[keys.stream] = Batch(keys.stream)
+                    batch.add(m.id, m.body, entry.encode_headers(m.headers))  # (sizes checked)
+                    owners.append(batch)
+                    continue
                 rec = Recorder()
                 _add(self.sync, rec, keys, queue, m)
+                owners.append(len(parts))
                 parts.append(Part.of(keys.stream, rec.commands))
+        for owner in owners:
+            if isinstance(owner, Batch) and owner.at < 0:
+                owner.at = len(parts)
+                parts.append(owner.part())
         try:
             failures = await write_parts(self.client.get(), self.options, parts)
         except (redis.RedisError, RedisClusterException) as e:
@@ -157,15 +189,24 @@ class RedisAsyncConnector:
             for i in items:
                 i.error = e
             return []
+        scripted = self._scripts
+        if scripted and any(e is not None and _no_scripts(e) for e in failures):
+            log.warning("kew: Redis at %s refuses scripts: an XADD a message from now", self.url)
+            self._scripts = False
         again: list[Item[Sends]] = []
-        at = 0
+        mine = iter(owners)
         for i in items:
-            mine = failures[at : at + len(i.value)]
-            at += len(i.value)
-            failed = next((e for e in mine if e is not None), None)
-            i.attempts += 1
+            failed = None
+            for _ in i.value:
+                owner = next(mine)
+                failed = failed or failures[owner.at if isinstance(owner, Batch) else owner]
             if failed is None:
+                i.attempts += 1
                 continue
+            if scripted and _no_scripts(failed):
+                again.append(i)  # (not an attempt: the scripts, not the sends, were refused)
+                continue
+            i.attempts += 1
             final = self.client.sync.translate(failed, SendError)
             if final is None and i.attempts <= self.options.retries:
                 again.append(i)
@@ -187,6 +228,18 @@ class RedisAsyncConnector:
             await self.client.close()
         finally:
             self.sync.close()
+
+
+def _delayed(m: Message) -> bool:
+    """Whether ``_add`` stores ``m`` in the delayed set (a ZADD)."""
+    return m.deliver_at is not None and m.deliver_at > now_ms()
+
+
+def _no_scripts(e: BaseException) -> bool:
+    """Whether an error reply to an ``EVAL`` says the server runs no
+    scripts for this user (an ACL without ``@scripting``, a proxy)."""
+    text = str(e).lower()
+    return "'eval'" in text and (isinstance(e, NoPermissionError) or "unknown command" in text)
 
 
 # -- producer --------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from kew_redis import _entries as entry
 from kew_redis._aio import RedisAsyncConnector
 from kew_redis._aio_client import AsyncClient
 from kew_redis._aio_writes import GroupCommit, Item
-from kew_redis.provider import GROUP, HOUSEKEEPING_MS
+from kew_redis._reading import GROUP, Housekeeping, buried, bury, pending_counts
 
 __all__ = ["RedisAsyncConsumer"]
 
@@ -77,11 +77,16 @@ class RedisAsyncConsumer:
         self._room = asyncio.Event()  # set when a settle makes room
         self._reading = asyncio.Lock()  # fetches and sweeps take turns
         self._closed = False
-        self._housekeeping_at = 0  # epoch ms: next run of the mover and the reclaim
-        self._next_due: int | None = None  # epoch ms of the next delayed message
+        self._housekeeping = Housekeeping()
         self._renewer: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._acks: GroupCommit[str] = GroupCommit(self._flush_acks, f"kew-redis-acks-{queue}")
+
+    async def set_prefetch(self, count: int) -> None:
+        """From now on hold at most ``count`` (kew.aio's adaptive window: a
+        pull consumer, only the bound its fetches keep to moves; no I/O)."""
+        self._prefetch = count
+        self._room.set()
 
     # -- fetching -------------------------------------------------------------
 
@@ -127,30 +132,21 @@ class RedisAsyncConsumer:
     async def _next(self, r: Any, room: int, deadline: float) -> list[Delivery]:
         # As RedisConsumer._next: one round trip per fetch while the queue is
         # busy; the mover and the reclaim run every HOUSEKEEPING_MS, and when
-        # a known delayed message is due.
+        # a known delayed message is due (kew_redis._reading.Housekeeping).
         try:
             now = now_ms()
-            if now >= self._housekeeping_at or (
-                self._next_due is not None and now >= self._next_due
-            ):
-                self._next_due = await self._c.move_due(self._keys, r)
-                self._housekeeping_at = now + HOUSEKEEPING_MS
+            chores = self._housekeeping
+            if chores.due(now):
+                chores.done(now, await self._c.move_due(self._keys, r))
                 got = await self._reclaim(r, room)
                 if got:
                     return got
-            block = max(0.0, deadline - time.monotonic())
-            wake = (
-                self._housekeeping_at
-                if self._next_due is None
-                else min(self._housekeeping_at, self._next_due)
-            )
-            block = min(block, max(0.0, (wake - now) / 1000), self._lease / 3000)
             reply = await r.xreadgroup(
                 GROUP,
                 self._name,
                 {self._keys.stream: ">"},
                 count=room,
-                block=max(1, round(block * 1000)),
+                block=chores.block_ms(now, deadline, self._lease),
             )
             return await self._deliveries(r, reply[0][1]) if reply else []
         except ResponseError as e:
@@ -167,42 +163,24 @@ class RedisAsyncConsumer:
         pipe = r.pipeline(transaction=False)
         for entry_id, _ in entries:
             pipe.xpending_range(self._keys.stream, GROUP, entry_id, entry_id, 1)
-        counts = {}
-        for info in await pipe.execute():
-            if info:
-                counts[entry.text(info[0]["message_id"])] = int(info[0]["times_delivered"])
-        return await self._deliveries(r, entries, counts)
+        return await self._deliveries(r, entries, pending_counts(await pipe.execute()))
 
     async def _deliveries(
         self, r: Any, entries: Any, counts: dict[str, int] | None = None
     ) -> list[Delivery]:
         """The deliveries of the entries read, held from now on; those kew
         cannot read are dead-lettered first, those deleted while pending
-        acked (if that fails, none is held: all come back after the lease)."""
+        acked, in one MULTI/EXEC (if that fails, none is held: all come
+        back after the lease)."""
         out, bad, gone = entry.sort_out(entries, counts)
         if bad or gone:
-            await self._bury(r, bad, gone)
+            pipe = r.pipeline(transaction=True)
+            bury(pipe, self._keys.stream, self._keys.dead, bad, gone)
+            await pipe.execute()
+            buried(self._keys.stream, bad)
         for d in out:
             self._held[cast(str, d.tag)] = d
         return out
-
-    async def _bury(self, r: Any, bad: list[entry.Bad], gone: list[str]) -> None:
-        """As RedisConsumer._bury: dead letters and acks in one MULTI/EXEC."""
-        pipe = r.pipeline(transaction=True)
-        for _, m, count, reason in bad:
-            pipe.xadd(self._keys.dead, entry.dead_fields(m, count, reason))
-        tags = [eid for eid, *_ in bad] + gone
-        pipe.xack(self._keys.stream, GROUP, *tags)
-        pipe.xdel(self._keys.stream, *tags)
-        await pipe.execute()
-        for eid, m, _, reason in bad:
-            log.warning(
-                "kew: dead-lettered entry %s of %s (message id %r): %s",
-                eid,
-                self._keys.stream,
-                m.id,
-                reason,
-            )
 
     # -- what a cancelled fetch took ---------------------------------------------
 

@@ -35,7 +35,16 @@ from kew.qchan.spi.kit import Backoff
 from kew_redis._client import NotReplicated
 from kew_redis._options import Options
 
-__all__ = ["Failure", "GroupCommit", "Item", "Part", "pack", "write_parts"]
+__all__ = [
+    "ADD_ALL",
+    "Batch",
+    "Failure",
+    "GroupCommit",
+    "Item",
+    "Part",
+    "pack",
+    "write_parts",
+]
 
 T = TypeVar("T")
 
@@ -164,6 +173,64 @@ def pack(args: tuple[Any, ...]) -> bytes:
     return out
 
 
+#: The XADDs of many messages to one stream (KEYS[1]) in one command:
+#: ARGV is id, body, headers of each in turn.  An error (e.g. WRONGTYPE,
+#: OOM, READONLY: at the first XADD) fails all of them.
+ADD_ALL = b"""
+for i = 1, #ARGV, 3 do
+  redis.call('XADD', KEYS[1], '*', 'id', ARGV[i], 'body', ARGV[i + 1], 'headers', ARGV[i + 2])
+end
+return #ARGV / 3
+"""
+#: Messages (and bytes) of one :class:`Batch` at most: a script blocks the server while it runs.
+BATCH_MOST = 1000
+BATCH_BYTES = 1 << 20
+
+
+class Batch:
+    """Messages to one stream, added by one ``EVAL`` of :data:`ADD_ALL`
+    (one command to pack, send and read instead of one per message)."""
+
+    __slots__ = ("at", "count", "key", "pieces", "size")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.pieces: list[bytes] = []
+        self.count = 0
+        self.size = 0
+        self.at = -1  # the index of its part in the flush
+
+    @property
+    def full(self) -> bool:
+        return self.count >= BATCH_MOST or self.size >= BATCH_BYTES
+
+    def add(self, message_id: str, body: bytes, headers: bytes) -> None:
+        mid = message_id.encode()
+        piece = b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            len(mid),
+            mid,
+            len(body),
+            body,
+            len(headers),
+            headers,
+        )
+        self.pieces.append(piece)
+        self.count += 1
+        self.size += len(piece)
+
+    def part(self) -> Part:
+        """The ``EVAL`` in RESP, as :func:`pack` packs it."""
+        key = self.key.encode()
+        head = b"*%d\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n1\r\n$%d\r\n%s\r\n" % (
+            4 + 3 * self.count,
+            len(ADD_ALL),
+            ADD_ALL,
+            len(key),
+            key,
+        )
+        return Part(self.key, head + b"".join(self.pieces), 1)
+
+
 def _encoded(a: object) -> bytes:
     if isinstance(a, bytes):
         return bytes(a)
@@ -286,8 +353,4 @@ async def _read_wait(conn: Any, options: Options, where: str) -> Failure | None:
         raise redis.TimeoutError(f"no answer to WAIT from {where}") from None
     if int(acked) >= n:
         return None
-    return NotReplicated(  # the words of kew_redis._writes.Session.run
-        f"the write is on the master {where}, but {int(acked)} of "
-        f"min_replicas={n} replica(s) confirmed it within {seconds:g} s: it may be "
-        "lost if that master fails before a replica has it"
-    )
+    return NotReplicated.of(where, int(acked), n, options.replica_timeout_ms)

@@ -90,6 +90,16 @@ class NotReplicated(redis.RedisError):
     """A write the master stored and fewer than ``min_replicas`` replicas
     confirmed (WAIT) in time: it may be lost if that master fails."""
 
+    @classmethod
+    def of(cls, where: str, acked: int, wanted: int, timeout_ms: int) -> NotReplicated:
+        """What ``WAIT wanted timeout_ms`` on the master ``where`` answering
+        ``acked`` means (the same words on the sync and async routes)."""
+        return cls(
+            f"the write is on the master {where}, but {acked} of min_replicas={wanted} "
+            f"replica(s) confirmed it within {timeout_ms / 1000:g} s: it may be lost if "
+            "that master fails before a replica has it"
+        )
+
 
 class Client:
     """One redis-py client per process, for a connector or a consumer."""

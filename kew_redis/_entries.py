@@ -15,7 +15,14 @@ from typing import Any
 import msgspec
 
 from kew.qchan.spi import DeadLetter, Delivery, Message, now_ms
-from kew.qchan.spi.wire import Malformed, check_id, headers_from_json, salvage
+from kew.qchan.spi.wire import (
+    INT_HEADERS,
+    MAX_ID_LENGTH,
+    Malformed,
+    check_id,
+    headers_from_json,
+    salvage,
+)
 
 encode_headers = msgspec.json.Encoder().encode
 
@@ -33,9 +40,48 @@ def _int(raw: Any, default: int) -> int:
         return default
 
 
+#: Headers as kew writes them: a JSON object of text and integer values
+#: (what this refuses, :func:`~kew.qchan.spi.wire.headers_from_json` reads
+#: again to say why, or to accept it).
+_kew_headers = msgspec.json.Decoder(dict[str, str | int])
+_INT_HEADERS = tuple(INT_HEADERS)
+
+
 def message(fields: Mapping[bytes, Any]) -> Message:
     """The message of a stream entry (fields ``id``, ``body``, ``headers``;
-    others are ignored), or :class:`Malformed` saying what is wrong."""
+    others are ignored), or :class:`Malformed` saying what is wrong.
+
+    An entry as kew writes it (an id of ASCII letters and digits, headers
+    of text and integers, kew's integer headers integers) is taken at
+    once; any other goes through every check of :mod:`kew.qchan.spi.wire`,
+    which accepts it or says what is wrong (the same answer: what is taken
+    at once passes those checks too)."""
+    mid = fields.get(b"id")
+    body = fields.get(b"body")
+    raw = fields.get(b"headers")
+    if (
+        mid.__class__ is bytes
+        and body.__class__ is bytes
+        and raw.__class__ is bytes
+        and 0 < len(mid) <= MAX_ID_LENGTH
+        and mid.isalnum()  # (bytes: ASCII letters and digits only)
+    ):
+        try:
+            headers = _kew_headers.decode(raw)
+        except msgspec.DecodeError:
+            pass
+        else:
+            for name in _INT_HEADERS:
+                value = headers.get(name)
+                if value is not None and value.__class__ is not int:
+                    break
+            else:
+                return Message(mid.decode(), body, headers)
+    return _checked(fields)
+
+
+def _checked(fields: Mapping[bytes, Any]) -> Message:
+    """:func:`message` read with every check, for what is not plainly kew's."""
     if not any(f in fields for f in FIELDS):
         names = ", ".join(sorted(repr(k.decode(errors="replace")) for k in fields))
         raise Malformed(f"a stream entry without kew's fields id, body, headers (it has {names})")
@@ -80,11 +126,11 @@ def sort_out(
     bad: list[Bad] = []
     gone: list[str] = []
     for entry_id, fields in entries:
-        eid = text(entry_id)
-        count = (counts or {}).get(eid, 1)
+        eid = entry_id.decode() if entry_id.__class__ is bytes else text(entry_id)
         if not fields:
             gone.append(eid)
             continue
+        count = counts.get(eid, 1) if counts else 1
         try:
             out.append(Delivery(message(fields), count, eid))
         except Malformed as e:

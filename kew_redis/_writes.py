@@ -145,12 +145,7 @@ class Session:
         if isinstance(acked, ResponseError):
             raise acked
         if n and int(acked) < n:
-            raise NotReplicated(
-                f"the write is on the master {self.where}, but {int(acked)} of "
-                f"min_replicas={n} replica(s) confirmed it within "
-                f"{self._options.replica_timeout_ms / 1000:g} s: it may be lost if that "
-                "master fails before a replica has it"
-            )
+            raise NotReplicated.of(self.where, int(acked), n, self._options.replica_timeout_ms)
         return out
 
     def _read(self, longer: float = 0.0) -> Any:

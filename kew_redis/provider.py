@@ -77,19 +77,12 @@ from kew_redis import _entries as entry
 from kew_redis._client import Client, script
 from kew_redis._dedupe import RedisDedupeStore
 from kew_redis._options import SCHEMES, Options
+from kew_redis._reading import GROUP, Housekeeping, buried, bury, pending_counts
 from kew_redis._writes import write, write_all, write_spread
 
 __all__ = ["SCHEMES", "Options", "RedisConnector", "RedisDedupeStore", "connect"]
 
 log = logging.getLogger("kew.redis")
-
-# -- options (read by kew_redis._options: SCHEMES, Options) ------------------
-
-#: The consumer group of every queue.
-GROUP = "kew"
-#: How often (ms) a busy consumer moves due delayed messages and reclaims idle entries.
-HOUSEKEEPING_MS = 250
-
 
 # -- connector -------------------------------------------------------------
 
@@ -271,8 +264,7 @@ class RedisConsumer:
         self._client = Client(connector.options)
         self._closed = threading.Event()
         self._renewing = threading.Lock()  # close() waits for a renewal under way
-        self._housekeeping_at = 0  # epoch ms: next run of the mover and the reclaim
-        self._next_due: int | None = None  # epoch ms of the next delayed message
+        self._housekeeping = Housekeeping()
         self._held: HeldLeases[str] = HeldLeases(
             self._renew, self._lease / 3000, name="kew-redis-lease"
         )
@@ -314,33 +306,22 @@ class RedisConsumer:
     def _next(self, r: Any, room: int, deadline: float) -> list[Delivery]:
         # One round trip per fetch while the queue is busy: the delayed-message
         # mover and the reclaim of idle (crashed or handed back) entries run at
-        # most every HOUSEKEEPING seconds, and whenever a known delayed message
-        # is due.
+        # most every HOUSEKEEPING_MS, and whenever a known delayed message is
+        # due (kew_redis._reading.Housekeeping).
         try:
             now = now_ms()
-            if now >= self._housekeeping_at or (
-                self._next_due is not None and now >= self._next_due
-            ):
-                self._next_due = self._c.move_due(self._keys, r)
-                self._housekeeping_at = now + HOUSEKEEPING_MS
+            chores = self._housekeeping
+            if chores.due(now):
+                chores.done(now, self._c.move_due(self._keys, r))
                 got = self._reclaim(r, room)
                 if got:
                     return got
-            # Block for new entries, but wake for the next delayed one and the
-            # next housekeeping (never late by more than HOUSEKEEPING seconds).
-            block = max(0.0, deadline - time.monotonic())
-            wake = (
-                self._housekeeping_at
-                if self._next_due is None
-                else min(self._housekeeping_at, self._next_due)
-            )
-            block = min(block, max(0.0, (wake - now) / 1000), self._lease / 3000)
             reply = r.xreadgroup(
                 GROUP,
                 self._name,
                 {self._keys.stream: ">"},
                 count=room,
-                block=max(1, round(block * 1000)),
+                block=chores.block_ms(now, deadline, self._lease),
             )
             return self._deliveries(r, reply[0][1]) if reply else []
         except ResponseError as e:
@@ -357,57 +338,26 @@ class RedisConsumer:
         pipe = r.pipeline(transaction=False)
         for entry_id, _ in entries:
             pipe.xpending_range(self._keys.stream, GROUP, entry_id, entry_id, 1)
-        counts = {}
-        for info in pipe.execute():
-            if info:
-                counts[entry.text(info[0]["message_id"])] = int(info[0]["times_delivered"])
-        return self._deliveries(r, entries, counts)
+        return self._deliveries(r, entries, pending_counts(pipe.execute()))
 
     def _deliveries(
         self, r: Any, entries: Any, counts: dict[str, int] | None = None
     ) -> list[Delivery]:
         """The deliveries of the entries read (now pending on this consumer),
         held; an entry kew cannot read is dead-lettered at once, one deleted
-        while pending (no fields) is acked: neither is left pending."""
-        out: list[Delivery] = []
-        bad: list[tuple[str, Message, int, str]] = []
-        gone: list[str] = []
-        for entry_id, fields in entries:
-            eid = entry.text(entry_id)
-            count = (counts or {}).get(eid, 1)
-            if not fields:
-                gone.append(eid)
-                continue
-            try:
-                out.append(Delivery(entry.message(fields), count, eid))
-            except Malformed as e:
-                bad.append((eid, entry.salvaged(eid, fields), count, str(e)))
+        while pending (no fields) is acked, in one MULTI/EXEC: neither is
+        left pending.  If that fails, the good entries of the batch are not
+        held either: all are reclaimed after the lease."""
+        out, bad, gone = entry.sort_out(entries, counts)
         if bad or gone:
-            self._bury(r, bad, gone)
+            pipe = r.pipeline(transaction=True)
+            bury(pipe, self._keys.stream, self._keys.dead, bad, gone)
+            pipe.execute()
+            buried(self._keys.stream, bad)
+        hold = self._held.add
         for d in out:
-            self._held.add(cast(str, d.tag), d)
+            hold(cast(str, d.tag), d)
         return out
-
-    def _bury(self, r: Any, bad: list[tuple[str, Message, int, str]], gone: list[str]) -> None:
-        """Dead-letter ``bad`` (entry id, what was kept, count, reason) as
-        :meth:`dead_letter` does, and ack ``gone``, in one MULTI/EXEC.  If it
-        fails, the good entries of the batch are not held either: all are
-        reclaimed after the lease."""
-        pipe = r.pipeline(transaction=True)
-        for _, m, count, reason in bad:
-            pipe.xadd(self._keys.dead, entry.dead_fields(m, count, reason))
-        tags = [eid for eid, *_ in bad] + gone
-        pipe.xack(self._keys.stream, GROUP, *tags)
-        pipe.xdel(self._keys.stream, *tags)
-        pipe.execute()
-        for eid, m, _, reason in bad:
-            log.warning(
-                "kew: dead-lettered entry %s of %s (message id %r): %s",
-                eid,
-                self._keys.stream,
-                m.id,
-                reason,
-            )
 
     # Settling.
 

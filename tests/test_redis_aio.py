@@ -127,6 +127,58 @@ def test_an_error_reply_fails_only_the_sends_it_belongs_to(raw: redis.Redis) -> 
     _run(main)
 
 
+def test_the_sends_to_a_stream_go_in_order_as_the_sync_provider_writes_them(
+    raw: redis.Redis,
+) -> None:
+    """A flush adds each stream's messages in one EVAL (at most
+    BATCH_MOST a script): 2,500 in one round trip, in order, each entry
+    what the sync provider writes (fields, headers JSON)."""
+
+    async def main() -> None:
+        conn = _native()
+        p = await conn.producer("order")
+        sent = [Message(f"o{i}", b"%d" % i, {"k": "v", "n": i}) for i in range(2500)]
+        before = conn.sends.flushes
+        await asyncio.gather(p.send_many(sent[:2000]), p.send(sent[2000]), p.send_many(sent[2001:]))
+        assert conn.sends.flushes - before == 1
+        assert _ids(raw, "order") == [m.id for m in sent]
+        conn.sync.send_to([("order", Message("s", b"7", {"k": "v", "n": 7}))])  # the sync route
+        entries: Any = raw.xrange("aiotest:{order}")
+        assert entries[7][1] == {b"id": b"o7", b"body": b"7", b"headers": b'{"k":"v","n":7}'}
+        assert entries[-1][1] == {**entries[7][1], b"id": b"s"}
+        await conn.close()
+
+    _run(main)
+
+
+def test_a_user_refused_scripts_gets_an_xadd_a_message(own_redis: int) -> None:
+    """An ACL without @scripting: the first flush's EVAL is refused, and
+    from then on the connector sends a plain XADD a message (nothing lost,
+    nothing twice, no error)."""
+    admin = redis.Redis(port=own_redis, password=PASSWORD)
+    admin.acl_setuser(
+        "noscript",
+        enabled=True,
+        passwords=["+nspw"],
+        keys=["*"],
+        categories=["+@all", "-@scripting"],
+    )
+
+    async def main() -> None:
+        conn = _native(f"redis://noscript:nspw@127.0.0.1:{own_redis}/0?prefix=aiotest")
+        p = await conn.producer("plain")
+        await asyncio.gather(*(p.send(Message(f"p{i}", b"1")) for i in range(10)))
+        await p.send(Message("after", b"2"))
+        entries: Any = admin.xrange("aiotest:{plain}")
+        assert [f[b"id"].decode() for _, f in entries] == [f"p{i}" for i in range(10)] + ["after"]
+        await conn.close()
+
+    try:
+        _run(main)
+    finally:
+        admin.close()
+
+
 def test_min_replicas_waits_for_replicas_the_server_does_not_have(raw: redis.Redis) -> None:
     """WAIT follows the shared round trip on its connection: the machine's
     Redis has no replica, so the sends raise SendError, stored all the same."""
@@ -162,7 +214,7 @@ def test_a_fetch_cancelled_after_its_read_hands_the_entry_back_at_once(
         assert isinstance(first, RedisAsyncConsumer)
         # No housekeeping for a minute: the fetch blocks in one XREADGROUP
         # for its whole timeout (else it wakes every 250 ms).
-        first._housekeeping_at = now_ms() + 60_000
+        first._housekeeping.at = now_ms() + 60_000
         fetch = asyncio.create_task(first.fetch(1, 5.0))
         await asyncio.sleep(0.3)
         # Sent, and waited for, without an await: the loop is held until the
@@ -324,7 +376,7 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
     for byte what redis-py's connection writes."""
     from redis.asyncio.connection import Connection
 
-    from kew_redis._aio_writes import pack
+    from kew_redis._aio_writes import ADD_ALL, Batch, pack
 
     conn = Connection()
     for args in [
@@ -336,6 +388,11 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
         assert pack(args) == b"".join(conn.pack_command(*args)), args
     with pytest.raises(redis.DataError):
         pack(("SET", "k", True))
+    batch = Batch("kew:{q}")
+    batch.add("ü-1", b"\x00" * 300, b"{}")
+    batch.add("m2", b"x", b'{"a":1}')
+    args = ("EVAL", ADD_ALL, 1, "kew:{q}", "ü-1", b"\x00" * 300, b"{}", "m2", b"x", b'{"a":1}')
+    assert batch.part().packed == b"".join(conn.pack_command(*args))
 
 
 def test_options_redis_asyncio_cluster_does_not_take_are_refused_at_first_use() -> None:

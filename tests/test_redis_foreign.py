@@ -15,9 +15,12 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kew
 from kew.qchan.spi import Connector, now_ms
+from kew.qchan.spi.wire import INT_HEADERS, Malformed
 from kew.testing.foreign import (
     DEAD,
     DELIVERED,
@@ -460,3 +463,49 @@ def test_what_kew_writes_is_what_the_writer_writes(
     headers = json.loads(fields[b"headers"])
     assert headers["content-type"] == "application/json"
     assert isinstance(headers["kew-sent-at"], int)
+
+
+# -- the fast read of kew's own entries ------------------------------------------------
+
+_values = st.one_of(
+    st.text(max_size=8),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.booleans(),
+    st.floats(allow_nan=False),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+)
+_names = st.one_of(st.sampled_from(sorted(INT_HEADERS | {"content-type", "kew-type"})), st.text())
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    mid=st.one_of(
+        st.binary(max_size=300),
+        st.text(alphabet="0123456789abcdefXYZ-_ é", max_size=260).map(str.encode),
+    ),
+    headers=st.one_of(
+        st.dictionaries(_names, _values, max_size=4).map(lambda d: json.dumps(d).encode()),
+        st.binary(max_size=40),
+    ),
+    body=st.one_of(st.binary(max_size=8), st.none()),
+)
+def test_the_fast_read_of_an_entry_agrees_with_every_check(
+    mid: bytes, headers: bytes, body: bytes | None
+) -> None:
+    """kew_redis._entries.message takes kew's own entries at once; on any
+    entry it answers what the full checks of kew.qchan.spi.wire answer (the
+    same message, or Malformed with the same reason)."""
+    from kew_redis import _entries
+
+    fields: dict[bytes, Any] = {b"id": mid, b"headers": headers}
+    if body is not None:
+        fields[b"body"] = body
+
+    def read(fn: Any) -> object:
+        try:
+            return fn(fields)
+        except Malformed as e:
+            return f"Malformed: {e}"
+
+    assert read(_entries.message) == read(_entries._checked)
