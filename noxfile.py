@@ -87,6 +87,8 @@ BENCHMARKS = {
     "validate": "benchmarks/bench_validate.py",
     "aio": "benchmarks/bench_aio.py",
     "async-tasks": "benchmarks/bench_async_tasks.py",
+    "submit": "benchmarks/bench_submit.py",
+    "makespan": "benchmarks/bench_makespan.py",
 }
 
 

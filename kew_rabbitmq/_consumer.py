@@ -3,11 +3,12 @@
 pika is not thread-safe, so the I/O thread owns the consumer's connection:
 it connects, subscribes (``basic.qos(prefetch)``, ``basic.consume``),
 receives deliveries into a :class:`~kew.qchan.spi.kit.DeliveryBuffer` for
-``fetch``, and writes what handler threads queue for it: acks and requeues
-(one ``add_callback_threadsafe`` wake-up for all queued, not waited for),
-settles and dead letters (published on a second, confirm-mode channel,
-acked on their confirms).  It keeps heartbeats going however long a handler
-runs.
+``fetch`` (those of one round of I/O together), and writes what handler
+threads queue for it: acks and requeues (one ``add_callback_threadsafe``
+wake-up for all queued, not waited for), settles and dead letters (published
+on a second, confirm-mode channel, acked on their confirms: its
+:class:`~kew_rabbitmq._outbox.Outbox`).  It keeps heartbeats going however
+long a handler runs.
 
 The window can change while it runs (``set_prefetch``): RabbitMQ applies a
 per-consumer ``basic.qos`` to new consumers only (and refuses ``global`` on
@@ -38,8 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-import pika
-from pika.exceptions import AMQPConnectionError, AMQPError, ChannelClosedByBroker
+from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 from kew.qchan.spi import (
     AccessRefused,
@@ -48,19 +48,11 @@ from kew.qchan.spi import (
     Delivery,
     Message,
     MessageTooLarge,
-    now_ms,
 )
 from kew.qchan.spi.kit import Backoff, DeliveryBuffer
-from kew.qchan.spi.wire import H_DEAD_AT, H_DEAD_COUNT, H_DEAD_REASON
 from kew_rabbitmq._connection import coalesce, nothing, open_connection, reset_in_child
-from kew_rabbitmq._envelope import (
-    delay_arguments,
-    delay_route,
-    delivery_count,
-    fit,
-    properties,
-    read,
-)
+from kew_rabbitmq._envelope import delivery_count, read
+from kew_rabbitmq._outbox import Outbox
 from kew_rabbitmq._settle import (
     Done,
     Op,
@@ -117,6 +109,12 @@ class RabbitConsumer:
         self._losses = 0  # connections lost (a set_prefetch waiting gives up)
         self._quorum = connector.options.queue_type == "quorum"
         self._buffer = DeliveryBuffer()  # what the I/O thread received, per generation
+        # Deliveries of one I/O round, put in the buffer together once it
+        # ends (one wake-up of a waiting fetch for all, not one each); None:
+        # each put at once (a subclass that acts on each delivery).
+        self._round: list[Delivery] | None = (
+            [] if type(self)._on_message is RabbitConsumer._on_message else None
+        )
         self._generation = 0
         self._pid = os.getpid()
         self._conn: Any = None  # the I/O thread's pika.BlockingConnection
@@ -129,17 +127,13 @@ class RabbitConsumer:
         self._ops: list[Op] = []  # for the I/O thread
         self._held: set[int] = set()  # delivery tags of this generation not settled
         self._flush_scheduled = False
-        self._open: set[Settle] = set()  # settles not finished (under _ops_lock)
+        # the confirm channel, and the settles waiting on it
+        self._outbox = Outbox(connector, queue, self._ops_lock, self._write)
         # I/O thread only, per connection:
-        self._pub: Any = None  # the confirm-mode channel (its BlockingChannel)
-        self._seq = 0  # messages published on it so far
-        self._unconfirmed: collections.deque[tuple[int, Settle]] = collections.deque()
-        self._returned: set[str] = set()  # ids of messages the broker could not route
         self._cancelled = False  # by the broker
         self._ctag = ""  # the consumer's tag on the current connection
         self._consuming = 0  # its window
         self._writes = Writes()
-        self._frame_max = 131_072  # negotiated with the broker when connected
         self.reconnects = 0
         self.unexpected_errors = 0  # on the I/O thread, each logged with its traceback
         reset_in_child(self)
@@ -166,6 +160,7 @@ class RabbitConsumer:
         """After os.fork, in the child: the I/O thread stayed in the parent,
         whose threads may have held these locks; fetch raises."""
         self._buffer, self._ops_lock = DeliveryBuffer(), threading.Lock()
+        self._outbox.lock = self._ops_lock
         self._ops, self._flush_scheduled = [], False
 
     # The I/O thread: owns the connection, reconnects, resubscribes.  Nothing
@@ -196,14 +191,16 @@ class RabbitConsumer:
                     if self._cancelled:
                         raise _Cancelled()
                     if self._asked != self._applied and not self._closed.is_set():
-                        self._resize(conn)
+                        self._resize(conn)  # (what arrives meanwhile waits for the put)
+                    if self._round:
+                        self._put_round()
                 with contextlib.suppress(AMQPError):
                     self._flush_ops()  # acks queued while closing
                     deadline = time.monotonic() + 10
-                    while self._unconfirmed and time.monotonic() < deadline:
+                    while self._outbox.waiting and time.monotonic() < deadline:
                         conn.process_data_events(time_limit=0.2)
                     conn.close()
-                self._fail_open("the consumer was closed first")
+                self._outbox.fail_open("the consumer was closed first")
                 return
             except (AccessRefused, BrokerUnavailable) as e:
                 if not self._ready.is_set():  # at start: the constructor raises it
@@ -264,19 +261,16 @@ class RabbitConsumer:
         try:
             ch = conn.channel()
             ch.basic_qos(prefetch_count=window)
-            pub = self._confirm_channel(conn)
-            self._fail_open("the connection was lost")  # their ops are void
+            self._outbox.connect(conn)
+            self._outbox.fail_open("the connection was lost")  # their ops are void
             with self._ops_lock:  # ops of the lost connection are void
                 self._ops, self._flush_scheduled = [], False
                 self._held.clear()
                 self._generation += 1
                 self._conn, self._channel = conn, ch
-            self._pub, self._seq = pub, 0
             self._writes = Writes()
-            self._returned.clear()
             self._c.delay_queues.clear()  # declared again on this connection
             self._cancelled = False
-            self._frame_max = int(getattr(conn._impl.params, "frame_max", 0)) or 131_072
             ch.add_on_cancel_callback(self._on_cancel)
             self._consume(ch, window)
         except BaseException:
@@ -354,28 +348,6 @@ class RabbitConsumer:
             self._consume(ch, window)
         self._resized(asked)
 
-    def _confirm_channel(self, conn: Any) -> Any:
-        """A channel in confirm mode whose confirms and returns come to
-        ``_on_confirm`` / ``_on_return`` on this thread."""
-        pub = conn.channel()
-        ready: list[bool] = []
-
-        def on_ready(_: Any) -> None:
-            ready.append(True)
-            # process_data_events returns early only for its own events, not
-            # for this callback of the channel underneath: without a wake-up
-            # it would sleep out its time limit before the first delivery
-            conn.add_callback_threadsafe(nothing)
-
-        pub._impl.add_on_return_callback(self._on_return)
-        pub._impl.confirm_delivery(self._on_confirm, callback=on_ready)
-        deadline = time.monotonic() + 30
-        while not ready:
-            if time.monotonic() > deadline:
-                raise AMQPConnectionError("no confirm.select-ok in time")
-            conn.process_data_events(time_limit=0.2)
-        return pub
-
     def _on_cancel(self, _frame: Any) -> None:
         self._cancelled = True  # the I/O loop subscribes again
 
@@ -394,8 +366,18 @@ class RabbitConsumer:
         delivery = Delivery(message, count, tag)
         if why:
             self._dead_letter_soon(delivery, why)
+        elif self._round is not None:
+            self._round.append(delivery)
         else:
             self._buffer.put(self._generation, delivery)
+
+    def _put_round(self) -> None:
+        """On the I/O thread, after a round of I/O: what arrived in it to
+        the buffer (a fetch waiting is woken once: the first put)."""
+        arrived, self._round = self._round or [], []
+        generation, put = self._generation, self._buffer.put
+        for delivery in arrived:
+            put(generation, delivery)
 
     def _dead_letter_soon(self, delivery: Delivery, reason: str) -> None:
         """On the I/O thread: a message kew cannot read goes to the dead
@@ -409,13 +391,13 @@ class RabbitConsumer:
                 log.warning("kew: could not dead-letter message %s: %s", mid, error)
 
         try:
-            sends = [self._dead_send(delivery, reason)]
+            sends = [self._outbox.dead_send(delivery, reason)]
         except Exception as e:  # a bug of kew's: keep the body and the reason
             log.exception("kew: cannot write message %s's headers", mid)
             bare = Delivery(
                 Message(mid, delivery.message.body), delivery.delivery_count, delivery.tag
             )
-            sends = [self._dead_send(bare, f"{reason} [headers left out: {e!r}]"[:10_000])]
+            sends = [self._outbox.dead_send(bare, f"{reason} [headers left out: {e!r}]"[:10_000])]
         self._send_then_ack([delivery], sends, done, held_only=True)
 
     def _lose(self, why: str) -> None:
@@ -428,8 +410,10 @@ class RabbitConsumer:
         with self._window:  # a set_prefetch waiting returns
             self._losses += 1
             self._window.notify_all()
-        self._unconfirmed.clear()
-        self._fail_open(why)
+        self._outbox.lost()
+        self._outbox.fail_open(why)
+        if self._round:
+            self._round = []  # the broker delivers them again
         self._buffer.drop()
 
     def _start_failed(self, error: BaseException) -> None:
@@ -511,65 +495,9 @@ class RabbitConsumer:
         if self._conn is not None:
             coalesce(self._conn)  # one send() for them all, not one per frame
 
-    # -- publish, then ack on confirm (I/O thread) --
-
-    def _publish(self, entry: Settle, sends: Sequence[tuple[str, Message]]) -> None:
-        pub = self._pub._impl
-        for queue, m in sends:
-            route = delay_route(queue, m, self._c.options.delay_granularity)
-            target = queue if route is None else route.queue
-            if route is not None and self._c.delay_due(route):
-                pub.queue_declare(route.queue, durable=True, arguments=delay_arguments(route))
-            pub.basic_publish("", target, m.body, properties(m), mandatory=True)
-            self._seq += 1
-            self._unconfirmed.append((self._seq, entry))
-
-    def _on_confirm(self, frame: Any) -> None:
-        m = frame.method
-        refused = isinstance(m, pika.spec.Basic.Nack)
-        confirmed = self._unconfirmed
-        if m.multiple:
-            while confirmed and confirmed[0][0] <= m.delivery_tag:
-                self._confirmed(confirmed.popleft()[1], refused)
-        else:
-            for i, (seq, entry) in enumerate(confirmed):
-                if seq == m.delivery_tag:
-                    del confirmed[i]
-                    self._confirmed(entry, refused)
-                    break
-        if self._conn is not None:
-            coalesce(self._conn)
-
-    def _on_return(self, _ch: Any, method: Any, props: Any, _body: bytes) -> None:
-        # a basic.return comes before the message's confirm
-        self._returned.add(f"{props.message_id} to {method.routing_key!r} ({method.reply_text})")
-
-    def _confirmed(self, entry: Settle, refused: bool) -> None:
-        if refused:
-            entry.error = "the broker refused (nacked) a message"
-        entry.pending -= 1
-        if entry.pending:
-            return
-        returned = [r for r in self._returned if r.split(" ", 1)[0] in entry.ids]
-        if returned:
-            self._returned.difference_update(returned)
-            entry.error = f"no queue for {', '.join(returned)}"
-        ch = self._channel
-        for tag in entry.tags:  # stored: ack; else delivered again
-            self._writes.write(ch, write_requeue if entry.error else write_ack, tag)
-        self._finish(entry, "")
-
-    def _finish(self, entry: Settle, error: str) -> None:
-        with self._ops_lock:
-            self._open.discard(entry)
-        entry.finish(error, self._c.url, self._queue)
-
-    def _fail_open(self, why: str) -> None:
-        """Every settle not finished fails (its deliveries come again)."""
-        with self._ops_lock:
-            entries, self._open = list(self._open), set()
-        for entry in entries:
-            entry.finish(why, self._c.url, self._queue)
+    def _write(self, op: Write, tag: int) -> None:
+        """On the I/O thread: ack or requeue ``tag`` (a settle's, confirmed)."""
+        self._writes.write(self._channel, op, tag)
 
     def _release_soon(self, delivery: Delivery, op: Write) -> None:
         """Ack or requeue: queued for the I/O thread, not waited for (if the
@@ -625,9 +553,9 @@ class RabbitConsumer:
                 lost = None  # settled already, or requeued by the broker
             else:
                 entry = Settle(tags, [m.id for _, m in sends], done)
-                lost = self._schedule(lambda _ch: self._publish(entry, sends)) is None
+                lost = self._schedule(lambda _ch: self._outbox.publish(entry, sends)) is None
                 if not lost:
-                    self._open.add(entry)
+                    self._outbox.open.add(entry)
         if lost is None:
             done(None)
         elif lost:
@@ -652,17 +580,10 @@ class RabbitConsumer:
             raise outcome[0]
 
     def _dead_send(self, delivery: Delivery, reason: str) -> tuple[str, Message]:
-        m = delivery.message
-        headers = {
-            **m.headers,
-            H_DEAD_REASON: reason,
-            H_DEAD_COUNT: delivery.delivery_count,
-            H_DEAD_AT: now_ms(),
-        }
-        return f"{self._queue}.dead", fit(Message(m.id, m.body, headers), self._frame_max)
+        return self._outbox.dead_send(delivery, reason)  # (the async route's too)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        sends = [self._dead_send(delivery, reason)]
+        sends = [self._outbox.dead_send(delivery, reason)]
         with contextlib.suppress(BrokerUnavailable):  # not acked: delivered again
             self._wait(lambda done: self._send_then_ack([delivery], sends, done, held_only=True))
 

@@ -18,7 +18,9 @@ pika is not thread-safe, so every connection here has one owner: the
 connector and each producer guard theirs with a lock; a consumer runs its
 own on its I/O thread, which also dead-letters at once a message whose
 envelope kew cannot read (:mod:`kew_rabbitmq._consumer`,
-:mod:`kew_rabbitmq._envelope`).  Connections are opened at the first
+:mod:`kew_rabbitmq._envelope`); a consumer's settles publish on a second,
+confirm-mode channel of its connection and ack on the confirms
+(:mod:`kew_rabbitmq._outbox`, :mod:`kew_rabbitmq._settle`).  Connections are opened at the first
 operation, never by ``kew.connect`` or ``kew.Queue``, and belong to the
 process that opened them: after ``os.fork`` the child opens its own.  A
 refused login or virtual host is :class:`AccessRefused` at once; an
@@ -231,8 +233,8 @@ class RabbitConnector(ConnectorBase):
             sender.close()
 
 
-# -- producer (kew_rabbitmq._producer), consumer (kew_rabbitmq._consumer),
-# browser (kew_rabbitmq._browser) ----------------------------------------------
+# -- producer (kew_rabbitmq._producer), consumer (kew_rabbitmq._consumer, its
+# settles: _outbox, _settle), browser (kew_rabbitmq._browser) ------------------
 
 
 def connect(url: str) -> RabbitConnector:

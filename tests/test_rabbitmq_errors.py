@@ -421,7 +421,7 @@ def test_pikas_url_options_are_taken() -> None:
         with q.sink(got.append) as sub:
             q.send(1)
             wait_for(lambda: got == [1], 20, what="a round trip")
-            assert sub._consumer._frame_max == 65536
+            assert sub._consumer._outbox.frame_max == 65536
     finally:
         c.delete(name)
         c.close()

@@ -460,6 +460,32 @@ def test_double_header_is_read_as_an_integer(classic: Connector, classic_qname: 
         writer.close()
 
 
+def test_64_bit_integer_headers_are_read_as_plain_integers(
+    classic: Connector, classic_qname: str
+) -> None:
+    """Integers beyond 32 bits travel as AMQP longs, which pika decodes as
+    its own ``int`` subclass (so do kew's millisecond times).  The defect:
+    the envelope's fast path tested them against a ``range``, which scans
+    every value for an int subclass: the I/O thread spun for ever on the
+    first such message.  Now each is a plain int, at once; a message with a
+    negative one, a small one and text around it alike."""
+    headers = {"big": 2**40, "low": -(2**62), "small": 7, "text": "x", "top": 2**63 - 1}
+    raw = _raw()
+    ch = raw.channel()
+    ch.confirm_delivery()
+    consumer = classic.consumer(classic_qname, 1)
+    try:
+        props = pika.BasicProperties(message_id=good_id(), delivery_mode=2, headers=headers)
+        ch.basic_publish("", classic_qname, _body(1), props)
+        (d,) = wait_for(lambda: consumer.fetch(1, 1.0), 20, what="the message")
+        assert d.message.headers == headers
+        assert all(type(v) in (int, str) for v in d.message.headers.values())
+        consumer.ack(d)
+    finally:
+        consumer.close()
+        raw.close()
+
+
 def test_second_ack_of_a_delivery_is_a_no_op(classic: Connector, classic_qname: str) -> None:
     """A second ack (or a dead letter or release after the ack) writes
     nothing: a second basic.ack of one tag would make RabbitMQ close the
@@ -566,9 +592,16 @@ def test_unexpected_errors_on_the_io_thread(classic: Connector, classic_qname: s
     def faults() -> int:
         return int(consumer.unexpected_errors)
 
+    faulted: list[int] = []  # the connection (generation) of each fault
+
     def inject() -> bool:
         with consumer._ops_lock:
-            return consumer._schedule(boom) is not None  # None: not connected yet
+            if faulted and consumer._generation == faulted[-1]:
+                return False  # the faulted connection, counted but not yet closed
+            if consumer._schedule(boom) is None:
+                return False  # not connected yet
+            faulted.append(consumer._generation)
+            return True
 
     try:
         wait_for(inject, 20, what="the consumer connected")
