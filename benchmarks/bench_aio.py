@@ -9,8 +9,10 @@ messages of ~200 bytes (the harness's Sample):
   async send      1,000 concurrent ``await q.send(v)`` (a semaphore of
                   1,000: a new send starts as one returns), against the
                   sync ``send_many`` in batches of 1,000: the ratio
-  async consume   ``async with q.sink(handler, concurrency=8)`` draining
-                  those messages, against the sync sink with 8 threads
+  async consume   ``async with q.sink(handler)`` (the defaults: one
+                  coroutine, the adaptive window) draining those
+                  messages, against the sync ``q.sink(handler)``; then
+                  both with concurrency=8
   loop lag        during each async line, a task sleeping 1 ms in a loop:
                   the worst delay of its timer, in ms (the bound: < 20 ms),
                   and the 99th percentile of the delays
@@ -147,7 +149,11 @@ async def concurrent_calls(
         raise failed[0]
 
 
-async def async_consume(q: kew.aio.Queue[Sample], n: int, prefetch: int | None = None) -> None:
+async def async_consume(
+    q: kew.aio.Queue[Sample], n: int, prefetch: int | None = None, defaults: bool = False
+) -> None:
+    """Drain ``n`` with ``q.sink(take, concurrency=CONCURRENCY)``, or with
+    ``q.sink(take)`` (``defaults``: one coroutine, the adaptive window)."""
     count = [0]
     all_in = asyncio.Event()
 
@@ -156,13 +162,17 @@ async def async_consume(q: kew.aio.Queue[Sample], n: int, prefetch: int | None =
         if count[0] == n:
             all_in.set()
 
-    async with q.sink(take, concurrency=CONCURRENCY, prefetch=prefetch):
+    sink = q.sink(take) if defaults else q.sink(take, concurrency=CONCURRENCY, prefetch=prefetch)
+    async with sink:
         async with asyncio.timeout(600):
             await all_in.wait()
 
 
-def sync_consume(q: kew.Queue[Sample], n: int, prefetch: int | None = None) -> float:
-    """msg/s of the sync sink (its window adapts unless ``prefetch`` pins it)."""
+def sync_consume(
+    q: kew.Queue[Sample], n: int, prefetch: int | None = None, defaults: bool = False
+) -> float:
+    """msg/s of the sync sink (its window adapts unless ``prefetch`` pins it;
+    ``defaults``: ``q.sink(take)``, one thread)."""
     count = [0]
     lock = threading.Lock()
     all_in = threading.Event()
@@ -174,7 +184,8 @@ def sync_consume(q: kew.Queue[Sample], n: int, prefetch: int | None = None) -> f
                 all_in.set()
 
     t0 = time.perf_counter()
-    with q.sink(take, concurrency=CONCURRENCY, prefetch=prefetch):
+    sink = q.sink(take) if defaults else q.sink(take, concurrency=CONCURRENCY, prefetch=prefetch)
+    with sink:
         if not all_in.wait(600):
             raise TimeoutError(f"the sync sink took {count[0]} of {n} in 600 s")
         took = time.perf_counter() - t0  # to the last message, not the stop
@@ -237,6 +248,9 @@ def bench(
             sq.send_many(items[i : i + WAVE])
         sync_send = n / (time.perf_counter() - t0)
         sync_sink = sync_consume(sq, n)
+        for i in range(0, n, WAVE):  # again, for the sink at its defaults
+            sq.send_many(items[i : i + WAVE])
+        sync_default = sync_consume(sq, n, defaults=True)
         pinned: dict[int, float] = {}  # RabbitMQ: the sync sink with its window pinned
         for window in PINNED if amqp else ():
             for i in range(0, n, WAVE):
@@ -291,6 +305,9 @@ def bench(
             if group is not None:
                 note = f"{group.transactions - before:,} transactions for {n * repeat:,} sends"
             consumed, consume_lag = await timed(lambda: async_consume(q, n))
+            await async_send_many(q, items)  # again, for the sink at its defaults
+            took, lag = await timed(lambda: async_consume(q, n, defaults=True))
+            default.append((n / took, lag))
             many: tuple[float, tuple[float, float]] | None = None
             if raw_url is not None or amqp:  # kew.aio's own send_many, in batches of WAVE
                 took, lag = await timed(lambda: async_send_many(q, items))
@@ -305,6 +322,7 @@ def bench(
             return route, best, send_lag, n / consumed, consume_lag, note, many, raw
 
         wide: list[tuple[float, tuple[float, float]]] = []
+        default: list[tuple[float, tuple[float, float]]] = []  # q.sink(take)
         route, async_send, send_lag, async_sink, sink_lag, note, many, raw = asyncio.run(
             run_async()
         )
@@ -342,6 +360,17 @@ def bench(
                 sync_send,
                 send_lag,
                 note,
+            )
+        )
+        rows.append(
+            (
+                who,
+                "async consume, `q.sink(h)` (defaults)",
+                default[0][0],
+                "sync sink, `q.sink(h)` (defaults)",
+                sync_default,
+                default[0][1],
+                "",
             )
         )
         rows.append(
@@ -430,8 +459,8 @@ async def redis_raw(
         await r.aclose()
 
 
-#: RabbitMQ: windows both sinks are also run with (the sync sink's adapts
-#: otherwise, up to 256; kew.aio's is ``prefetch``, default the concurrency).
+#: RabbitMQ: windows both sinks are also run with (otherwise both adapt,
+#: up to 256).
 PINNED = (CONCURRENCY, 64)
 #: Messages raw pika publishes one confirm at a time (at ~1,000/s: 5 s).
 ONE_BY_ONE = 5000

@@ -81,6 +81,7 @@ class _Core(RabbitConsumer):
         self._down: asyncio.Future[None] = loop.create_future()  # the I/O thread ended
         self._arrived = asyncio.Event()
         self._armed = False  # a fetch waits on _arrived
+        self._window_moved = asyncio.Event()  # a window applied, or given up on
         super().__init__(connector, queue, prefetch)
 
     def _wait_started(self) -> None:
@@ -113,10 +114,19 @@ class _Core(RabbitConsumer):
         self._to_loop(_set, self._up)
         self._armed = True  # a fetch waiting now raises ConsumerFailed
         self._wake()
+        self._to_loop(self._window_moved.set)  # a set_prefetch waiting returns
 
     def _on_message(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
         super()._on_message(ch, method, props, body)
         self._wake()
+
+    def _resized(self, asked: int) -> None:
+        super()._resized(asked)
+        self._to_loop(self._window_moved.set)
+
+    def _lose(self, why: str) -> None:
+        super()._lose(why)
+        self._to_loop(self._window_moved.set)  # a set_prefetch waiting gives up
 
     # -- on the loop ------------------------------------------------------------
 
@@ -134,6 +144,7 @@ class _Core(RabbitConsumer):
         the thread closes the connection (the broker requeues what it held)."""
         self._closed.set()
         self._armed = False
+        self._window_moved.set()  # (on the loop) a set_prefetch waiting returns
         with self._window:  # a set_prefetch waiting returns
             self._window.notify_all()
         if self._pid == os.getpid():
@@ -173,6 +184,41 @@ class RabbitAsyncConsumer:
     def reconnects(self) -> int:
         """Connections lost and made again (the sync consumer's count)."""
         return self._core.reconnects
+
+    async def set_prefetch(self, count: int) -> None:
+        """The sync ``set_prefetch`` (the I/O thread consumes again with
+        ``count``), awaited on the loop: no thread waits for the round trips."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"prefetch must be an int >= 1, not {count!r}")
+        core = self._core
+        with core._window:
+            core._prefetch = count
+            core._asked += 1
+            asked, losses = core._asked, core._losses
+        conn = core._conn
+        if conn is None or not conn.is_open or core._pid != os.getpid():
+            return  # lost: the next connection consumes with it
+        try:
+            conn.add_callback_threadsafe(nothing)  # the I/O loop sees it now
+        except Exception:
+            return  # lost: the next connection consumes with it
+
+        def moved() -> bool:
+            with core._window:
+                return (
+                    core._applied - asked >= 0
+                    or core._losses != losses
+                    or core._closed.is_set()
+                    or core._failure is not None
+                )
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(core.COMMIT_TIMEOUT):
+                while True:
+                    core._window_moved.clear()  # a change from now on sets it
+                    if moved():
+                        return
+                    await core._window_moved.wait()
 
     async def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
         core = self._core

@@ -8,7 +8,7 @@
 
     async def render(t: Thumbnail) -> None: ...
 
-    async with q.sink(render, concurrency=8):          # 8 coroutines, prefetch 8
+    async with q.sink(render, concurrency=8):          # 8 coroutines, the window adapts
         ...
 
     async with q.deliveries(prefetch=4) as stream:     # or one by one, settled by hand

@@ -14,6 +14,8 @@ loop never blocks, but a thread does wait through each round trip.
   fetches wait.
 * A fetch cancelled while its thread is still fetching hands back what that
   fetch returns (the async SPI's promise: cancellation loses nothing).
+* A sync consumer whose window can change (``WindowedConsumer``) is bridged
+  with an async ``set_prefetch``, for kew.aio's adaptive window.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from kew.qchan.spi import (
     Browser,
@@ -35,6 +37,7 @@ from kew.qchan.spi import (
     Message,
     Producer,
     QueueStats,
+    WindowedConsumer,
 )
 
 __all__ = ["DEFAULT_THREADS", "BridgeConnector"]
@@ -87,6 +90,8 @@ class BridgeConnector:
 
     async def consumer(self, queue: str, prefetch: int) -> BridgeConsumer:
         consumer = await self._pool.run(self.sync.consumer, queue, prefetch)
+        if isinstance(consumer, WindowedConsumer):
+            return BridgeWindowedConsumer(self._pool, consumer, queue)
         return BridgeConsumer(self._pool, consumer, queue)
 
     async def browser(self, queue: str) -> BridgeBrowser:
@@ -183,6 +188,15 @@ class BridgeConsumer:
             await self._fetcher.run(self._sync.close)
         finally:
             self._fetcher.shutdown()
+
+
+class BridgeWindowedConsumer(BridgeConsumer):
+    """A bridged consumer whose window can change (its sync one is a
+    :class:`~kew.qchan.spi.WindowedConsumer`): kew.aio's adaptive window."""
+
+    async def set_prefetch(self, count: int) -> None:
+        """The sync ``set_prefetch``, in the shared pool (it may wait a round trip)."""
+        await self._pool.run(cast(WindowedConsumer, self._sync).set_prefetch, count)
 
 
 class BridgeBrowser:

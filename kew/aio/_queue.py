@@ -223,9 +223,12 @@ class Queue(Generic[T]):
         stall_after: float = STALL_AFTER,
     ) -> Subscription:
         """Consume now with ``handler``, an ``async def`` taking a ``T``, on
-        ``concurrency`` coroutines (``prefetch`` deliveries held, default
-        ``concurrency``).  A message is acked after the handler returns; if
-        it raises, the message goes to the dead letters with the traceback.
+        ``concurrency`` coroutines.  A message is acked after the handler
+        returns; if it raises, the message goes to the dead letters with the
+        traceback.  ``prefetch`` pins the deliveries held at most; without
+        it the window adapts (``Subscription.window``): the concurrency for
+        long handlers, more for short ones, whose acks are then committed
+        together.
 
         Call it from a coroutine; ``async with q.sink(h):`` (or ``await``)
         waits until it runs.  A plain function raises TypeError here.
@@ -233,16 +236,16 @@ class Queue(Generic[T]):
         check_async(handler, "the sink handler")
         policy = self.policy
 
-        async def handle(consumer: AsyncConsumer, delivery: RawDelivery) -> None:
+        async def handle(consumer: AsyncConsumer, delivery: RawDelivery) -> bool:
             admitted = await policy.admit_async(consumer, delivery)
             if admitted is None:
-                return
+                return False
             try:
                 await handler(admitted[0])
             except Exception as e:
                 await consumer.dead_letter(delivery, policy.failure(delivery, e))
-                return
-            await consumer.ack(delivery)
+                return False
+            return True  # acked by the subscription (in a group while its window is wide)
 
         return Subscription(
             self._consumer,

@@ -1,15 +1,28 @@
 """The asyncio consumer runtime: :class:`Subscription`, the async twin of
 :class:`kew.qchan.runtime.Subscription`.
 
-One fetch task keeps at most ``prefetch`` deliveries unsettled and hands
-them to ``concurrency`` worker coroutines, which run the handler; the
-handler settles each delivery (the queue's sink acks after the user's
-coroutine returns, dead-letters with the traceback if it raises).  Whatever
-else escapes a handler is logged and the delivery handed back: nothing is
-lost and the workers never die.  ``stop(grace)`` stops fetching, hands back
-what has not started, waits up to ``grace`` seconds for running handlers,
-cancels those still running (their deliveries are handed back when the
-consumer closes), then closes the consumer.
+One fetch task keeps at most ``window`` deliveries unsettled and hands them
+to ``concurrency`` worker coroutines, which run the handler.  The window is
+``prefetch`` when given, else it adapts as in the sync runtime, with the
+same policy (:class:`kew.qchan._window.WindowPolicy`): the concurrency for
+long handlers, more for short ones (up to ``kew.qchan._window.cap``), when
+the consumer's window can change (:class:`AsyncWindowedConsumer`), and the
+concurrency when it cannot.
+
+The handler settles each delivery, or returns True to have it acked (the
+queue's sink does, after the user's coroutine returns): while the window
+exceeds the concurrency the ack is handed to the subscription's ack task
+and the worker takes the next delivery at once; the ack task commits every
+ack handed over meanwhile together (one await each, concurrently: the
+providers share their round trips), and a delivery whose ack failed is
+handed back.  The delivery stays counted as held until its ack is done.
+With a window of the concurrency each ack is awaited by its worker.
+
+Whatever else escapes a handler is logged and the delivery handed back:
+nothing is lost and the workers never die.  ``stop(grace)`` stops fetching,
+hands back what has not started, waits up to ``grace`` seconds for running
+handlers and acks, cancels the handlers still running (their deliveries are
+handed back when the consumer closes), then closes the consumer.
 
 Liveness tells the truth as in the sync runtime: ``alive`` is False once
 the fetch task ended, the consumer failed for good (``ConsumerFailed``), or
@@ -21,25 +34,68 @@ room and nothing was delivered.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from kew.qchan._liveness import STALL_AFTER, Liveness
+from kew.qchan._window import WindowPolicy
 from kew.qchan.spi import ConsumerFailed, Delivery
 from kew.qchan.spi.aio import AsyncConsumer
 
-__all__ = ["AsyncHandler", "Subscription"]
+__all__ = ["AsyncBatchAcker", "AsyncHandler", "AsyncWindowedConsumer", "Subscription"]
 
 log = logging.getLogger("kew.consumer")
 
-AsyncHandler = Callable[[AsyncConsumer, Delivery], Awaitable[None]]
-"""Processes one delivery and settles it through the consumer."""
+AsyncHandler = Callable[[AsyncConsumer, Delivery], Awaitable[object]]
+"""Processes one delivery and settles it through the consumer, or returns
+True to have the subscription ack it (grouped while the window exceeds the
+concurrency)."""
+
+#: Seconds a worker runs deliveries (handlers that never wait) before it
+#: lets the loop take a turn.
+_TURN = 0.002
 
 #: Subscriptions running: asyncio keeps only weak references to tasks, and a
 #: subscription nobody holds (``q.sink(h)`` as a statement) must keep running.
 _RUNNING: set[Subscription] = set()
+
+
+@runtime_checkable
+class AsyncWindowedConsumer(Protocol):
+    """An async consumer whose window can change while it runs: the async
+    :class:`~kew.qchan.spi.WindowedConsumer` (optional).  The subscription
+    opens the consumer with its concurrency as the prefetch and widens the
+    window through this while the handlers are short; a pull consumer only
+    moves the bound its ``fetch`` keeps to."""
+
+    async def set_prefetch(self, count: int) -> None:
+        """Hold (or let the broker push) up to ``count`` unsettled deliveries
+        from now on; those held already stay valid.  May take a round trip,
+        never blocking the loop; called rarely (the policy has hysteresis)."""
+        ...
+
+
+@runtime_checkable
+class AsyncBatchAcker(Protocol):
+    """An async consumer that acks many deliveries in one step (optional):
+    a group of acks is then one call (one transaction, one round trip)."""
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack every one of ``deliveries``; if it raises, none may be
+        acked (the subscription hands them all back)."""
+        ...
+
+
+def _windowed(consumer: AsyncConsumer) -> AsyncWindowedConsumer | None:
+    if isinstance(consumer, AsyncWindowedConsumer) and inspect.iscoroutinefunction(
+        consumer.set_prefetch
+    ):
+        return consumer
+    return None
 
 
 class Subscription:
@@ -47,7 +103,8 @@ class Subscription:
 
     It starts at once, on the running loop.  ``await sub`` waits until it
     runs (and raises if it could not start); ``async with`` does that and
-    stops it on exit; else call :meth:`stop`.
+    stops it on exit; else call :meth:`stop`.  ``prefetch`` pins the window;
+    without it the window adapts (:attr:`window`).
     """
 
     def __init__(
@@ -64,8 +121,7 @@ class Subscription:
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
-        prefetch = prefetch or concurrency
-        if prefetch < concurrency:
+        if prefetch is not None and prefetch < concurrency:
             raise ValueError(f"prefetch ({prefetch}) must be >= concurrency ({concurrency})")
         try:
             loop = asyncio.get_running_loop()
@@ -76,21 +132,34 @@ class Subscription:
             ) from None
         self.name = name
         self.concurrency = concurrency
-        self.prefetch = prefetch
+        self._pinned = prefetch is not None
+        self._window = prefetch or concurrency
+        self._refill = max(1, self._window // 4)
+        self._policy: WindowPolicy | None = None
+        self._windowed: AsyncWindowedConsumer | None = None
         self._handler = handler
         self._poll = poll_interval
         self._waiting = waiting
         self._live = Liveness(name, poll_interval, stall_after)  # (shared with kew.qchan)
-        self._refill = max(1, prefetch // 4)
         self._pending: deque[Delivery] = deque()  # fetched, not started
         self._running = 0  # started, not finished
+        self._settling = 0  # finished, its ack handed over and not yet done
+        self._acks: deque[tuple[Delivery, float]] = deque()  # handed over, not committed
+        self._acks_ready = asyncio.Event()
+        self._acks_closing = False
+        self._acks_inline = True  # acks do not wait on the broker (so far: _commit)
         self._stopping = False
         self._consumer: AsyncConsumer | None = None
         self._room_freed = asyncio.Event()
-        self._work = asyncio.Condition()
+        self._ticker: asyncio.TimerHandle | None = None
+        self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for work
+        self._idle_since: float | None = None  # since when a worker waits for a fetch
         self._workers: list[asyncio.Task[None]] = []
         self._fetcher: asyncio.Task[None] | None = None
+        self._acker: asyncio.Task[None] | None = None
         self.handled = 0
+        #: Ack groups committed, and the acks they committed (statistics).
+        self.commits = self.acked = 0
         _RUNNING.add(self)
         self._stop_task: asyncio.Task[bool] | None = None
         self._started = loop.create_task(self._start(open_consumer), name=f"kew-start-{name}")
@@ -102,24 +171,28 @@ class Subscription:
 
     async def _start(self, open_consumer: Callable[[int], Awaitable[AsyncConsumer]]) -> None:
         try:
-            self._consumer = await open_consumer(self.prefetch)
+            consumer = self._consumer = await open_consumer(self._window)
         except BaseException as e:
             self._live.error = e
             _RUNNING.discard(self)
             raise
         if self._stopping:  # stopped while opening: stop() closes the consumer
             return
+        if not self._pinned and (windowed := _windowed(consumer)) is not None:
+            self._policy, self._windowed = WindowPolicy(self.concurrency), windowed
         self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"kew-fetch-{self.name}")
+        self._acker = asyncio.create_task(self._ack_loop(), name=f"kew-ack-{self.name}")
         self._workers = [
             asyncio.create_task(self._work_loop(), name=f"kew-work-{self.name}-{i}")
             for i in range(self.concurrency)
         ]
-        for task in (self._fetcher, *self._workers):
+        for task in (self._fetcher, self._acker, *self._workers):
             task.add_done_callback(self._task_done)
 
     def _task_done(self, _: asyncio.Task[None]) -> None:
         # Every task ended (stopped, or cancelled with its loop): nothing to keep alive.
-        if all(t.done() for t in (self._fetcher, *self._workers) if t is not None):
+        tasks = (self._fetcher, self._acker, *self._workers)
+        if all(t.done() for t in tasks if t is not None):
             _RUNNING.discard(self)
 
     def __await__(self) -> Generator[Any, None, Subscription]:
@@ -139,8 +212,29 @@ class Subscription:
 
     @property
     def in_flight(self) -> int:
-        """Deliveries held: fetched and not yet settled."""
-        return len(self._pending) + self._running
+        """Deliveries held: fetched and not yet settled (acks under way
+        included)."""
+        return len(self._pending) + self._running + self._settling
+
+    @property
+    def window(self) -> int:
+        """Deliveries this subscription holds at most now: ``prefetch`` when
+        it was given, else the adaptive window (the concurrency while
+        handlers are long or the consumer's window cannot change; up to
+        ``kew.qchan._window.cap`` for short handlers), as the sync
+        ``Subscription.window``."""
+        return self._window
+
+    @property
+    def prefetch(self) -> int:
+        """The same as :attr:`window` (its older name)."""
+        return self._window
+
+    @property
+    def adaptive(self) -> bool:
+        """The window adapts to the handlers (no ``prefetch`` was given, and
+        the consumer's window can change: :class:`AsyncWindowedConsumer`)."""
+        return self._policy is not None
 
     @property
     def error(self) -> BaseException | None:
@@ -184,7 +278,7 @@ class Subscription:
         return self.alive and not await self._stalled()
 
     async def _stalled(self) -> bool:
-        if self._waiting is None or self._live.busy(self.in_flight >= self.prefetch):
+        if self._waiting is None or self._live.busy(self.in_flight >= self._window):
             return False
         try:
             waiting: int | None = await self._waiting()
@@ -193,36 +287,99 @@ class Subscription:
             waiting = None
         return self._live.stalled(waiting)
 
-    # -- loops ------------------------------------------------------------
+    # -- the window -------------------------------------------------------
 
     def _room(self) -> int:
-        """How many deliveries to fetch now: the room under ``prefetch``
-        once it is worth a fetch (as in the sync runtime), else 0."""
-        room = self.prefetch - len(self._pending) - self._running
+        """How many deliveries to fetch now: the room under the window once
+        it is worth a fetch (a quarter of the window free, or a worker
+        idle: as in the sync runtime), else 0."""
+        held = len(self._pending) + self._running
+        room = self._window - held - self._settling
         if room <= 0:
             return 0
-        if room >= self._refill or len(self._pending) + self._running < self.concurrency:
+        if room >= self._refill or held < self.concurrency:
             return room
         return 0
 
+    def _wake(self) -> None:
+        """After a delivery is finished or settled: wake the fetch task if it
+        has something to fetch now (not at every delivery)."""
+        if self._room():
+            self._room_freed.set()
+
+    def _adapt(self) -> tuple[int, int] | None:
+        """(old, new) when the window should change.  A smaller one takes
+        effect here; a larger one once the consumer grants it (:meth:`_resize`)."""
+        policy = self._policy
+        if policy is None:
+            return None
+        old = self._window
+        new = policy.update(self._running)
+        if new is None:
+            return None
+        if new < old:
+            self._set_window(new)
+        return old, new
+
+    def _set_window(self, window: int) -> None:
+        self._window = window
+        self._refill = max(1, window // 4)
+
+    async def _resize(self, old: int, new: int) -> None:
+        """Ask the consumer for the window ``new`` (it may take a round trip)."""
+        assert self._windowed is not None and self._policy is not None
+        try:
+            await self._windowed.set_prefetch(new)
+        except Exception as e:
+            log.warning(
+                "kew: %s: the window could not change from %d to %d: %s", self.name, old, new, e
+            )
+            if new > old:
+                self._policy.undo(old)
+            return
+        log.debug("kew: %s: window %d -> %d", self.name, old, new)
+        if new > old:
+            self._set_window(new)
+
+    # -- loops ------------------------------------------------------------
+
     async def _fetch_loop(self) -> None:
-        assert self._consumer is not None
-        while not self._stopping and self._live.error is None:
-            room = self._room()
-            if not room:
-                self._room_freed.clear()
-                try:
-                    async with asyncio.timeout(self._poll):
-                        await self._room_freed.wait()
-                except TimeoutError:
-                    pass
-                self._live.polled()
-                continue
-            batch = await self._fetch(self._consumer, room)
-            if batch:
-                async with self._work:
-                    self._pending.extend(batch)
-                    self._work.notify(len(batch))
+        consumer = self._consumer
+        assert consumer is not None
+        policy = self._policy
+        self._tick()  # (a wait for room ends every poll_interval: liveness, the policy)
+        try:
+            while not self._stopping and self._live.error is None:
+                resize = self._adapt()
+                if resize:
+                    await self._resize(*resize)
+                    continue
+                room = self._room()
+                if not room:
+                    self._room_freed.clear()
+                    await self._room_freed.wait()
+                    self._live.polled()
+                    continue
+                batch = await self._fetch(consumer, room)
+                if not batch:
+                    continue
+                if policy is not None:
+                    policy.delivered(len(batch), sum(len(d.message.body) for d in batch))
+                    if self._idle_since is not None:  # a worker waited for these: the refill
+                        policy.fetched(min(time.monotonic() - self._idle_since, self._poll))
+                self._idle_since = None
+                self._pending.extend(batch)
+                self._hand_out(len(batch))
+        finally:
+            if self._ticker is not None:
+                self._ticker.cancel()
+
+    def _tick(self) -> None:
+        """Wake the fetch task now and every ``poll_interval`` (one timer,
+        not one per wait)."""
+        self._room_freed.set()
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.call_later(self._poll, self._tick)
 
     async def _fetch(self, consumer: AsyncConsumer, most: int) -> Sequence[Delivery]:
         """Up to ``most`` deliveries; none if the fetch failed (logged, and
@@ -240,27 +397,149 @@ class Subscription:
         return batch
 
     async def _work_loop(self) -> None:
+        pending, idle = self._pending, self._idle
+        loop = asyncio.get_running_loop()
+        turn = loop.time()
         while True:
-            async with self._work:
-                await self._work.wait_for(lambda: bool(self._pending) or self._stopping)
-                if not self._pending:
-                    return
-                delivery = self._pending.popleft()
+            while pending:
+                delivery = pending.popleft()
                 self._running += 1
-            try:
                 await self._run(delivery)
-            finally:
-                self._running -= 1
-                self.handled += 1
-                self._room_freed.set()
+                # Handlers that never wait would hold the loop for a whole
+                # window: a turn of the loop for the others every few ms.
+                if loop.time() - turn >= _TURN:
+                    await asyncio.sleep(0)
+                    turn = loop.time()
+            if self._stopping:
+                return
+            if self._idle_since is None:
+                self._idle_since = time.monotonic()
+            waiter = loop.create_future()
+            idle.append(waiter)
+            await waiter  # (set by _hand_out or stop)
+            turn = loop.time()
+
+    def _hand_out(self, count: int) -> None:
+        """Wake up to ``count`` idle workers (all when stopping)."""
+        idle = self._idle
+        while idle and (count > 0 or self._stopping):
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
 
     async def _run(self, delivery: Delivery) -> None:
-        assert self._consumer is not None
+        consumer = self._consumer
+        assert consumer is not None
+        start = time.monotonic()
+        took: float | None = None  # the handler's time (not its ack's)
+        ack = False
         try:
-            await self._handler(self._consumer, delivery)
+            ack = await self._handler(consumer, delivery) is True
+            took = time.monotonic() - start
+            if ack and self._window <= self.concurrency:
+                # No slack for deliveries settling: at once, by this worker.
+                ack = False
+                await consumer.ack(delivery)
         except Exception:
             log.exception("kew: handler for %s failed outside the sink; handing back", self.name)
-            await self._settle_safely(self._consumer.release, delivery)
+            await self._settle_safely(consumer.release, delivery)
+        finally:
+            if ack:  # held until its ack is done
+                self._settling += 1
+                self._acks.append((delivery, time.monotonic()))
+                self._acks_ready.set()
+            self._running -= 1
+            self.handled += 1
+            if self._policy is not None:
+                self._policy.ran(time.monotonic() - start if took is None else took)
+            self._wake()
+
+    async def _ack_loop(self) -> None:
+        """Commit the acks handed over, in groups: those handed over while
+        a group is under way go in the next one."""
+        consumer = self._consumer
+        assert consumer is not None
+        acks, ready = self._acks, self._acks_ready
+        while True:
+            if not acks:
+                if self._acks_closing:
+                    return
+                ready.clear()
+                await ready.wait()
+                continue
+            items = list(acks)
+            acks.clear()
+            deliveries = [d for d, _ in items]
+            failed = await self._commit(consumer, deliveries)
+            if failed:
+                log.error(
+                    "kew: acking %d of %d deliveries of %s failed (%s); they will be "
+                    "delivered again",
+                    len(failed),
+                    len(deliveries),
+                    self.name,
+                    failed[0][1],
+                )
+                for d, _ in failed:
+                    await self._settle_safely(consumer.release, d)
+            now = time.monotonic()
+            self.commits += 1
+            self.acked += len(deliveries) - len(failed)
+            self._settling -= len(items)
+            if self._policy is not None:
+                self._policy.settled(sum(now - t for _, t in items) / len(items), len(items))
+            self._wake()
+
+    async def _commit(
+        self, consumer: AsyncConsumer, deliveries: list[Delivery]
+    ) -> list[tuple[Delivery, BaseException]]:
+        """Ack ``deliveries``; those whose ack failed, with why.
+
+        One call where the consumer acks many at once (``AsyncBatchAcker``:
+        if it fails, the whole group is handed back).  Else, where an ack
+        waits on the broker (a round trip, a writer thread)
+        they are awaited together, so that the provider puts them in one
+        round trip or transaction; where it does not wait (it queues the
+        ack for an I/O thread, or settles in memory) one after the other,
+        without a task each.  Which it is, the first acks tell: whether the
+        loop took a turn while one was awaited."""
+        failed: list[tuple[Delivery, BaseException]] = []
+        if isinstance(consumer, AsyncBatchAcker) and len(deliveries) > 1:
+            try:
+                await consumer.ack_many(deliveries)
+            except Exception as e:
+                failed = [(d, e) for d in deliveries]
+            return failed
+        rest = deliveries
+        if self._acks_inline:
+            turned: list[bool] = []
+            turn = asyncio.get_running_loop().call_soon(turned.append, True)
+            for i, d in enumerate(deliveries):
+                try:
+                    await consumer.ack(d)
+                except Exception as e:
+                    failed.append((d, e))
+                if turned:  # that ack waited: from now on, together
+                    self._acks_inline = False
+                    rest = deliveries[i + 1 :]
+                    break
+            else:
+                turn.cancel()
+                return failed
+        if len(rest) == 1:
+            try:
+                await consumer.ack(rest[0])
+            except Exception as e:
+                failed.append((rest[0], e))
+        elif rest:
+            outcomes = await asyncio.gather(
+                *(consumer.ack(d) for d in rest), return_exceptions=True
+            )
+            for d, outcome in zip(rest, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    failed.append((d, outcome))
+        return failed
 
     async def _settle_safely(
         self, settle: Callable[[Delivery], Awaitable[None]], delivery: Delivery
@@ -279,8 +558,9 @@ class Subscription:
 
         Deliveries not yet started are handed back at once; handlers still
         running after the grace period are cancelled, and their deliveries
-        handed back when the consumer closes.  Returns True if every handler
-        finished in time.
+        handed back when the consumer closes; the acks of handlers that
+        returned are committed, not handed back.  Returns True if every
+        handler (and its ack) finished in time.
         """
         if self._stop_task is None:
             self._stop_task = asyncio.create_task(self._stop(grace), name=f"kew-stop-{self.name}")
@@ -288,25 +568,36 @@ class Subscription:
 
     async def _stop(self, grace: float) -> bool:
         self._stopping = True
+        deadline = time.monotonic() + max(0.0, grace)
         await asyncio.wait([self._started])  # (if it never ran, error says why)
         consumer = self._consumer
         if self._fetcher is not None:
             self._fetcher.cancel()  # a cancelled fetch keeps nothing (the async SPI)
             await asyncio.gather(self._fetcher, return_exceptions=True)
-        async with self._work:
-            pending = list(self._pending)
-            self._pending.clear()
-            self._work.notify_all()
+        pending = list(self._pending)
+        self._pending.clear()
+        self._hand_out(0)  # (stopping: every idle worker ends)
         if consumer is not None:
             for delivery in pending:
                 await self._settle_safely(consumer.release, delivery)
         finished = True
         if self._workers:
-            _, late = await asyncio.wait(self._workers, timeout=max(0.0, grace))
+            left = max(0.0, deadline - time.monotonic())
+            _, late = await asyncio.wait(self._workers, timeout=left)
             finished = not late
             for task in late:
                 task.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._acker is not None:
+            # The acks handed over are committed (at least a second for them).
+            self._acks_closing = True
+            self._acks_ready.set()
+            _, late = await asyncio.wait(
+                [self._acker], timeout=max(1.0, deadline - time.monotonic())
+            )
+            finished = finished and not late and self._settling == 0
+            self._acker.cancel()
+            await asyncio.gather(self._acker, return_exceptions=True)
         if consumer is not None:
             try:
                 await consumer.close()

@@ -162,6 +162,11 @@ class SqliteAsyncConsumer:
             self._renew, options.lease_ms / 3000, name="kew-sqlite-lease"
         )
 
+    async def set_prefetch(self, count: int) -> None:
+        """From now on hold at most ``count`` (a pull consumer: only the
+        bound its fetches keep to moves; no I/O)."""
+        self._prefetch = count
+
     # -- fetching -----------------------------------------------------------
 
     async def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
@@ -288,6 +293,13 @@ class SqliteAsyncConsumer:
     async def ack(self, delivery: Delivery) -> None:
         if (seq := self._take(delivery)) is not None:
             await self._group.call(Job(write=lambda c: self._ops.ack(c, (seq,))))
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack ``deliveries`` in one job of the writer (kew.aio's grouped
+        acks); if it fails, none is acked."""
+        seqs = [seq for d in deliveries if (seq := self._take(d)) is not None]
+        if seqs:
+            await self._group.call(Job(write=lambda c: self._ops.ack(c, seqs)))
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         if (seq := self._take(delivery)) is not None:

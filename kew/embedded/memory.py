@@ -435,6 +435,11 @@ class MemoryAsyncConsumer:
         self._sync = sync
         self._waiter: _Waiter | None = None
 
+    async def set_prefetch(self, count: int) -> None:
+        """From now on hold at most ``count`` (the sync consumer's
+        ``set_prefetch``: a bound, no I/O)."""
+        self._sync.set_prefetch(count)
+
     async def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
