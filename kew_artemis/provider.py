@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from kew.qchan.spi import (
     AccessRefused,
@@ -84,6 +84,9 @@ from kew_artemis._frames import (
 )
 from kew_artemis._link import _Link, _Lost, reset_in_child
 from kew_artemis._options import DIALECTS, SCHEMES, Options
+
+if TYPE_CHECKING:
+    from kew_artemis._aio import StompAsyncConnector
 
 __all__ = [
     "DIALECTS",
@@ -170,6 +173,14 @@ class StompConnector(ConnectorBase):
         b = self.browser(queue)
         b.purge()
         b.purge_dead()
+
+    def aio(self) -> StompAsyncConnector:
+        """The native async route (``kew.aio``): a
+        :class:`kew_artemis._aio.StompAsyncConnector`, receipts resolving
+        the awaits of concurrent sends on one connection; no I/O here."""
+        from kew_artemis._aio import StompAsyncConnector  # (it imports this module's parts)
+
+        return StompAsyncConnector(self)
 
     def close(self) -> None:
         with self._lock:
@@ -311,13 +322,29 @@ class StompConsumer:
         reset_in_child(self)
         self._thread = threading.Thread(target=self._run, name=f"kew-stomp-{queue}", daemon=True)
         self._thread.start()
+        self._wait_started()
+
+    def _wait_started(self) -> None:
+        """Wait for the first subscription (the async route awaits it instead)."""
         self._ready.wait(120)
+        self._raise_start_error()
+
+    def _raise_start_error(self) -> None:
+        """Raise why the consumer could not start, if it could not."""
         if self._failed is not None or not self._ready.is_set():
             self._closed.set()
-            why = f"cannot consume from {queue!r} at {connector.url}: {self._failed}"
+            why = f"cannot consume from {self._queue!r} at {self._c.url}: {self._failed}"
             if isinstance(self._failed, AccessRefused | ConfigError):
                 raise type(self._failed)(why) from self._failed
             raise BrokerUnavailable(why)
+
+    def _set_ready(self) -> None:
+        """Started (subscribed), or failed to start: ``_failed`` says."""
+        self._ready.set()
+
+    def _new_link(self) -> _Link:
+        """A connection for the next session (not opened yet)."""
+        return _Link(self._c.options, self._c.url, self._on_message)
 
     def _in_child(self) -> None:
         """After os.fork, in the child: the connection thread stayed in the
@@ -342,7 +369,7 @@ class StompConsumer:
                     log.exception("kew: the STOMP consumer of %r failed; reconnecting", self._queue)
                     if not self._ready.is_set():
                         self._failed = e
-                        self._ready.set()
+                        self._set_ready()
                         return
                     if faults >= self.MAX_FAULTS:
                         raise
@@ -357,11 +384,11 @@ class StompConsumer:
         """One connection: connect, subscribe, wait until it is lost.  False
         to stop: closed, refused at start, or refused for good."""
         try:
-            link = _Link(self._c.options, self._c.url, self._on_message).open()
+            link = self._new_link().open()
         except KewError as e:  # BrokerUnavailable after the retries, AccessRefused at once
             if not self._ready.is_set():
                 self._failed = e
-                self._ready.set()
+                self._set_ready()
                 return False
             if isinstance(e, AccessRefused):  # the passcode changed: retrying cannot help
                 self._fail("the broker refused its login when it reconnected", e)
@@ -389,11 +416,11 @@ class StompConsumer:
             link.close()
             if not self._ready.is_set() and (isinstance(e, SendError) or refused):
                 self._failed = e  # the broker refused the subscription
-                self._ready.set()
+                self._set_ready()
                 return False
             backoff.wait(self._closed)
             return True
-        self._ready.set()
+        self._set_ready()
         backoff.reset()
         with link._cond:
             while link.lost is None and not self._closed.is_set():

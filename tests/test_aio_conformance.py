@@ -1,6 +1,6 @@
 """The conformance kit through kew.aio on every provider: memory, SQLite,
-Redis and RabbitMQ (classic and quorum queues) by their native routes, the
-STOMP brokers through the thread bridge."""
+Redis, RabbitMQ (classic and quorum queues) and RabbitMQ's STOMP plugin by
+their native routes (ActiveMQ's STOMP: tests/test_stomp_aio.py)."""
 
 from pathlib import Path
 
@@ -64,6 +64,7 @@ class TestRabbitQuorumAsync(AsyncProviderConformance):
 
 
 class TestRabbitStompAsync(AsyncProviderConformance):
+    expected_route = "native"
     crash_redelivery_timeout = 30.0
 
     @pytest.fixture
