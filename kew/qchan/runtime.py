@@ -8,9 +8,11 @@ room, is not alive.
 
 One fetch thread keeps at most ``window`` deliveries unsettled and hands
 them to ``concurrency`` handler threads (or runs them inline when
-``concurrency`` is 1).  The window is ``prefetch`` when given, else it
-adapts (:mod:`kew.qchan._window`): the concurrency for long handlers, more
-for short ones, so that handlers do not wait on round trips.  The handler
+``concurrency`` is 1, or when the handlers hand their work over:
+``inline``, :meth:`Subscription.hand_over`).  The window is ``prefetch``
+when given, else it adapts (:mod:`kew.qchan._window`): the concurrency
+for long handlers, more for short ones, so that handlers do not wait on
+round trips.  The handler
 settles each delivery, or returns True to have it acked: in a group with
 others (:class:`GroupAck`) while the window exceeds the concurrency, else
 at once.  Whatever it raises is logged and the delivery is handed back, so
@@ -45,6 +47,7 @@ from kew.qchan._window import WindowPolicy
 from kew.qchan.spi import Consumer, ConsumerFailed, Delivery, WindowedConsumer
 
 __all__ = [
+    "HANDED_OVER",
     "STALL_AFTER",
     "AsyncGroupCommit",
     "BatchSubscription",
@@ -53,6 +56,7 @@ __all__ = [
     "GroupCommit",
     "GroupSettle",
     "Handler",
+    "Handover",
     "SendMany",
     "Settlement",
     "Subscription",
@@ -63,7 +67,57 @@ log = logging.getLogger("kew.consumer")
 Handler = Callable[[Consumer, Delivery], object]
 """Processes one delivery and settles it through the consumer, or returns
 True to have the subscription ack it (in a group commit, see
-:meth:`Subscription.ack`)."""
+:meth:`Subscription.ack`), or :data:`HANDED_OVER` once it handed the work
+on (:meth:`Subscription.hand_over`)."""
+
+HANDED_OVER = object()
+"""What a handler returns when its work goes on elsewhere after it returns
+(:meth:`Subscription.hand_over`): its return is not the end of its run."""
+
+
+class Handover:
+    """A delivery whose handler handed its work on (a coroutine on an event
+    loop): counted as running until :meth:`ran`, then as settling until
+    :meth:`done` (from :meth:`Subscription.hand_over`)."""
+
+    __slots__ = ("_ran_at", "_state", "_sub")
+
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+        self._state = 0  # 0 running, 1 settling, 2 done
+        self._ran_at = 0.0
+
+    def ran(self, seconds: float, ended: float | None = None) -> None:
+        """The work ended (at ``ended``, ``time.monotonic()``; default now)
+        after running ``seconds``: the window's handler time."""
+        sub = self._sub
+        with sub._cond:
+            if self._state != 0:
+                return
+            self._state = 1
+            self._ran_at = time.monotonic() if ended is None else ended
+            sub._running -= 1
+            sub._settling += 1
+            sub.handled += 1
+            if sub._policy is not None:
+                sub._policy.ran(seconds)
+
+    def done(self) -> None:
+        """The delivery is settled (or handed back); once, later calls do
+        nothing."""
+        sub = self._sub
+        with sub._cond:
+            state, self._state = self._state, 2
+            if state == 0:
+                sub._running -= 1
+                sub.handled += 1
+            elif state == 1:
+                sub._settling -= 1
+                if sub._policy is not None:
+                    sub._policy.settled(time.monotonic() - self._ran_at)
+            else:
+                return
+            sub._wake()
 
 
 class Subscription:
@@ -74,6 +128,10 @@ class Subscription:
     the consumer's window can change (:class:`~kew.qchan.spi.WindowedConsumer`;
     the consumer must then be made with the concurrency as its prefetch),
     and stays the concurrency when it cannot.
+
+    ``inline``: the handler runs on the fetch thread whatever the
+    concurrency, for a handler that hands its work over
+    (:meth:`hand_over`) and returns at once.
     """
 
     def __init__(
@@ -87,14 +145,18 @@ class Subscription:
         poll_interval: float = 0.5,
         waiting: Callable[[], int] | None = None,
         stall_after: float = STALL_AFTER,
+        inline: bool = False,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         if prefetch is not None and prefetch < concurrency:
             raise ValueError(f"prefetch ({prefetch}) must be >= concurrency ({concurrency})")
         self._handler = handler
+        # Handlers on the fetch thread: with one handler, or ``inline`` (a
+        # handler that hands its work over: ``hand_over``, no thread waits).
+        self._inline = concurrency == 1 or inline
         loops = [(self._fetch_loop, f"kew-fetch-{name}")]
-        if concurrency > 1:
+        if not self._inline:
             loops += [(self._work_loop, f"kew-work-{name}-{i}") for i in range(concurrency)]
         self._start(consumer, name, concurrency, prefetch, poll_interval, loops)
         self._waiting = waiting
@@ -307,7 +369,7 @@ class Subscription:
                         self._policy.delivered(len(batch), size)
                         if starved:
                             self._policy.fetched(took)
-                if self.concurrency == 1:
+                if self._inline:
                     for i, delivery in enumerate(batch):
                         if self._stopping:
                             for rest in batch[i:]:
@@ -357,10 +419,11 @@ class Subscription:
 
     def _run(self, delivery: Delivery) -> None:
         start = time.monotonic()
-        ack = False
+        ack = handed = False
         took: float | None = None  # the handler's time (not its ack's)
         try:
-            ack = self._handler(self._consumer, delivery) is True
+            result = self._handler(self._consumer, delivery)
+            ack, handed = result is True, result is HANDED_OVER
             took = time.monotonic() - start
             if ack and self._window <= self.concurrency:
                 # No slack for deliveries settling (nothing could join a
@@ -377,14 +440,15 @@ class Subscription:
                 if ack:
                     self._settling += 1  # held until its ack is committed
                 self._running -= 1
-                self.handled += 1
-                if self._policy is not None:
-                    self._policy.ran(took)
+                if not handed:  # (else the hand-over counts it: Handover.ran)
+                    self.handled += 1
+                    if self._policy is not None:
+                        self._policy.ran(took)
                 self._wake()
         if ack:
             # Inline (one handler, on the fetch thread): the fetch loop
             # wakes the group once the batch is run.
-            self._ack_later(delivery, wake=self.concurrency > 1)
+            self._ack_later(delivery, wake=not self._inline)
 
     def hold(self) -> Callable[[], None]:
         """For a handler that returns before its delivery is settled (a
@@ -393,6 +457,17 @@ class Subscription:
         returned function is called, once, when it is settled or failed."""
         with self._cond:
             return self._hold()
+
+    def hand_over(self) -> Handover:
+        """For a handler whose work goes on after it returns (it returns
+        :data:`HANDED_OVER`): the delivery stays counted as running (against
+        the concurrency and the window, and waited for by ``stop()``) until
+        :meth:`Handover.ran`, with the time it reports as the handler's
+        (the adaptive window's), then as settling until
+        :meth:`Handover.done`."""
+        with self._cond:
+            self._running += 1
+        return Handover(self)
 
     def _hold(self) -> Callable[[], None]:
         self._settling += 1

@@ -5,47 +5,79 @@ both kinds of handler; only the call differs.  An async handler's coroutine
 runs on the worker's event loop, one loop per :class:`~kew.task.App` on a
 daemon thread of its own (started with the first async attempt), so that
 the async handlers of every queue of the app share it and may share what
-lives on it (a client session, a connection pool made on first use).  The
-handler thread that took the delivery waits for the coroutine's end and
-then settles the attempt as for a sync handler: retries, status events,
-output, outcomes and the ack after the handler are the same code.  Each
-running async attempt holds one of its queue's ``concurrency`` slots; a
-slot is a thread that waits and does nothing else.
+lives on it (a client session, a connection pool made on first use).
 
-The coroutine runs in a copy of the handler thread's context, so
-:func:`~kew.task.current` works inside it (and in what it awaits).
+The route of an async attempt (:class:`Lane`, one per subscription of an
+async task queue):
+
+* the subscription's fetch thread (an async queue has no handler threads:
+  ``Subscription(inline=True)``) does what comes before the handler, as for
+  a sync one (admit and decode, the cancel check, the ``running`` status),
+  then hands the attempt to the loop without waiting for it: it goes into a
+  queue, and the loop is woken (``call_soon_threadsafe``) only if no
+  wake-up is on its way already, so a fetched batch costs one.  The
+  delivery stays held (``Subscription.hand_over``: counted as running,
+  against the window, waited for by a graceful stop), and the thread goes
+  on with the next delivery at once;
+* on the loop, at most ``concurrency`` coroutines of the queue run at once
+  (the others wait their turn in the order they came), each in a copy of
+  the loop's context with :func:`~kew.task.current` set;
+* a coroutine's end goes into the lane's list of ended attempts, which one
+  thread of the lane (the finisher, woken only if it sleeps) takes in
+  batches: it settles them as for a sync handler (retries, status events,
+  output, outcomes, the exceeded handler, dead letters), those of one batch
+  in one group commit with their acks.  The loop never waits on a broker.
+  The adaptive window counts the coroutine's time as the handler's.
 
 It is cancelled (``task.cancel()``, so ``CancelledError`` is raised at its
 ``await``) when
 
-* its time limit passes (``time_limit=`` on ``@app.task``): the attempt
-  fails with :class:`~kew.task.TimeLimitExceeded` and the retry policy
-  decides what comes next, whatever the coroutine did with the cancel;
-* the task is cancelled on request (``App.cancel``): the attempt ends
-  ``cancelled``;
+* its time limit passes (``time_limit=`` on ``@app.task``; a timer on the
+  loop): the attempt fails with :class:`~kew.task.TimeLimitExceeded` and
+  the retry policy decides what comes next, whatever the coroutine did with
+  the cancel;
+* the task is cancelled on request (``App.cancel``; setting
+  ``ctx.cancelled`` schedules the cancel on the loop at once): the attempt
+  ends ``cancelled``;
 * the worker stops and hands the attempt back (a graceful shutdown whose
   grace period ran out): the task is delivered again.
 
-A coroutine that swallows ``CancelledError`` and goes on is given
-:data:`CANCEL_GRACE` seconds to end; then the attempt is over for kew (for
-a time limit: failed with a ``TimeLimitExceeded`` that says the handler did
-not stop) and the coroutine is left running on the loop, logged at ERROR.
+An attempt cancelled before its turn came is not started.  A coroutine that
+swallows ``CancelledError`` and goes on is given :data:`CANCEL_GRACE`
+seconds to end; then the attempt is over for kew (for a time limit: failed
+with a ``TimeLimitExceeded`` that says the handler did not stop; its slot
+is free again) and the coroutine is left running on the loop, logged at
+ERROR.
+
+:func:`run_coroutine` runs a coroutine and waits for it from a thread (an
+async exceeded handler, which runs on the finisher).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from kew.task.context import TaskContext, reset_current, set_current
 from kew.task.errors import TimeLimitExceeded
 
-__all__ = ["CANCEL_GRACE", "EventLoopThread", "is_async_handler", "run_coroutine", "run_local"]
+__all__ = [
+    "CANCEL_GRACE",
+    "EventLoopThread",
+    "Job",
+    "Lane",
+    "is_async_handler",
+    "run_coroutine",
+    "run_local",
+]
 
 T = TypeVar("T")
 log = logging.getLogger("kew.task")
@@ -54,6 +86,8 @@ log = logging.getLogger("kew.task")
 CANCEL_GRACE = 10.0
 #: How often a waiting handler thread looks at ``ctx.cancelled`` (seconds).
 _LOOK = 0.1
+#: Seconds an idle finisher thread waits for work before it ends.
+_IDLE = 5.0
 
 
 def is_async_handler(fn: object) -> bool:
@@ -70,6 +104,10 @@ class EventLoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # hand-overs to start on the loop, and whether a drain is on its way
+        self._inbox: list[Job] = []
+        self._draining = False
+        self.lanes: weakref.WeakSet[Lane] = weakref.WeakSet()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -89,6 +127,32 @@ class EventLoopThread:
                 self._loop = loop
             return self._loop
 
+    def hand_over(self, job: Job) -> None:
+        """Start ``job`` on the loop (from any thread; returns at once).  The
+        loop is woken once for all the jobs handed over until it drains
+        them."""
+        loop = self._loop or self.loop
+        with self._lock:
+            self._inbox.append(job)
+            if self._draining:
+                return
+            self._draining = True
+        try:
+            loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed (the app closing)
+            with self._lock:
+                self._draining = False
+                jobs, self._inbox = self._inbox, []
+            for j in jobs:
+                j.lane.ended(j, _closed())
+
+    def _drain(self) -> None:
+        with self._lock:
+            jobs, self._inbox = self._inbox, []
+            self._draining = False
+        for job in jobs:
+            job.lane.admit(job)
+
     def close(self, timeout: float = 5.0) -> None:
         """Cancel what still runs on the loop, then stop it (a no-op if it
         never started)."""
@@ -99,6 +163,8 @@ class EventLoopThread:
             return
 
         async def shut() -> None:
+            for lane in list(self.lanes):
+                lane.abandon()
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
                 t.cancel()
@@ -110,6 +176,257 @@ class EventLoopThread:
         thread.join(timeout + 1.0)
         if not thread.is_alive():
             loop.close()
+        with self._lock:  # handed over too late for the loop: never started
+            late, self._inbox = self._inbox, []
+            self._draining = False
+        for job in late:
+            job.lane.ended(job, _closed())
+
+
+class Job:
+    """One async attempt handed to a :class:`Lane`: ``fn(data)`` with
+    ``ctx`` current.  Once it ended, ``error`` is what it ended with (None:
+    it returned, or was cancelled on request or handed back, the caller
+    reads ``ctx``), ``ran`` how long it ran, ``ended`` when
+    (``time.monotonic()``).  ``owner`` is the caller's."""
+
+    __slots__ = (
+        "began",
+        "ctx",
+        "data",
+        "ended",
+        "error",
+        "fn",
+        "give_up",
+        "lane",
+        "over",
+        "owner",
+        "ran",
+        "task",
+        "timer",
+        "why",
+    )
+
+    def __init__(
+        self,
+        lane: Lane,
+        fn: Callable[[Any], Awaitable[object]],
+        data: object,
+        ctx: TaskContext,
+        owner: object,
+    ) -> None:
+        self.lane = lane
+        self.fn = fn
+        self.data = data
+        self.ctx = ctx
+        self.owner = owner
+        self.task: asyncio.Task[object] | None = None
+        self.why: str | None = None  # "time" or "cancel", once cancelled
+        self.timer: asyncio.TimerHandle | None = None
+        self.give_up: asyncio.TimerHandle | None = None
+        self.over = False
+        self.error: BaseException | None = None
+        self.began = self.ended = self.ran = 0.0
+
+
+class Lane:
+    """The async attempts of one subscription: at most ``concurrency``
+    coroutines at once on ``loops``' loop, their ends handed to ``finish``
+    (a list at a time, in arrival order) on a finisher thread of the lane
+    (module docstring).  ``time_limit``: seconds, or None."""
+
+    def __init__(
+        self,
+        loops: EventLoopThread,
+        concurrency: int,
+        name: str,
+        finish: Callable[[list[Job]], None],
+        time_limit: float | None = None,
+    ) -> None:
+        self.loops = loops
+        self.concurrency = concurrency
+        self.name = name
+        self.time_limit = time_limit
+        self._finish = finish
+        # on the loop's thread only
+        self._active = 0
+        self._waiting: deque[Job] = deque()
+        # ended jobs, for the finisher
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._ended: list[Job] = []
+        self._awake = False
+        self._finisher: threading.Thread | None = None
+        loops.lanes.add(self)
+
+    # -- any thread ---------------------------------------------------------
+
+    def hand_over(
+        self, fn: Callable[[Any], Awaitable[object]], data: object, ctx: TaskContext, owner: object
+    ) -> Job:
+        """Run ``fn(data)`` with ``ctx`` current on the loop, in its turn;
+        returns at once (the job is finished on the lane's finisher)."""
+        job = Job(self, fn, data, ctx, owner)
+        self.loops.hand_over(job)
+        ctx.on_cancel(lambda: self._cancel_soon(job))
+        return job
+
+    def _cancel_soon(self, job: Job) -> None:
+        """``job.ctx.cancelled`` was set (on request, or a hand-back)."""
+        loop = self.loops._loop
+        if loop is None or job.over:
+            return
+        with contextlib.suppress(RuntimeError):  # closed: what ran on it was cancelled
+            loop.call_soon_threadsafe(self._cancel, job)
+
+    # -- on the loop ----------------------------------------------------------
+
+    def admit(self, job: Job) -> None:
+        """A job handed over: start it if the lane has room, else it waits."""
+        if job.why is not None:
+            return  # cancelled before it came (and ended so)
+        if self._active < self.concurrency:
+            self._start(job)
+        else:
+            self._waiting.append(job)
+
+    def _start(self, job: Job) -> None:
+        self._active += 1
+        job.began = time.monotonic()
+        try:
+            coro = job.fn(job.data)
+        except Exception as e:  # (an async def raises nothing on its call; a callable may)
+            self.ended(job, e)
+            return
+        if not asyncio.iscoroutine(coro):
+            coro = _awaited(coro)
+        context = contextvars.copy_context()
+        context.run(set_current, job.ctx)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(coro, context=context)
+        job.task = task
+        task.add_done_callback(lambda t: self._done(job, t))
+        if self.time_limit is not None:
+            job.timer = loop.call_later(self.time_limit, self._time_up, job)
+
+    def abandon(self) -> None:
+        """The loop is closing: the jobs waiting their turn never start."""
+        while self._waiting:
+            self.ended(self._waiting.popleft(), _closed())
+
+    def _cancel(self, job: Job) -> None:
+        if job.over or job.why is not None:
+            return
+        job.why = "cancel"
+        if job.task is None:  # still waiting its turn: never starts
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(job)
+            self.ended(job, None)
+            return
+        self._stop(job)
+
+    def _time_up(self, job: Job) -> None:
+        if job.over or job.why is not None:
+            return
+        job.why = "time"
+        self._stop(job)
+
+    def _stop(self, job: Job) -> None:
+        assert job.task is not None
+        job.task.cancel()
+        grace = CANCEL_GRACE  # (read now: tests change it)
+        job.give_up = asyncio.get_running_loop().call_later(grace, self._gave_up, job, grace)
+
+    def _gave_up(self, job: Job, grace: float) -> None:
+        """The coroutine did not end within ``grace`` of its cancel: the
+        attempt is over for kew, the coroutine left running."""
+        if job.over:
+            return
+        ctx = job.ctx
+        log.error(
+            "kew: %s: task %s did not stop within %.0f s of its cancel; "
+            "left running on the event loop",
+            ctx.queue,
+            ctx.id,
+            grace,
+        )
+        ctx.log(f"[kew] the handler did not stop within {grace:.0f} s of its cancel")
+        error = None
+        if job.why == "time":
+            error = TimeLimitExceeded(
+                f"time limit of {self.time_limit:g} s exceeded, and the handler did not stop "
+                f"within {grace:g} s of its cancel"
+            )
+        self.ended(job, error)
+
+    def _done(self, job: Job, task: asyncio.Task[object]) -> None:
+        if job.over:
+            return  # given up on already
+        error: BaseException | None
+        if job.why == "time":
+            # Whatever the coroutine did with the cancel (ended, raised, or
+            # swallowed it and returned): the attempt took too long.
+            error = TimeLimitExceeded(f"time limit of {self.time_limit:g} s exceeded")
+        elif task.cancelled():
+            error = None
+            if job.why is None:  # cancelled by someone else (the loop shutting down)
+                error = TimeLimitExceeded("the worker's event loop cancelled the handler")
+        else:
+            error = task.exception()
+        self.ended(job, error)
+
+    def ended(self, job: Job, error: BaseException | None) -> None:
+        """``job`` is over (on the loop, or where it could not start): free
+        its slot, start the next, and hand it to the finisher."""
+        job.over = True
+        job.error = error
+        job.ended = time.monotonic()
+        if job.began:
+            job.ran = job.ended - job.began
+            self._active -= 1
+            while self._waiting and self._active < self.concurrency:
+                nxt = self._waiting.popleft()
+                if nxt.why is None:
+                    self._start(nxt)
+        for timer in (job.timer, job.give_up):
+            if timer is not None:
+                timer.cancel()
+        with self._lock:
+            self._ended.append(job)
+            if self._awake:
+                return
+            self._awake = True
+            if self._finisher is not None:
+                self._wake.notify()
+                return
+            self._finisher = threading.Thread(
+                target=self._finish_loop, name=f"kew-finish-{self.name}", daemon=True
+            )
+            self._finisher.start()
+
+    # -- the finisher ---------------------------------------------------------
+
+    def _finish_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._ended:
+                    self._awake = False
+                    if not self._wake.wait(_IDLE) and not self._ended:
+                        self._finisher = None  # (started again with the next end)
+                        return
+                jobs, self._ended = self._ended, []
+            try:
+                self._finish(jobs)
+            except Exception:
+                log.exception("kew: %s: finishing %d async attempts failed", self.name, len(jobs))
+
+
+def _closed() -> TimeLimitExceeded:
+    return TimeLimitExceeded("the worker's event loop closed before the handler ran")
+
+
+async def _awaited(awaitable: Awaitable[object]) -> object:
+    return await awaitable
 
 
 def run_coroutine(

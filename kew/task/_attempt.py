@@ -35,9 +35,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import re
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 import msgspec
@@ -46,9 +46,11 @@ from kew.core.msg import CountedSchedule, FutureTimepoint
 from kew.qchan import H_COUNT, H_DELIVER_AT, Queue, Subscription
 from kew.qchan.codec import Codec, DecodeError
 from kew.qchan.policy import DeliveryPolicy
-from kew.qchan.runtime import GroupSettle
+from kew.qchan.runtime import HANDED_OVER, GroupSettle, Handover
 from kew.qchan.spi import Consumer, Delivery, Message, now_ms
+from kew.task._async_attempt import AsyncRoute, Pending
 from kew.task._async_run import is_async_handler, run_coroutine, run_local
+from kew.task._failures import RecordingDeadLetters, error_text, log_failure, logged, scrub
 from kew.task._submit import deliver_at, items_of, submitter
 from kew.task.context import TaskContext, reset_current, set_current
 from kew.task.errors import Permanent, Retry
@@ -58,7 +60,7 @@ from kew.task.retry import DEFAULT_RETRY, RetryPolicy
 if TYPE_CHECKING:
     from kew.task.app import App
 
-__all__ = ["Hold", "TaskQueue", "error_text"]
+__all__ = ["Hold", "TaskQueue", "error_text", "scrub"]
 
 T = TypeVar("T")
 log = logging.getLogger("kew.task")
@@ -69,46 +71,6 @@ Hold = Callable[[], Callable[[], None]]
 _JSON = msgspec.json.Encoder()
 
 
-def error_text(e: BaseException) -> str:
-    """A task's ``last_error`` (and dead-letter reason) for what its
-    handler raised: the message of a Permanent or Retry, else type and
-    message."""
-    text = str(e)
-    if isinstance(e, (Permanent, Retry)):
-        return text or type(e).__name__
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-# A secret-looking ``name=value`` / ``name: value``, and a URL's password.
-_SECRET_PAIR = re.compile(
-    r"(?i)\b((?:pass(?:word|wd|code)?|secret|token|session[ _-]?key|api[ _-]?key|"
-    r"credentials?)\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;&)\]}'\"]+)"
-)
-_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s/@]+@", re.I)
-
-
-def scrub(text: str) -> str:
-    """``text`` for a log line: the values of secret-looking pairs
-    (``password=...``, ``token: ...``) and URL passwords as ``***``."""
-    return _URL_PASSWORD.sub(r"\1***@", _SECRET_PAIR.sub(r"\1***", text))
-
-
-def _logged(e: BaseException) -> str:
-    """What a log line says of an exception: its type and its message."""
-    text = str(e)
-    return scrub(f"{type(e).__name__}: {text}" if text else type(e).__name__)
-
-
-def _log_failure(level: int, message: str, *args: object, error: BaseException | None) -> None:
-    """One log line for a failure, with the traceback only when DEBUG is
-    on (as :func:`kew.qchan.policy.log_failure`), scrubbed like the line:
-    a handler's exception message may hold what it should not."""
-    if error is not None and log.isEnabledFor(logging.DEBUG):
-        message += "\n%s"
-        args += (scrub("".join(traceback.format_exception(error)).rstrip()),)
-    log.log(level, message, *args)
-
-
 def _iso(epoch_ms: int) -> str:
     return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
 
@@ -116,7 +78,17 @@ def _iso(epoch_ms: int) -> str:
 class _Attempt:
     """One run of one attempt, and what settling it needs."""
 
-    __slots__ = ("consumer", "ctx", "delivery", "hold", "schedule", "settler")
+    __slots__ = (
+        "batch",
+        "consumer",
+        "ctx",
+        "delivery",
+        "handover",
+        "held",
+        "hold",
+        "schedule",
+        "settler",
+    )
 
     def __init__(
         self,
@@ -133,31 +105,12 @@ class _Attempt:
         self.schedule = schedule
         self.settler = settler
         self.hold = hold
-
-
-class _RecordingDeadLetters:
-    """A consumer whose dead letters (the admission policy's: poison cap,
-    decode) are also recorded as failed tasks."""
-
-    def __init__(self, consumer: Consumer, record: Callable[[Delivery, str], None]) -> None:
-        self._consumer = consumer
-        self._record = record
-
-    def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
-        return self._consumer.fetch(max_count, timeout)
-
-    def ack(self, delivery: Delivery) -> None:
-        self._consumer.ack(delivery)
-
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        self._consumer.dead_letter(delivery, reason)
-        self._record(delivery, reason)
-
-    def release(self, delivery: Delivery) -> None:
-        self._consumer.release(delivery)
-
-    def close(self) -> None:
-        self._consumer.close()
+        #: Taken by ``_settle`` (the delivery is settled later).
+        self.held = False
+        #: An async attempt's: its delivery held (kew.task._async_attempt).
+        self.handover: Handover | None = None
+        #: An async attempt's finisher batch: settles to commit together.
+        self.batch: list[Pending] | None = None
 
 
 class TaskQueue(Generic[T]):
@@ -328,18 +281,20 @@ class TaskQueue(Generic[T]):
         ``prefetch`` pins it (never less than concurrency)."""
         policy, schedule = self.queue.policy, self.queue.schedule
 
-        def handler(consumer: Consumer, delivery: Delivery) -> None:
+        def handler(consumer: Consumer, delivery: Delivery) -> object:
             admitted = policy.admit(admitting, delivery)  # poison cap, decode
             if admitted is None:
-                return
+                return None
             try:
                 current = schedule(delivery)
             except DecodeError as e:  # bad kew-count / kew-deliver-at headers
                 admitting.dead_letter(delivery, f"cannot decode as {self._type_label()}: {e}")
-                return
+                return None
             # (the subscription's threads may start before it is assigned)
             hold = subs[0].hold if subs else None
-            self._run(consumer, delivery, admitted[0], current, worker_id, settler, hold)
+            return self._run(
+                consumer, delivery, admitted[0], current, worker_id, settler, hold, route
+            )
 
         events = self.app.emitter.queue
         producers = {self.name: self.queue.producer, events.name: events.producer}
@@ -349,12 +304,14 @@ class TaskQueue(Generic[T]):
 
         self.queue.declare()
         consumer = self.app.connector.consumer(self.name, prefetch or concurrency)
-        admitting = _RecordingDeadLetters(
+        admitting = RecordingDeadLetters(
             consumer, lambda d, reason: self._failed_for_good(d, worker_id, reason)
         )
         # Handlers finishing together settle together: their last events (or
         # next attempts) and their acks in one commit (see GroupSettle).
         settler = GroupSettle(consumer, send_many, pack=self.app.emitter.pack)
+        # An async handler's attempts run to their end on the app's loop.
+        route = AsyncRoute(self, concurrency, settler) if self.is_async else None
         subs: list[Subscription] = []
         sub = Subscription(
             consumer,
@@ -362,8 +319,11 @@ class TaskQueue(Generic[T]):
             name=self.name,
             concurrency=concurrency,
             prefetch=prefetch,  # None: the adaptive window (kew.qchan._window)
+            inline=route is not None,  # (the handler hands async attempts over)
         )
         subs.append(sub)
+        if route is not None:
+            route.sub = sub
         return sub
 
     def _failed_for_good(self, delivery: Delivery, worker_id: str, reason: str) -> None:
@@ -405,7 +365,10 @@ class TaskQueue(Generic[T]):
         worker_id: str,
         settler: GroupSettle | None = None,
         hold: Hold | None = None,
-    ) -> None:
+        route: AsyncRoute | None = None,
+    ) -> object:
+        """One attempt; returns ``HANDED_OVER`` when ``route`` took it (an
+        async handler: the route's finisher ends it)."""
         app = self.app
         emitter, running = app.emitter, app.running
         ctx = TaskContext(
@@ -419,33 +382,45 @@ class TaskQueue(Generic[T]):
         att = _Attempt(consumer, delivery, ctx, schedule, settler, hold)
         if ctx.id in app.cancels:  # cancelled while it waited: never runs
             self._cancel(att, started=False)
-            return
+            return None
         started = ctx.event("running", at=ctx.run)
         emitter.tell(started)
         if self.track:
             ctx.add_pending(started)
         running.start(ctx, delivery)
+        handed = False
         try:
             if ctx.id in app.cancels:  # (came between the look above and running.start)
                 ctx.request_cancel()
+            if route is not None and not ctx.cancel_requested:
+                handed = route.hand_over(att, data)
+                if handed:
+                    return HANDED_OVER
             error = None if ctx.cancel_requested else self._call(ctx, data)
-            if ctx.cancelled.is_set() and running.handed_back(ctx):
-                return  # handed back already (worker shutdown): the next run records itself
-            if ctx.cancel_requested:
-                self._cancel(att, started=True)
-                return
-            if error is None:
-                self._succeed(att)
-                return
-            delay = None if isinstance(error, Permanent) else self.retry.delay(ctx.attempt)
-            if delay is not None and isinstance(error, Retry) and error.after is not None:
-                delay = error.after
-            if delay is None:
-                self._fail(att, error)
-            else:
-                self._reschedule(att, error, delay)
+            self._after(att, error)
+            return None
         finally:
-            running.end(ctx)
+            if not handed:
+                running.end(ctx)
+
+    def _after(self, att: _Attempt, error: BaseException | None) -> None:
+        """What follows the handler's end (``error``: what it raised)."""
+        ctx = att.ctx
+        if ctx.cancelled.is_set() and self.app.running.handed_back(ctx):
+            return  # handed back already (worker shutdown): the next run records itself
+        if ctx.cancel_requested:
+            self._cancel(att, started=True)
+            return
+        if error is None:
+            self._succeed(att)
+            return
+        delay = None if isinstance(error, Permanent) else self.retry.delay(ctx.attempt)
+        if delay is not None and isinstance(error, Retry) and error.after is not None:
+            delay = error.after
+        if delay is None:
+            self._fail(att, error)
+        else:
+            self._reschedule(att, error, delay)
 
     def _call(self, ctx: TaskContext, data: T) -> Exception | None:
         """Run the handler in ``ctx``; what it raised, written to the output."""
@@ -458,15 +433,19 @@ class TaskQueue(Generic[T]):
                 self.handler(data)
             return None
         except Exception as e:
-            if isinstance(e, (Permanent, Retry)):
-                if not ctx.cancel_requested:  # (a cancelled attempt says so itself)
-                    ctx.log(f"[kew] attempt {ctx.attempt} failed: {error_text(e)}")
-            else:
-                tb = e.__traceback__.tb_next if e.__traceback__ else None  # not kew's frame
-                ctx.write("".join(traceback.format_exception(type(e), e, tb)))
+            tb = e.__traceback__.tb_next if e.__traceback__ else None  # not kew's frame
+            self.noted(ctx, e, tb)
             return e
         finally:
             reset_current(token)
+
+    def noted(self, ctx: TaskContext, e: BaseException, tb: TracebackType | None) -> None:
+        """What a handler raised, written to the task's output (from ``tb``)."""
+        if isinstance(e, (Permanent, Retry)):
+            if not ctx.cancel_requested:  # (a cancelled attempt says so itself)
+                ctx.log(f"[kew] attempt {ctx.attempt} failed: {error_text(e)}")
+        else:
+            ctx.write("".join(traceback.format_exception(type(e), e, tb)))
 
     def _attempt_of(self, attempt: int) -> str:
         """``"2 of 5"``, or ``"2"`` when the policy does not say how many."""
@@ -505,13 +484,16 @@ class TaskQueue(Generic[T]):
         emitter = self.app.emitter
         consumer, delivery, settler, hold = att.consumer, att.delivery, att.settler, att.hold
         if settler is not None and (not events or emitter.outbox):
-            sends = [(emitter.queue.name, emitter.message(events))] if events else []
+            sends: list[tuple[str, Message]] = []
+            if att.batch is None and events:
+                sends.append((emitter.queue.name, emitter.message(events)))
             if next_attempt is not None:
                 sends.append((self.name, next_attempt))
             if hold is None:
                 settler.settle((delivery,), sends)
                 return
             settled = hold()
+            att.held = True
             task_id = delivery.message.id
 
             def done(error: BaseException | None) -> None:
@@ -529,7 +511,10 @@ class TaskQueue(Generic[T]):
                 finally:
                     settled()
 
-            settler.settle_later((delivery,), sends, done)
+            if att.batch is not None:  # an async attempt's: with those ending with it
+                att.batch.append((delivery, events, sends, done))
+            else:
+                settler.settle_later((delivery,), sends, done)
             return
         if next_attempt is not None:
             self.queue.producer.send(next_attempt)
@@ -587,13 +572,13 @@ class TaskQueue(Generic[T]):
             reason = f"permanent failure in attempt {ctx.attempt}: {text}"
         else:
             reason = f"failed after {ctx.attempt} attempt{'s' if ctx.attempt > 1 else ''}: {text}"
-        _log_failure(
+        log_failure(
             logging.ERROR,
             "kew: %s: task %s attempt %s failed (%s); %s: it goes to the dead letters",
             self.name,
             ctx.id,
             self._attempt_of(ctx.attempt),
-            _logged(error),
+            logged(error),
             "a permanent failure" if permanent else "no attempts left",
             error=error,
         )
@@ -615,12 +600,12 @@ class TaskQueue(Generic[T]):
             else:
                 self.on_exceeded(cast(T, ctx.data))
         except Exception as e:
-            _log_failure(
+            log_failure(
                 logging.ERROR,
                 "kew: %s: the exceeded handler failed for task %s (%s)",
                 self.name,
                 ctx.id,
-                _logged(e),
+                logged(e),
                 error=e,
             )
             ctx.write("[kew] the exceeded handler failed:\n" + traceback.format_exc())
@@ -639,14 +624,14 @@ class TaskQueue(Generic[T]):
         # The next attempt is durable before (or together with) this one's ack.
         next_attempt = Message(msg.id, msg.body, headers, msg.durable, nxt.when.epoch_ms)
         on_purpose = isinstance(error, Retry)
-        _log_failure(
+        log_failure(
             logging.INFO if on_purpose else logging.WARNING,
             "kew: %s: task %s attempt %s %s (%s); next attempt at %s",
             self.name,
             ctx.id,
             self._attempt_of(ctx.attempt),
             "asked to be retried" if on_purpose else "failed",
-            _logged(error),
+            logged(error),
             _iso(nxt.when.epoch_ms),
             error=None if on_purpose else error,
         )

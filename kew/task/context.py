@@ -47,6 +47,23 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class _Cancelled(threading.Event):
+    """``TaskContext.cancelled``: an Event that also calls the hooks given
+    to :meth:`TaskContext.on_cancel` once it is set."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        super().__init__()
+        self._lock = lock
+        self._hooks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        with self._lock:
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+
+
 class TaskContext:
     """One run of one attempt of a task.
 
@@ -77,12 +94,12 @@ class TaskContext:
         self.worker = worker
         self.data = data
         self.run = run if run is not None else _now_ms()
-        self.cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self.cancelled: threading.Event = _Cancelled(self._lock)
         #: True once a cancel was asked for (see :meth:`request_cancel`).
         self.cancel_requested = False
         self.started = time.monotonic()
         self._emit = emit
-        self._lock = threading.Lock()
         self._chunks: list[str] = []
         self._size = 0
         self._seq = 0
@@ -100,6 +117,18 @@ class TaskContext:
             self.cancel_requested = True
         self.cancelled.set()
         return first
+
+    def on_cancel(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (once, on the thread that sets it) when
+        :attr:`cancelled` is set, or now if it is.  For the runner (an
+        async handler's coroutine is cancelled so)."""
+        cancelled = self.cancelled
+        assert isinstance(cancelled, _Cancelled)
+        with self._lock:
+            if not cancelled.is_set():
+                cancelled._hooks.append(hook)
+                return
+        hook()
 
     # -- output ---------------------------------------------------------------
 
