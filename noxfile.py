@@ -89,6 +89,7 @@ BENCHMARKS = {
     "async-tasks": "benchmarks/bench_async_tasks.py",
     "submit": "benchmarks/bench_submit.py",
     "makespan": "benchmarks/bench_makespan.py",
+    "stomp-aio": "benchmarks/bench_stomp_aio.py",
 }
 
 
@@ -96,7 +97,7 @@ BENCHMARKS = {
 def bench(session: nox.Session) -> None:
     """Benchmarks, each kew next to its raw client (and Dramatiq/Celery) in
     one run; tables under benchmarks/results/.  ``-- NAME [ARGS...]`` runs one
-    (sqlite, redis, rabbitmq, artemis, tasks, floor) with its own arguments."""
+    (a key of BENCHMARKS) with its own arguments."""
     _install(session, "dev,bench")
     args = list(session.posargs)
     if args and args[0] in BENCHMARKS:
