@@ -124,6 +124,37 @@ def test_the_overhead_estimate_falls_slowly() -> None:
     assert p.window < 41 // 2  # long after: smaller
 
 
+def test_the_first_period_ends_after_a_few_short_handlers() -> None:
+    """Before its first change, the window is reconsidered as soon as
+    FIRST_RUNS handlers returned (not a whole PERIOD of single round trips);
+    after it, only once a period has passed."""
+    clock = Clock()
+    p = WindowPolicy(1, clock=clock)
+    for _ in range(_window.FIRST_RUNS - 1):
+        p.ran(1e-5)
+        p.fetched(1e-4)
+    clock.now += 0.01
+    assert p.update(0) is None  # too few yet
+    p.ran(1e-5)
+    assert p.update(0) == 21  # 1 + 2 * 1e5/s * 0.1 ms
+    clock.now += _window.MIN_INTERVAL
+    assert p.update(0) is None  # (an idle period)
+    p.ran(1e-5, _window.FIRST_RUNS * 10)
+    p.fetched(1e-3)
+    clock.now += 0.01
+    assert p.update(0) is None  # within a period of the last decision
+    clock.now += _window.PERIOD
+    assert p.update(0) == 201
+
+
+def test_slow_first_handlers_keep_the_window_at_the_concurrency() -> None:
+    clock = Clock()
+    p = WindowPolicy(2, clock=clock)
+    p.ran(0.03, _window.FIRST_RUNS)
+    clock.now += 0.01
+    assert p.update(2) is None and p.window == 2
+
+
 def test_a_refused_change_is_undone() -> None:
     clock = Clock()
     p = WindowPolicy(2, clock=clock)
@@ -239,9 +270,12 @@ class _Counting:
         self.consumer.close()
 
 
-def test_acks_commit_in_groups_each_after_its_handler() -> None:
-    """One handler thread with a window of 16: its acks are committed by
-    the group's thread, many per commit, none before its handler returned."""
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_acks_commit_in_groups_each_after_its_handler(concurrency: int) -> None:
+    """A window of 16: the acks are committed many per commit, none before
+    its handler returned; with one handler (run on the fetch thread) by the
+    fetch thread itself once its batch is run, with more by the group's
+    thread."""
     conn = kew.connect("memory://")
     name = f"w.acks-{os.urandom(4).hex()}"
     conn.declare(name)
@@ -249,12 +283,22 @@ def test_acks_commit_in_groups_each_after_its_handler() -> None:
     conn.producer(name).send_many([Message(f"m{i}", b"x") for i in range(n)])
     returned: list[str] = []
     consumer = _Counting(conn.consumer(name, 16), returned)
+    threads: set[str] = set()
+    real = consumer.settle
+
+    def settle(acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
+        threads.add(threading.current_thread().name)
+        real(acks, sends)
+
+    consumer.settle = settle  # type: ignore[method-assign]
+    lock = threading.Lock()
 
     def handle(_: Consumer, d: Delivery) -> bool:
-        returned.append(d.message.id)
+        with lock:
+            returned.append(d.message.id)
         return True
 
-    sub = Subscription(consumer, handle, name=name, prefetch=16)
+    sub = Subscription(consumer, handle, name=name, concurrency=concurrency, prefetch=16)
     try:
         wait_for(lambda: sum(map(len, consumer.commits)) == n, 20, what=f"{n} acks")
     finally:
@@ -263,7 +307,83 @@ def test_acks_commit_in_groups_each_after_its_handler() -> None:
     assert sorted(acked) == sorted(f"m{i}" for i in range(n))  # each once
     assert len(consumer.commits) < n // 2  # in groups
     assert consumer.early == []
+    assert threads == {f"kew-fetch-{name}" if concurrency == 1 else f"kew-ack-{name}"}
     assert conn.browser(name).stats().in_flight == 0
+    conn.close()
+
+
+def test_a_failed_group_commit_on_the_fetch_thread_hands_the_group_back() -> None:
+    """One handler, a window of 10: the first group commit fails; its
+    deliveries are handed back and come again (each handled twice, acked
+    once), none lost, nothing left held."""
+    conn = kew.connect("memory://")
+    name = f"w.fail-{os.urandom(4).hex()}"
+    conn.declare(name)
+    n = 100
+    conn.producer(name).send_many([Message(f"m{i}", b"x") for i in range(n)])
+    returned: list[str] = []
+    consumer = _Counting(conn.consumer(name, 10), returned)
+    real = consumer.settle
+    failed: list[str] = []
+
+    def settle(acks: Sequence[Delivery], sends: Sequence[tuple[str, Message]]) -> None:
+        if not failed:
+            failed.extend(d.message.id for d in acks)
+            raise ConnectionError("the commit is lost")
+        real(acks, sends)
+
+    consumer.settle = settle  # type: ignore[method-assign]
+
+    def handle(_: Consumer, d: Delivery) -> bool:
+        returned.append(d.message.id)
+        return True
+
+    sub = Subscription(consumer, handle, name=name, prefetch=10)
+    try:
+        wait_for(lambda: sum(map(len, consumer.commits)) == n, 20, what=f"{n} acks")
+        wait_for(lambda: sub.in_flight == 0, 5, what="nothing held")
+    finally:
+        sub.stop(5)
+    acked = [i for ids in consumer.commits for i in ids]
+    assert sorted(acked) == sorted(f"m{i}" for i in range(n))  # each once, none lost
+    assert len(failed) > 1 and all(returned.count(i) == 2 for i in failed)
+    assert conn.browser(name).stats().in_flight == 0
+    conn.close()
+
+
+def test_stop_in_a_batch_on_the_fetch_thread_commits_what_returned() -> None:
+    """One handler, a window of 50; stop() comes while the 10th handler
+    runs: the acks of the 10 that returned are committed, the other 40 of
+    the batch are handed back (ready again), nothing is held."""
+    conn = kew.connect("memory://")
+    name = f"w.istop-{os.urandom(4).hex()}"
+    conn.declare(name)
+    conn.producer(name).send_many([Message(f"m{i}", b"x") for i in range(50)])
+    returned: list[str] = []
+    consumer = _Counting(conn.consumer(name, 50), returned)
+    stopping = threading.Event()
+    subs: list[Subscription] = []
+    made = threading.Event()
+    outcome: list[bool] = []
+
+    def handle(_: Consumer, d: Delivery) -> bool:
+        made.wait(5)  # (subs[0] is there)
+        if len(returned) == 9:
+            threading.Thread(target=lambda: outcome.append(subs[0].stop(10))).start()
+            wait_for(lambda: subs[0]._stopping, 5, what="stopping")
+            stopping.set()
+        returned.append(d.message.id)
+        return True
+
+    subs.append(Subscription(consumer, handle, name=name, prefetch=50))
+    made.set()
+    wait_for(lambda: bool(outcome), 15, what="stop() returned")
+    assert stopping.is_set() and outcome == [True]
+    acked = [i for ids in consumer.commits for i in ids]
+    assert sorted(acked) == sorted(returned) and len(returned) == 10
+    assert consumer.early == []
+    stats = conn.browser(name).stats()
+    assert stats.in_flight == 0 and stats.ready == 40
     conn.close()
 
 

@@ -8,8 +8,9 @@ RabbitMQ).  :class:`GroupCommit` commits on the first caller's thread,
 broker), :class:`LoopGroupCommit` is for coroutines (a task of their event
 loop commits, awaiting).  :class:`GroupSettle` is
 the task layer's settle (messages stored, then the acks); :class:`GroupAck`
-is a plain sink's, committed on a thread of its own (so that even one
-handler thread gets its acks batched).
+is a plain sink's with handler threads, committed on a thread of its own
+(a sink whose handler runs on its fetch thread commits each fetched
+batch's acks there: kew.qchan._inline).
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ class GroupAck:
     acks written by its I/O thread), else one ``ack`` each.
 
     ``committed(deliveries, since, error)`` is called once per commit, on
-    that thread: the deliveries, when each was handed over
+    that thread: the deliveries, when they were handed over on average
     (``time.monotonic()``), and None or what the commit failed with.  The
     hand-over takes no lock (a deque append) unless the thread is idle:
     a lock per ack, contended by the commit thread, cost more than the ack.
@@ -329,7 +330,7 @@ class GroupAck:
     def __init__(
         self,
         consumer: Consumer,
-        committed: Callable[[list[Delivery], list[float], BaseException | None], None],
+        committed: Callable[[list[Delivery], float, BaseException | None], None],
         *,
         name: str,
     ) -> None:
@@ -345,15 +346,13 @@ class GroupAck:
         #: Commits made, and deliveries acked by them (statistics).
         self.commits = self.acked = 0
 
-    def ack_later(self, delivery: Delivery, wake: bool = True) -> bool:
+    def ack_later(self, delivery: Delivery) -> bool:
         """Hand ``delivery`` over for the next commit; False once closed
-        (then the caller acks it).  ``wake=False``: leave the waking to a
-        later :meth:`kick` (one wake-up, one commit, for a whole batch)."""
+        (then the caller acks it)."""
         if self._closing:
             return False
         self._queue.append((delivery, time.monotonic()))
-        if wake:
-            self.kick()
+        self.kick()
         return True
 
     def kick(self) -> None:
@@ -402,7 +401,7 @@ class GroupAck:
             self.commits += 1
             self.acked += len(deliveries)
             try:
-                self._committed(deliveries, [t for _, t in items], failure)
+                self._committed(deliveries, sum(t for _, t in items) / len(items), failure)
             except Exception:
                 log.exception("kew: a group commit callback failed")
 

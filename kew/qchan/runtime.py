@@ -14,15 +14,17 @@ when given, else it adapts (:mod:`kew.qchan._window`): the concurrency
 for long handlers, more for short ones, so that handlers do not wait on
 round trips.  The handler
 settles each delivery, or returns True to have it acked: in a group with
-others (:class:`GroupAck`) while the window exceeds the concurrency, else
-at once.  Whatever it raises is logged and the delivery is handed back, so
-nothing is lost and the loop never dies.  ``stop()`` stops fetching, hands
+others while the window exceeds the concurrency (on the fetch thread once
+its batch is run, when the handlers run there: :mod:`kew.qchan._inline`;
+else on a thread of the group's, :class:`GroupAck`), else at once.
+Whatever it raises is logged and the delivery is handed back, so nothing
+is lost and the loop never dies.  ``stop()`` stops fetching, hands
 back what has not started, and gives running handlers a grace period
 before handing theirs back too.
 
 The group commits live in :mod:`kew.qchan._commit` (imported from here
-too), the liveness rules in :mod:`kew.qchan._liveness` (shared with
-kew.aio).
+too), the handlers run on the fetch thread in :mod:`kew.qchan._inline`,
+the liveness rules in :mod:`kew.qchan._liveness` (shared with kew.aio).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from kew.qchan._commit import (
     SendMany,
     Settlement,
 )
+from kew.qchan._inline import HANDED_OVER, Handover, run_batch
 from kew.qchan._liveness import STALL_AFTER, Liveness
 from kew.qchan._window import WindowPolicy
 from kew.qchan.spi import Consumer, ConsumerFailed, Delivery, WindowedConsumer
@@ -69,55 +72,6 @@ Handler = Callable[[Consumer, Delivery], object]
 True to have the subscription ack it (in a group commit, see
 :meth:`Subscription.ack`), or :data:`HANDED_OVER` once it handed the work
 on (:meth:`Subscription.hand_over`)."""
-
-HANDED_OVER = object()
-"""What a handler returns when its work goes on elsewhere after it returns
-(:meth:`Subscription.hand_over`): its return is not the end of its run."""
-
-
-class Handover:
-    """A delivery whose handler handed its work on (a coroutine on an event
-    loop): counted as running until :meth:`ran`, then as settling until
-    :meth:`done` (from :meth:`Subscription.hand_over`)."""
-
-    __slots__ = ("_ran_at", "_state", "_sub")
-
-    def __init__(self, sub: Subscription) -> None:
-        self._sub = sub
-        self._state = 0  # 0 running, 1 settling, 2 done
-        self._ran_at = 0.0
-
-    def ran(self, seconds: float, ended: float | None = None) -> None:
-        """The work ended (at ``ended``, ``time.monotonic()``; default now)
-        after running ``seconds``: the window's handler time."""
-        sub = self._sub
-        with sub._cond:
-            if self._state != 0:
-                return
-            self._state = 1
-            self._ran_at = time.monotonic() if ended is None else ended
-            sub._running -= 1
-            sub._settling += 1
-            sub.handled += 1
-            if sub._policy is not None:
-                sub._policy.ran(seconds)
-
-    def done(self) -> None:
-        """The delivery is settled (or handed back); once, later calls do
-        nothing."""
-        sub = self._sub
-        with sub._cond:
-            state, self._state = self._state, 2
-            if state == 0:
-                sub._running -= 1
-                sub.handled += 1
-            elif state == 1:
-                sub._settling -= 1
-                if sub._policy is not None:
-                    sub._policy.settled(time.monotonic() - self._ran_at)
-            else:
-                return
-            sub._wake()
 
 
 class Subscription:
@@ -344,9 +298,6 @@ class Subscription:
     def _fetch_loop(self) -> None:
         try:
             while True:
-                # One wake-up of the group's thread for the acks of the
-                # batch run inline: they are committed while this fetches.
-                self._acks.kick()
                 with self._cond:
                     resize = self._adapt()
                     while not resize and not self._stopping and not (room := self._room()):
@@ -369,15 +320,8 @@ class Subscription:
                         self._policy.delivered(len(batch), size)
                         if starved:
                             self._policy.fetched(took)
-                if self._inline:
-                    for i, delivery in enumerate(batch):
-                        if self._stopping:
-                            for rest in batch[i:]:
-                                self._settle_safely(self._consumer.release, rest)
-                            break
-                        with self._cond:
-                            self._running += 1
-                        self._run(delivery)
+                if self._inline:  # its acks committed here, before the next fetch
+                    run_batch(self, batch)
                 else:
                     with self._cond:
                         if not self._stopping:
@@ -446,9 +390,7 @@ class Subscription:
                         self._policy.ran(took)
                 self._wake()
         if ack:
-            # Inline (one handler, on the fetch thread): the fetch loop
-            # wakes the group once the batch is run.
-            self._ack_later(delivery, wake=not self._inline)
+            self._ack_later(delivery)
 
     def hold(self) -> Callable[[], None]:
         """For a handler that returns before its delivery is settled (a
@@ -502,16 +444,17 @@ class Subscription:
         else:
             self._consumer.ack(delivery)
 
-    def _ack_later(self, delivery: Delivery, wake: bool = True) -> None:
+    def _ack_later(self, delivery: Delivery) -> None:
         """(``_settling`` counts it already.)"""
-        if not self._acks.ack_later(delivery, wake):  # stopped: the group is closed
+        if not self._acks.ack_later(delivery):  # stopped: the group is closed
             self._settle_safely(self._consumer.ack, delivery)
-            self._committed([delivery], [], None)
+            self._committed([delivery], None, None)
 
     def _committed(
-        self, deliveries: list[Delivery], since: list[float], error: BaseException | None
+        self, deliveries: list[Delivery], returned: float | None, error: BaseException | None
     ) -> None:
-        """The group's callback: ``deliveries`` acked (or failed: handed back)."""
+        """A group's end: ``deliveries`` acked (or failed: handed back);
+        ``returned``: when their handlers returned, on average."""
         if error is not None:
             log.error(
                 "kew: acking %d deliveries of %s failed (%s); they will be delivered again",
@@ -524,8 +467,8 @@ class Subscription:
         now = time.monotonic()
         with self._cond:
             self._settling -= len(deliveries)
-            if self._policy is not None and since:
-                self._policy.settled(sum(now - t for t in since) / len(since), len(since))
+            if self._policy is not None and returned is not None:
+                self._policy.settled(now - returned, len(deliveries))
             self._wake()
 
     def _wake(self) -> None:
