@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_tasks import URLS, cleanup  # noqa: E402
 
-TASKS = 8
+TASKS = int(os.environ.get("MAKESPAN_TASKS", "8"))  # --tasks (children read the env)
 TASK_SECONDS = 1.0
 CONCURRENCY = 2
 SECOND_AFTER = 0.2  # seconds between the two workers' start
@@ -208,9 +208,12 @@ def main() -> None:
     p.add_argument("--broker", action="append", choices=sorted(URLS))
     p.add_argument("--system", action="append", choices=SYSTEMS)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tasks", type=int, default=8, help="tasks of 1 s (default 8)")
     p.add_argument("--enqueue", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
+    globals()["TASKS"] = args.tasks
+    os.environ["MAKESPAN_TASKS"] = str(args.tasks)
     if args.enqueue:
         enqueue()
         return
