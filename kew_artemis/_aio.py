@@ -34,27 +34,25 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 from kew.qchan.spi import (
     Capability,
-    DeadLetter,
     Message,
     MessageTooLarge,
-    QueueStats,
     now_ms,
 )
+from kew.qchan.spi.aio import ThreadBrowser
 from kew_artemis._aio_consumer import StompAsyncConsumer
 from kew_artemis._aio_link import AioLink, Op, Pipe
-from kew_artemis._browser import StompBrowser
 from kew_artemis._frames import send_frame
 
 if TYPE_CHECKING:
     from kew_artemis.provider import StompConnector
 
-__all__ = ["StompAsyncBrowser", "StompAsyncConnector", "StompAsyncProducer"]
+__all__ = ["StompAsyncConnector", "StompAsyncProducer"]
 
 R = TypeVar("R")
 
@@ -114,8 +112,8 @@ class StompAsyncConnector:
     async def consumer(self, queue: str, prefetch: int) -> StompAsyncConsumer:
         return await StompAsyncConsumer.start(self.sync, queue, prefetch)
 
-    async def browser(self, queue: str) -> StompAsyncBrowser:
-        return StompAsyncBrowser(self, self.sync.browser(queue))
+    async def browser(self, queue: str) -> ThreadBrowser:
+        return ThreadBrowser(self.call, self.sync.browser(queue))
 
     async def delete(self, queue: str) -> None:
         await self.call(self.sync.delete, queue)
@@ -154,33 +152,3 @@ class StompAsyncProducer:
 
     async def close(self) -> None:
         pass  # the connector's sending connection is shared
-
-
-class StompAsyncBrowser:
-    """The sync browser (:class:`~kew_artemis._browser.StompBrowser`), on
-    the connector's admin thread."""
-
-    def __init__(self, connector: StompAsyncConnector, sync: StompBrowser) -> None:
-        self._call = connector.call
-        self._sync = sync
-
-    async def peek(self, limit: int) -> Sequence[Message]:
-        return await self._call(self._sync.peek, limit)
-
-    async def stats(self) -> QueueStats:
-        return await self._call(self._sync.stats)
-
-    async def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
-        return await self._call(self._sync.dead_letters, limit)
-
-    async def requeue_dead(self, ids: Collection[str] | None = None) -> int:
-        return await self._call(self._sync.requeue_dead, ids)
-
-    async def purge_dead(self, ids: Collection[str] | None = None) -> int:
-        return await self._call(self._sync.purge_dead, ids)
-
-    async def purge(self) -> int:
-        return await self._call(self._sync.purge)
-
-    async def close(self) -> None:
-        pass

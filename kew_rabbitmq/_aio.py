@@ -28,25 +28,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 from kew.qchan.spi import (
-    Browser,
     Capability,
-    DeadLetter,
     Message,
     MessageTooLarge,
-    QueueStats,
 )
+from kew.qchan.spi.aio import ThreadBrowser
 from kew_rabbitmq._aio_consumer import RabbitAsyncConsumer
 from kew_rabbitmq._aio_publisher import Publisher
 
 if TYPE_CHECKING:
     from kew_rabbitmq.provider import RabbitConnector
 
-__all__ = ["RabbitAsyncBrowser", "RabbitAsyncConnector", "RabbitAsyncProducer"]
+__all__ = ["RabbitAsyncConnector", "RabbitAsyncProducer"]
 
 R = TypeVar("R")
 
@@ -88,8 +86,8 @@ class RabbitAsyncConnector:
     async def consumer(self, queue: str, prefetch: int) -> RabbitAsyncConsumer:
         return await RabbitAsyncConsumer.start(self.sync, queue, prefetch)
 
-    async def browser(self, queue: str) -> RabbitAsyncBrowser:
-        return RabbitAsyncBrowser(self, self.sync.browser(queue))
+    async def browser(self, queue: str) -> ThreadBrowser:
+        return ThreadBrowser(self.call, self.sync.browser(queue))
 
     async def delete(self, queue: str) -> None:
         await self.call(self.sync.delete, queue)
@@ -136,33 +134,3 @@ class RabbitAsyncProducer:
 
     async def close(self) -> None:
         pass  # the connector's publisher is shared
-
-
-class RabbitAsyncBrowser:
-    """The sync browser (:class:`~kew_rabbitmq._browser.RabbitBrowser`), on
-    the connector's admin thread."""
-
-    def __init__(self, connector: RabbitAsyncConnector, sync: Browser) -> None:
-        self._call = connector.call
-        self._sync = sync
-
-    async def peek(self, limit: int) -> Sequence[Message]:
-        return await self._call(self._sync.peek, limit)
-
-    async def stats(self) -> QueueStats:
-        return await self._call(self._sync.stats)
-
-    async def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
-        return await self._call(self._sync.dead_letters, limit)
-
-    async def requeue_dead(self, ids: Collection[str] | None = None) -> int:
-        return await self._call(self._sync.requeue_dead, ids)
-
-    async def purge_dead(self, ids: Collection[str] | None = None) -> int:
-        return await self._call(self._sync.purge_dead, ids)
-
-    async def purge(self) -> int:
-        return await self._call(self._sync.purge)
-
-    async def close(self) -> None:
-        pass

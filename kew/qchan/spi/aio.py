@@ -42,10 +42,12 @@ What the async side promises on top of the sync contract:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Protocol, TypeVar, runtime_checkable
 
-from kew.qchan.spi import Capability, DeadLetter, Delivery, Message, QueueStats
+from kew.qchan.spi import Browser, Capability, DeadLetter, Delivery, Message, QueueStats
+
+R = TypeVar("R")
 
 __all__ = [
     "AsyncBrowser",
@@ -53,7 +55,9 @@ __all__ = [
     "AsyncConsumer",
     "AsyncMultiSender",
     "AsyncProducer",
+    "Caller",
     "SupportsAio",
+    "ThreadBrowser",
 ]
 
 
@@ -192,3 +196,48 @@ class SupportsAio(Protocol):
         """The async connector for the same URL, without I/O; it takes this
         connector over (its ``close()`` closes this one too)."""
         ...
+
+
+class Caller(Protocol):
+    """Awaits ``fn(*args)`` somewhere off the loop (a connector's own
+    thread)."""
+
+    def __call__(self, fn: Callable[..., R], *args: object) -> Awaitable[R]: ...
+
+
+class ThreadBrowser:
+    """An :class:`AsyncBrowser` over a sync :class:`~kew.qchan.spi.Browser`,
+    each call awaited through ``call`` (a thread of the connector's): for a
+    native route whose browsing is a sync exchange of frames (RabbitMQ,
+    STOMP), so that it is written once."""
+
+    def __init__(self, call: Caller, sync: Browser) -> None:
+        self._call = call
+        self._sync = sync
+
+    async def peek(self, limit: int) -> Sequence[Message]:
+        """The sync ``peek``, off the loop."""
+        return await self._call(self._sync.peek, limit)
+
+    async def stats(self) -> QueueStats:
+        """The sync ``stats``, off the loop."""
+        return await self._call(self._sync.stats)
+
+    async def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
+        """The sync ``dead_letters``, off the loop."""
+        return await self._call(self._sync.dead_letters, limit)
+
+    async def requeue_dead(self, ids: Collection[str] | None = None) -> int:
+        """The sync ``requeue_dead``, off the loop."""
+        return await self._call(self._sync.requeue_dead, ids)
+
+    async def purge_dead(self, ids: Collection[str] | None = None) -> int:
+        """The sync ``purge_dead``, off the loop."""
+        return await self._call(self._sync.purge_dead, ids)
+
+    async def purge(self) -> int:
+        """The sync ``purge``, off the loop."""
+        return await self._call(self._sync.purge)
+
+    async def close(self) -> None:
+        """Nothing: the sync browser belongs to the connector."""
