@@ -39,14 +39,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from kew.qchan._liveness import STALL_AFTER, Liveness
 from kew.qchan._window import WindowPolicy
 from kew.qchan.spi import ConsumerFailed, Delivery
-from kew.qchan.spi.aio import AsyncConsumer
+from kew.qchan.spi.aio import AsyncBatchAcker, AsyncConsumer, AsyncWindowedConsumer
 
-__all__ = ["AsyncBatchAcker", "AsyncHandler", "AsyncWindowedConsumer", "Subscription"]
+# (AsyncBatchAcker and AsyncWindowedConsumer: the SPI's, kew.qchan.spi.aio)
+__all__ = [
+    "AsyncBatchAcker",
+    "AsyncHandler",
+    "AsyncWindowedConsumer",
+    "Subscription",
+]
 
 log = logging.getLogger("kew.consumer")
 
@@ -62,32 +68,6 @@ _TURN = 0.002
 #: Subscriptions running: asyncio keeps only weak references to tasks, and a
 #: subscription nobody holds (``q.sink(h)`` as a statement) must keep running.
 _RUNNING: set[Subscription] = set()
-
-
-@runtime_checkable
-class AsyncWindowedConsumer(Protocol):
-    """An async consumer whose window can change while it runs: the async
-    :class:`~kew.qchan.spi.WindowedConsumer` (optional).  The subscription
-    opens the consumer with its concurrency as the prefetch and widens the
-    window through this while the handlers are short; a pull consumer only
-    moves the bound its ``fetch`` keeps to."""
-
-    async def set_prefetch(self, count: int) -> None:
-        """Hold (or let the broker push) up to ``count`` unsettled deliveries
-        from now on; those held already stay valid.  May take a round trip,
-        never blocking the loop; called rarely (the policy has hysteresis)."""
-        ...
-
-
-@runtime_checkable
-class AsyncBatchAcker(Protocol):
-    """An async consumer that acks many deliveries in one step (optional):
-    a group of acks is then one call (one transaction, one round trip)."""
-
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack every one of ``deliveries``; if it raises, none may be
-        acked (the subscription hands them all back)."""
-        ...
 
 
 def _windowed(consumer: AsyncConsumer) -> AsyncWindowedConsumer | None:

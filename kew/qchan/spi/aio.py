@@ -50,11 +50,13 @@ from kew.qchan.spi import Browser, Capability, DeadLetter, Delivery, Message, Qu
 R = TypeVar("R")
 
 __all__ = [
+    "AsyncBatchAcker",
     "AsyncBrowser",
     "AsyncConnector",
     "AsyncConsumer",
     "AsyncMultiSender",
     "AsyncProducer",
+    "AsyncWindowedConsumer",
     "Caller",
     "SupportsAio",
     "ThreadBrowser",
@@ -172,6 +174,32 @@ class AsyncConnector(Protocol):
     async def close(self) -> None:
         """Close everything this connector uses (the sync connector it came
         from included)."""
+        ...
+
+
+@runtime_checkable
+class AsyncWindowedConsumer(Protocol):
+    """An async consumer whose window can change while it runs: the async
+    :class:`~kew.qchan.spi.WindowedConsumer` (optional).  The subscription
+    opens the consumer with its concurrency as the prefetch and widens the
+    window through this while the handlers are short; a pull consumer only
+    moves the bound its ``fetch`` keeps to."""
+
+    async def set_prefetch(self, count: int) -> None:
+        """Hold (or let the broker push) up to ``count`` unsettled deliveries
+        from now on; those held already stay valid.  May take a round trip,
+        never blocking the loop; called rarely (the policy has hysteresis)."""
+        ...
+
+
+@runtime_checkable
+class AsyncBatchAcker(Protocol):
+    """An async consumer that acks many deliveries in one step (optional):
+    a group of acks is then one call (one transaction, one round trip)."""
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack every one of ``deliveries``; if it raises, none may be
+        acked (the subscription hands them all back)."""
         ...
 
 
