@@ -51,6 +51,7 @@ RESERVED = frozenset(
         "transaction", "type", "version", "heart-beat", "correlation-id", "browser",
         "destination-type", "subscription-type", "consumer-window-size", "selector",
         "original-destination",
+        "scheduledjobid",  # ActiveMQ's scheduler, on what it delivers late
     }
 )  # fmt: skip
 #: Prefixes of headers brokers add or interpret (dropped on the way in, escaped on the way out).

@@ -25,7 +25,7 @@ import stomp
 
 import kew
 from kew.qchan import DeadLetterInfo
-from kew.qchan.spi import Connector, ConsumerFailed, Delivery
+from kew.qchan.spi import Connector, ConsumerFailed, Delivery, Message, now_ms
 from kew.qchan.spi.wire import Malformed
 from kew.testing.foreign import (
     DEAD,
@@ -588,3 +588,38 @@ def test_read_frame_types_kew_ints_and_leaves_broker_headers_out() -> None:
         "destination": "d",
     }  # fmt: skip
     assert read_frame({"message-id": "ID:7"}, b"")[0].id == "ID:7"  # no kew-id
+
+
+def test_a_delayed_message_comes_without_the_brokers_scheduler_headers(
+    activemq: ActiveMQServer,
+) -> None:
+    """ActiveMQ's scheduler stamps what it delivers late with
+    ``scheduledJobId``: the broker's, not the application's, so it is not in
+    the delivered message's headers (an app header of that name travels
+    escaped, and comes back as it was sent)."""
+    name = f"sched-{os.urandom(3).hex()}"
+    conn = kew.connect(_activemq_url(activemq))
+    try:
+        conn.declare(name)
+        sent = Message("m-1", b"{}", headers={"app": "v"}, deliver_at=now_ms() + 300)
+        mine = Message("m-2", b"{}", headers={"scheduledJobId": "mine"}, deliver_at=now_ms() + 300)
+        producer = conn.producer(name)
+        producer.send_many([sent, mine])
+        consumer = conn.consumer(name, 2)
+        got: dict[str, Delivery] = {}
+
+        def both() -> bool:
+            for d in consumer.fetch(2, 0.5):
+                got[d.message.id] = d
+                consumer.ack(d)
+            return len(got) == 2
+
+        wait_for(both, 20, what="the two delayed messages")
+        assert got["m-1"].message.headers.get("app") == "v"
+        assert not any(k.lower() == "scheduledjobid" for k in got["m-1"].message.headers)
+        assert got["m-2"].message.headers.get("scheduledJobId") == "mine"
+        consumer.close()
+        producer.close()
+    finally:
+        conn.delete(name)
+        conn.close()
