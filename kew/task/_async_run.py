@@ -285,6 +285,9 @@ class Lane:
         """A job handed over: start it if the lane has room, else it waits."""
         if job.why is not None:
             return  # cancelled before it came (and ended so)
+        if job.ctx.handed_back or job.ctx.cancelled.is_set():
+            self._waiting.append(job)  # its cancel, on its way, ends it unstarted
+            return
         if self._active < self.concurrency:
             self._start(job)
         else:
@@ -386,8 +389,9 @@ class Lane:
             self._active -= 1
             while self._waiting and self._active < self.concurrency:
                 nxt = self._waiting.popleft()
-                if nxt.why is None:
+                if nxt.why is None and not nxt.ctx.handed_back and not nxt.ctx.cancelled.is_set():
                     self._start(nxt)
+                # (else its cancel, on its way to the loop, ends it unstarted)
         for timer in (job.timer, job.give_up):
             if timer is not None:
                 timer.cancel()

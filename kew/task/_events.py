@@ -195,6 +195,7 @@ class Running:
         events: list[TaskEvent] = []
         with self._lock:
             for ctx in contexts:
+                ctx.handed_back = True  # (before any is cancelled: none of them starts)
                 if id(ctx) in self._active:
                     self._dropped.add(id(ctx))
         for ctx in contexts:

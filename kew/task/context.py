@@ -98,6 +98,9 @@ class TaskContext:
         self.cancelled: threading.Event = _Cancelled(self._lock)
         #: True once a cancel was asked for (see :meth:`request_cancel`).
         self.cancel_requested = False
+        #: True once the worker handed the attempt back (set before any of
+        #: the attempts handed back together is cancelled).
+        self.handed_back = False
         self.started = time.monotonic()
         self._emit = emit
         self._chunks: list[str] = []
