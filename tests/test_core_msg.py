@@ -1,5 +1,6 @@
 """kew.core.msg: pure channel types, schedules and the repeater."""
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -30,8 +31,11 @@ class ListSource:
 
 def test_future_timepoint() -> None:
     before = now_ms()
+    t0 = time.time_ns()
     p = FutureTimepoint.after(timedelta(seconds=2))
-    assert before + 2000 <= p.epoch_ms <= now_ms() + 2000
+    # rounded up to the millisecond: never due before the delay has passed
+    assert p.epoch_ms * 1_000_000 >= t0 + 2_000_000_000
+    assert before + 2000 <= p.epoch_ms <= now_ms() + 2001
     assert FutureTimepoint.after(1.5).epoch_ms >= before + 1500
     with pytest.raises(ValueError, match="non-negative"):
         FutureTimepoint.after(-1)

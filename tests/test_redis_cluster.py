@@ -493,6 +493,22 @@ def test_failover_without_min_replicas_is_reported(cluster: RedisCluster) -> Non
     assert r["alive"] and r["first_new_consumed_s"] is not None
 
 
+def _wait_in_sync(master: int, probe: str) -> None:
+    """Until the node at port ``master`` has a replica that acknowledges a
+    write (``WAIT 1``) again."""
+    raw = redis.Redis(host="127.0.0.1", port=master)
+
+    def replicated() -> bool:
+        raw.set(probe, 1)
+        return int(raw.execute_command("WAIT", 1, 200)) >= 1
+
+    try:
+        wait_for(replicated, 60, what=f"a replica of {master} in sync")
+        raw.delete(probe)
+    finally:
+        raw.close()
+
+
 def _lagging_replica_run(cluster: RedisCluster, url: str, window: int) -> dict[str, Any]:
     """The replica behind its master: it is paused and its link dropped, so
     the ``window`` sends made then reach the master only; the master is
@@ -505,16 +521,7 @@ def _lagging_replica_run(cluster: RedisCluster, url: str, window: int) -> dict[s
     replica = cluster.replica_of(master)
     # A node that rejoined (an earlier failover) may still be syncing: start
     # once the master's replica acknowledges writes again.
-    raw = redis.Redis(host="127.0.0.1", port=master)
-    probe = f"kew:{{{queue}}}:probe"
-
-    def replicated() -> bool:
-        raw.set(probe, 1)
-        return int(raw.execute_command("WAIT", 1, 200)) >= 1
-
-    wait_for(replicated, 60, what="the replica in sync")
-    raw.delete(probe)
-    raw.close()
+    _wait_in_sync(master, f"kew:{{{queue}}}:probe")
     confirmed: list[int] = []
     refused: list[str] = []
     q.send_many(range(100))
@@ -533,6 +540,9 @@ def _lagging_replica_run(cluster: RedisCluster, url: str, window: int) -> dict[s
         cluster.resume(replica)
     wait_for(lambda: cluster.is_master(replica), 30, what=f"{replica} to take over")
     cluster.rejoin(master)
+    # The old master comes back as the new one's replica and syncs first: a
+    # send with min_replicas=1 before that is (rightly) refused.
+    _wait_in_sync(replica, f"kew:{{{queue}}}:probe")
     q.send(-1)  # after everything that is left: consumed last
     consumed: Counter[int] = Counter()
     lock = threading.Lock()

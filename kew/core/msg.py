@@ -125,8 +125,12 @@ class FutureTimepoint:
 
     @classmethod
     def after(cls, delay: Delay) -> FutureTimepoint:
-        """Now plus a non-negative ``delay``."""
-        return cls(now_ms() + _delay_ms(delay))
+        """Now plus a non-negative ``delay``, rounded up to the next
+        millisecond: never due before the delay has passed."""
+        ms = _delay_ms(delay)
+        if ms == 0:
+            return cls.now()
+        return cls(-(-(time.time_ns() + ms * 1_000_000) // 1_000_000))
 
     @classmethod
     def at(cls, when: datetime) -> FutureTimepoint:

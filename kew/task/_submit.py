@@ -38,6 +38,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from kew.core.msg import FutureTimepoint
 from kew.qchan import Queue
 from kew.qchan._commit import LoopGroupCommit
 from kew.qchan.spi import Connector, Message, MessageTooLarge, MultiSender, now_ms
@@ -61,7 +62,7 @@ def deliver_at(delay: float | None) -> int | None:
         return None
     if not delay >= 0:
         raise ValueError(f"delay must be a non-negative number of seconds, not {delay!r}")
-    return now_ms() + round(delay * 1000)
+    return FutureTimepoint.after(delay).epoch_ms
 
 
 class Part:
