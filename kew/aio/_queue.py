@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from kew.core.msg import CountedSchedule, Delay, FutureTimepoint
-from kew.qchan import (
+from kew.qchan import DeadLetterInfo
+from kew.qchan._message import (
     DEFAULT_MAX_DELIVERIES,
-    DeadLetterInfo,
     check_queue_name,
     delivery_schedule,
     encode_checked,

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar, cast
 import msgspec
 
 from kew.core.msg import CountedSchedule, FutureTimepoint
-from kew.qchan import H_COUNT, H_DELIVER_AT, Queue, Subscription
+from kew.qchan import Queue, Subscription
+from kew.qchan._message import H_COUNT, H_DELIVER_AT
 from kew.qchan.codec import Codec, DecodeError
 from kew.qchan.policy import DeliveryPolicy
 from kew.qchan.runtime import HANDED_OVER, GroupSettle, Handover

@@ -23,7 +23,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from kew.qchan import H_CONTENT_TYPE, Queue, Subscription, new_id
+from kew.qchan import Queue, Subscription
+from kew.qchan._message import H_CONTENT_TYPE, new_id
 from kew.qchan.codec import JSON, DecodeError
 from kew.qchan.runtime import BatchSubscription, GroupCommit
 from kew.qchan.spi import Connector, Consumer, Delivery, Message, now_ms

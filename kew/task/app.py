@@ -29,7 +29,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from kew.connect import connect
-from kew.qchan import Queue, Subscription, check_sync
+from kew.qchan import Queue, Subscription
+from kew.qchan._message import check_sync
 from kew.qchan.codec import Codec
 from kew.qchan.spi import Connector
 from kew.qchan.spi.aio import AsyncConnector
