@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from kew.core.msg import CountedSchedule, Delay, FutureTimepoint
@@ -40,6 +40,7 @@ from kew.qchan.spi import Delivery as RawDelivery
 from kew.qchan.spi.aio import AsyncBrowser, AsyncConnector, AsyncConsumer, AsyncProducer
 
 from ._runtime import Subscription
+from ._sends import ChunkedSends
 
 __all__ = ["DeadLetters", "Deliveries", "Delivery", "Queue", "QueueBrowser", "check_async"]
 
@@ -97,6 +98,7 @@ class Queue(Generic[T]):
         self._declared = False
         self._producer_: AsyncProducer | None = None
         self._browser_: AsyncBrowser | None = None
+        self._sends = ChunkedSends(lambda data, id: self.message(data, id=id), self._send_chunk)
 
     def __repr__(self) -> str:
         return f"kew.aio.Queue({self.name!r}, {self._type_name}, {self.connector.url!r})"
@@ -161,20 +163,24 @@ class Queue(Generic[T]):
             raise QueueFull(self.name, depth, self.max_depth)
 
     async def send(self, data: T, /) -> None:
-        """Send ``data``; returns once the broker has it."""
-        message = self.message(data)
-        await self._check_depth(1)
-        await (await self.producer()).send(message)
+        """Send ``data``; returns once the broker has it.  Coroutines sending
+        at the same time share round trips (kew.aio._sends)."""
+        await self.post(data)
 
     async def post(
         self, data: T, /, *, id: str | None = None, deliver_at: int | None = None
     ) -> str:
         """Send ``data`` and return its message id (``id`` if given, else a
         new one); ``deliver_at`` (epoch ms) delays it."""
+        if deliver_at is None and self.max_depth is None:
+            return await self._sends.send(data, id)
         message = self.message(data, deliver_at, id=id)
         await self._check_depth(1)
         await (await self.producer()).send(message)
         return message.id
+
+    async def _send_chunk(self, messages: Sequence[Message]) -> None:
+        await (await self.producer()).send_many(messages)
 
     async def send_many(self, items: Iterable[T], /) -> None:
         """Send every item; returns once the broker has them all (one batch).
