@@ -15,7 +15,7 @@ import pytest
 
 import kew
 from kew.qchan import _window
-from kew.qchan._window import WindowPolicy, cap
+from kew.qchan._window import Window, WindowPolicy, cap
 from kew.qchan.runtime import Subscription
 from kew.qchan.spi import Consumer, Delivery, Message, WindowedConsumer
 from kew.testing.util import port_open, require, wait_for
@@ -161,6 +161,42 @@ def test_a_refused_change_is_undone() -> None:
     assert _period(p, clock, ran=1e-5, settle=0.001) == 256
     p.undo(2)
     assert p.window == 2
+
+
+def test_the_window_in_effect_fetches_by_the_quarter_and_grows_once_granted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pinned = Window("q", 2, 16)
+    assert pinned.policy is None and pinned.adapt(0) is None and pinned.grouped
+    # Every handler busy: a fetch once a quarter of the window (4) is free.
+    assert pinned.room(2 + 11, 0) == 0 and pinned.room(2 + 10, 2) == 0
+    assert pinned.room(2 + 8, 2) == 4
+    assert pinned.room(1, 12) == 3  # a handler idle: whatever room there is
+    assert pinned.room(1, 15) == 0
+
+    clock = Clock()
+    p = WindowPolicy(2, clock=clock)
+    w = Window("q", 2, policy=p)
+    assert w.size == 2 and not w.grouped
+    p.ran(1e-5, 50)
+    p.settled(0.001, 50)
+    clock.now += _window.PERIOD
+    assert w.adapt(0) == (2, 256) and w.size == 2  # larger: not before it is granted
+    w.refused(2, 256, OSError("no"))
+    assert w.size == 2 and p.window == 2
+    assert "kew: q: the window could not change from 2 to 256: no" in caplog.messages
+    clock.now += _window.MIN_INTERVAL
+    p.ran(1e-5, 50)
+    clock.now += _window.PERIOD
+    assert w.adapt(0) == (2, 256) and w.granted(2, 256)
+    assert w.size == 256 and w.grouped and w.room(2, 0) == 254
+    assert w.room(192, 0) == 64 and w.room(192, 1) == 0  # a quarter: 64
+    clock.now += _window.MIN_INTERVAL
+    p.ran(0.05, 4)
+    clock.now += _window.PERIOD
+    assert w.adapt(2) == (256, 2) and w.size == 2  # smaller: at once
+    w.refused(256, 2, OSError("no"))  # (the consumer keeps its larger one: harmless)
+    assert w.size == 2 and not w.granted(256, 2)
 
 
 # -- real subscriptions ----------------------------------------------------------------

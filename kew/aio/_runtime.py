@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any
 
 from kew.qchan._liveness import STALL_AFTER, Liveness
-from kew.qchan._window import WindowPolicy
+from kew.qchan._window import Window, WindowPolicy
 from kew.qchan.spi import ConsumerFailed, Delivery
 from kew.qchan.spi.aio import AsyncBatchAcker, AsyncConsumer, AsyncWindowedConsumer
 
@@ -113,9 +113,7 @@ class Subscription:
         self.name = name
         self.concurrency = concurrency
         self._pinned = prefetch is not None
-        self._window = prefetch or concurrency
-        self._refill = max(1, self._window // 4)
-        self._policy: WindowPolicy | None = None
+        self._win = Window(name, concurrency, prefetch)
         self._windowed: AsyncWindowedConsumer | None = None
         self._handler = handler
         self._poll = poll_interval
@@ -151,7 +149,7 @@ class Subscription:
 
     async def _start(self, open_consumer: Callable[[int], Awaitable[AsyncConsumer]]) -> None:
         try:
-            consumer = self._consumer = await open_consumer(self._window)
+            consumer = self._consumer = await open_consumer(self._win.size)
         except BaseException as e:
             self._live.error = e
             _RUNNING.discard(self)
@@ -159,7 +157,8 @@ class Subscription:
         if self._stopping:  # stopped while opening: stop() closes the consumer
             return
         if not self._pinned and (windowed := _windowed(consumer)) is not None:
-            self._policy, self._windowed = WindowPolicy(self.concurrency), windowed
+            self._win.policy = WindowPolicy(self.concurrency)
+            self._windowed = windowed
         self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"kew-fetch-{self.name}")
         self._acker = asyncio.create_task(self._ack_loop(), name=f"kew-ack-{self.name}")
         self._workers = [
@@ -203,18 +202,18 @@ class Subscription:
         handlers are long or the consumer's window cannot change; up to
         ``kew.qchan._window.cap`` for short handlers), as the sync
         ``Subscription.window``."""
-        return self._window
+        return self._win.size
 
     @property
     def prefetch(self) -> int:
         """The same as :attr:`window` (its older name)."""
-        return self._window
+        return self._win.size
 
     @property
     def adaptive(self) -> bool:
         """The window adapts to the handlers (no ``prefetch`` was given, and
         the consumer's window can change: :class:`AsyncWindowedConsumer`)."""
-        return self._policy is not None
+        return self._win.policy is not None
 
     @property
     def error(self) -> BaseException | None:
@@ -258,7 +257,7 @@ class Subscription:
         return self.alive and not await self._stalled()
 
     async def _stalled(self) -> bool:
-        if self._waiting is None or self._live.busy(self.in_flight >= self._window):
+        if self._waiting is None or self._live.busy(self.in_flight >= self._win.size):
             return False
         try:
             waiting: int | None = await self._waiting()
@@ -270,16 +269,9 @@ class Subscription:
     # -- the window -------------------------------------------------------
 
     def _room(self) -> int:
-        """How many deliveries to fetch now: the room under the window once
-        it is worth a fetch (a quarter of the window free, or a worker
-        idle: as in the sync runtime), else 0."""
-        held = len(self._pending) + self._running
-        room = self._window - held - self._settling
-        if room <= 0:
-            return 0
-        if room >= self._refill or held < self.concurrency:
-            return room
-        return 0
+        """How many deliveries to fetch now (as in the sync runtime:
+        :meth:`kew.qchan._window.Window.room`)."""
+        return self._win.room(len(self._pending) + self._running, self._settling)
 
     def _wake(self) -> None:
         """After a delivery is finished or settled: wake the fetch task if it
@@ -287,50 +279,27 @@ class Subscription:
         if self._room():
             self._room_freed.set()
 
-    def _adapt(self) -> tuple[int, int] | None:
-        """(old, new) when the window should change.  A smaller one takes
-        effect here; a larger one once the consumer grants it (:meth:`_resize`)."""
-        policy = self._policy
-        if policy is None:
-            return None
-        old = self._window
-        new = policy.update(self._running)
-        if new is None:
-            return None
-        if new < old:
-            self._set_window(new)
-        return old, new
-
-    def _set_window(self, window: int) -> None:
-        self._window = window
-        self._refill = max(1, window // 4)
-
     async def _resize(self, old: int, new: int) -> None:
-        """Ask the consumer for the window ``new`` (it may take a round trip)."""
-        assert self._windowed is not None and self._policy is not None
+        """Ask the consumer for the window ``new`` (it may take a round
+        trip), which :meth:`kew.qchan._window.Window.adapt` decided."""
+        assert self._windowed is not None
         try:
             await self._windowed.set_prefetch(new)
         except Exception as e:
-            log.warning(
-                "kew: %s: the window could not change from %d to %d: %s", self.name, old, new, e
-            )
-            if new > old:
-                self._policy.undo(old)
+            self._win.refused(old, new, e)
             return
-        log.debug("kew: %s: window %d -> %d", self.name, old, new)
-        if new > old:
-            self._set_window(new)
+        self._win.granted(old, new)
 
     # -- loops ------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        policy = self._policy
+        policy = self._win.policy
         self._tick()  # (a wait for room ends every poll_interval: liveness, the policy)
         try:
             while not self._stopping and self._live.error is None:
-                resize = self._adapt()
+                resize = self._win.adapt(self._running)
                 if resize:
                     await self._resize(*resize)
                     continue
@@ -417,7 +386,7 @@ class Subscription:
         try:
             ack = await self._handler(consumer, delivery) is True
             took = time.monotonic() - start
-            if ack and self._window <= self.concurrency:
+            if ack and not self._win.grouped:
                 # No slack for deliveries settling: at once, by this worker.
                 ack = False
                 await consumer.ack(delivery)
@@ -431,8 +400,8 @@ class Subscription:
                 self._acks_ready.set()
             self._running -= 1
             self.handled += 1
-            if self._policy is not None:
-                self._policy.ran(time.monotonic() - start if took is None else took)
+            if (policy := self._win.policy) is not None:
+                policy.ran(time.monotonic() - start if took is None else took)
             self._wake()
 
     async def _ack_loop(self) -> None:
@@ -467,8 +436,8 @@ class Subscription:
             self.commits += 1
             self.acked += len(deliveries) - len(failed)
             self._settling -= len(items)
-            if self._policy is not None:
-                self._policy.settled(sum(now - t for _, t in items) / len(items), len(items))
+            if (policy := self._win.policy) is not None:
+                policy.settled(sum(now - t for _, t in items) / len(items), len(items))
             self._wake()
 
     async def _commit(

@@ -57,8 +57,8 @@ class Handover:
             sub._running -= 1
             sub._settling += 1
             sub.handled += 1
-            if sub._policy is not None:
-                sub._policy.ran(seconds)
+            if sub._win.policy is not None:
+                sub._win.policy.ran(seconds)
 
     def done(self) -> None:
         """The delivery is settled (or handed back); once, later calls do
@@ -71,8 +71,8 @@ class Handover:
                 sub.handled += 1
             elif state == 1:
                 sub._settling -= 1
-                if sub._policy is not None:
-                    sub._policy.settled(time.monotonic() - self._ran_at)
+                if sub._win.policy is not None:
+                    sub._win.policy.settled(time.monotonic() - self._ran_at)
             else:
                 return
             sub._wake()
@@ -90,7 +90,7 @@ def run_batch(sub: Subscription, batch: Sequence[Delivery]) -> None:
     clock = time.monotonic
     with sub._cond:
         sub._running += len(batch)
-        grouped = sub._window > sub.concurrency  # (only this thread changes it)
+        grouped = sub._win.grouped  # (only this thread changes it)
     acks: list[Delivery] = []
     returned = 0.0  # the sum of the acks' handler return times
     ran = 0.0  # handler seconds
@@ -131,8 +131,8 @@ def run_batch(sub: Subscription, batch: Sequence[Delivery]) -> None:
             sub._running -= len(batch)
             sub._settling += len(acks)  # held until committed
             sub.handled += finished
-            if sub._policy is not None and finished:
-                sub._policy.ran(ran / finished, finished)
+            if sub._win.policy is not None and finished:
+                sub._win.policy.ran(ran / finished, finished)
             sub._wake()
     if acks:
         commit(sub, acks, returned / len(acks))

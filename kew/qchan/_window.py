@@ -26,13 +26,20 @@ last change; the overhead estimate falls back slowly (half-life
 :data:`HALF_LIFE`) after it rose, so a window that ended the waits does
 not shrink at once for lack of them.  It is capped at :func:`cap`:
 :data:`MAX_WINDOW` deliveries, and :data:`MAX_BYTES` of bodies.
+
+:class:`Window` is what both runtimes (sync and asyncio) keep of it: the
+window in effect, when a fetch is worth it, and the changes to ask of the
+consumer, which only they know how to call.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
+
+log = logging.getLogger("kew.consumer")  # (the runtimes' logger)
 
 #: Mean handler time (seconds) above which the window is the concurrency.
 SLOW = 0.02
@@ -164,3 +171,89 @@ class WindowPolicy:
         """The change to :attr:`window` could not be made (the broker
         refused it): back to ``window``, tried again after the interval."""
         self.window = window
+
+
+class Window:
+    """The window in effect for one subscription, shared by the sync and
+    async runtimes: what it holds at most (:attr:`size`), when a fetch is
+    worth it (:meth:`room`), and the changes its :attr:`policy` decides
+    (:meth:`adapt`), which the runtime asks of its consumer (a call, or an
+    await) and reports back (:meth:`granted`, :meth:`refused`).  Not
+    thread-safe: the sync runtime calls it under its lock."""
+
+    def __init__(
+        self,
+        name: str,
+        concurrency: int,
+        prefetch: int | None = None,
+        policy: WindowPolicy | None = None,
+    ) -> None:
+        self.name = name  # (the subscription's, for the log)
+        self.concurrency = concurrency
+        #: Deliveries held at most now: ``prefetch``, else the concurrency
+        #: to start with.  (The policy's window runs ahead of it while the
+        #: consumer has yet to grant a larger one.)
+        self.size = prefetch or concurrency
+        self._refill = max(1, self.size // 4)
+        #: Sizes the window; None when it is pinned (``prefetch``) or the
+        #: consumer's window cannot change.
+        self.policy = policy
+
+    @property
+    def grouped(self) -> bool:
+        """Acks go in groups: the window leaves slack beyond the concurrency
+        for deliveries settling (else one could hold up a handler)."""
+        return self.size > self.concurrency
+
+    def room(self, unfinished: int, settling: int) -> int:
+        """How many deliveries to fetch now, with ``unfinished`` fetched and
+        not finished (waiting or running) and ``settling`` finished but not
+        yet settled: the room under the window once it is worth a fetch,
+        else 0.  With every handler busy or with work waiting, that is once
+        a quarter of the window is free, so that a fetch (a round trip on
+        most brokers) brings a batch rather than one delivery (figures:
+        docs/tasks.md)."""
+        room = self.size - unfinished - settling
+        if room <= 0:
+            return 0
+        if room >= self._refill or unfinished < self.concurrency:
+            return room
+        return 0
+
+    def adapt(self, running: int) -> tuple[int, int] | None:
+        """(old, new) when the policy changes the window (``running``:
+        handlers running now), for the caller to ask of its consumer.  A
+        smaller one takes effect here; a larger one once granted."""
+        policy = self.policy
+        if policy is None:
+            return None
+        old = self.size
+        new = policy.update(running)
+        if new is None:
+            return None
+        if new < old:
+            self._set(new)
+        return old, new
+
+    def granted(self, old: int, new: int) -> bool:
+        """The consumer took the change ``old`` -> ``new``: True when the
+        window grew (now in effect: more room to fetch)."""
+        log.debug("kew: %s: window %d -> %d", self.name, old, new)
+        if new > old:
+            self._set(new)
+            return True
+        return False
+
+    def refused(self, old: int, new: int, error: Exception) -> None:
+        """The consumer could not make the change ``old`` -> ``new``: a
+        larger window is given up (the policy tries again after its
+        interval); a smaller one stays in effect here all the same."""
+        log.warning(
+            "kew: %s: the window could not change from %d to %d: %s", self.name, old, new, error
+        )
+        if new > old and self.policy is not None:
+            self.policy.undo(old)
+
+    def _set(self, size: int) -> None:
+        self.size = size
+        self._refill = max(1, size // 4)

@@ -46,7 +46,7 @@ from kew.qchan._commit import (
 )
 from kew.qchan._inline import HANDED_OVER, Handover, run_batch
 from kew.qchan._liveness import STALL_AFTER, Liveness
-from kew.qchan._window import WindowPolicy
+from kew.qchan._window import Window, WindowPolicy
 from kew.qchan.spi import Consumer, ConsumerFailed, Delivery, WindowedConsumer
 
 __all__ = [
@@ -130,12 +130,11 @@ class Subscription:
         the one ``alive`` watches)."""
         self.name = name
         self.concurrency = concurrency
-        self._window = prefetch or concurrency
-        self._refill = max(1, self._window // 4)
-        self._policy: WindowPolicy | None = None
         self._windowed: WindowedConsumer | None = None
         if prefetch is None and isinstance(consumer, WindowedConsumer):
-            self._policy, self._windowed = WindowPolicy(concurrency), consumer
+            self._windowed = consumer
+        policy = WindowPolicy(concurrency) if self._windowed is not None else None
+        self._win = Window(name, concurrency, prefetch, policy)
         self._consumer = consumer
         self._acks = GroupAck(consumer, self._committed, name=f"kew-ack-{name}")
         self._poll = poll_interval
@@ -174,68 +173,37 @@ class Subscription:
         it was given, else the adaptive window (the concurrency while
         handlers are long or the consumer's window cannot change; up to
         ``kew.qchan._window.cap`` for short handlers)."""
-        return self._window
+        return self._win.size
 
     @property
     def prefetch(self) -> int:
         """The same as :attr:`window` (its older name)."""
-        return self._window
+        return self._win.size
 
     @property
     def adaptive(self) -> bool:
         """The window adapts to the handlers (no ``prefetch`` was given, and
         the consumer's window can change)."""
-        return self._policy is not None
+        return self._win.policy is not None
 
     def _room(self) -> int:
-        """How many deliveries to fetch now (caller holds the lock): the room
-        under the window once it is worth a fetch, else 0.  With handlers
-        busy or work pending for each idle one, it waits until a quarter of
-        the window is free, so that a fetch (a round trip on most brokers)
-        brings a batch rather than one delivery (figures: docs/tasks.md)."""
-        room = self._window - len(self._pending) - self._running - self._settling
-        if room <= 0:
-            return 0
-        if room >= self._refill or len(self._pending) + self._running < self.concurrency:
-            return room
-        return 0
-
-    def _adapt(self) -> tuple[int, int] | None:
-        """(old, new) when the window should change (caller holds the lock).
-        A smaller one takes effect here; a larger one once the consumer
-        grants it (:meth:`_resize`, outside the lock)."""
-        policy = self._policy
-        if policy is None:
-            return None
-        old = self._window
-        new = policy.update(self._running)
-        if new is None:
-            return None
-        if new < old:
-            self._set_window(new)
-        return old, new
-
-    def _set_window(self, window: int) -> None:
-        self._window = window
-        self._refill = max(1, window // 4)
+        """How many deliveries to fetch now (caller holds the lock):
+        :meth:`Window.room <kew.qchan._window.Window.room>`."""
+        return self._win.room(len(self._pending) + self._running, self._settling)
 
     def _resize(self, old: int, new: int) -> None:
-        """Ask the consumer for the window ``new`` (it may take a round trip)."""
-        assert self._windowed is not None and self._policy is not None
+        """Ask the consumer for the window ``new`` (it may take a round
+        trip, outside the lock), which :meth:`Window.adapt
+        <kew.qchan._window.Window.adapt>` decided."""
+        assert self._windowed is not None
         try:
             self._windowed.set_prefetch(new)
         except Exception as e:
-            log.warning(
-                "kew: %s: the window could not change from %d to %d: %s", self.name, old, new, e
-            )
-            if new > old:
-                with self._cond:
-                    self._policy.undo(old)
-            return
-        log.debug("kew: %s: window %d -> %d", self.name, old, new)
-        if new > old:
             with self._cond:
-                self._set_window(new)
+                self._win.refused(old, new, e)
+            return
+        with self._cond:
+            if self._win.granted(old, new):
                 self._wake()
 
     @property
@@ -284,7 +252,7 @@ class Subscription:
             return False
         with self._cond:
             held = len(self._pending) + self._running + self._settling
-            if self._live.busy(held >= self._window):
+            if self._live.busy(held >= self._win.size):
                 return False
         try:
             waiting: int | None = self._waiting()
@@ -299,11 +267,11 @@ class Subscription:
         try:
             while True:
                 with self._cond:
-                    resize = self._adapt()
+                    resize = self._win.adapt(self._running)
                     while not resize and not self._stopping and not (room := self._room()):
                         self._cond.wait(self._poll)
                         self._live.polled()
-                        resize = self._adapt()  # handlers running long shrink it
+                        resize = self._win.adapt(self._running)  # long handlers shrink it
                     if self._stopping or self._live.error is not None:
                         return
                     starved = len(self._pending) + self._running < self.concurrency
@@ -314,12 +282,12 @@ class Subscription:
                 batch = self._fetch(room)
                 if not batch:
                     continue
-                if self._policy is not None:
+                if self._win.policy is not None:
                     took, size = time.monotonic() - start, sum(len(d.message.body) for d in batch)
                     with self._cond:
-                        self._policy.delivered(len(batch), size)
+                        self._win.policy.delivered(len(batch), size)
                         if starved:
-                            self._policy.fetched(took)
+                            self._win.policy.fetched(took)
                 if self._inline:  # its acks committed here, before the next fetch
                     run_batch(self, batch)
                 else:
@@ -369,7 +337,7 @@ class Subscription:
             result = self._handler(self._consumer, delivery)
             ack, handed = result is True, result is HANDED_OVER
             took = time.monotonic() - start
-            if ack and self._window <= self.concurrency:
+            if ack and not self._win.grouped:
                 # No slack for deliveries settling (nothing could join a
                 # group without holding up a handler): at once, here.
                 self._consumer.ack(delivery)
@@ -386,8 +354,8 @@ class Subscription:
                 self._running -= 1
                 if not handed:  # (else the hand-over counts it: Handover.ran)
                     self.handled += 1
-                    if self._policy is not None:
-                        self._policy.ran(took)
+                    if self._win.policy is not None:
+                        self._win.policy.ran(took)
                 self._wake()
         if ack:
             self._ack_later(delivery)
@@ -422,8 +390,8 @@ class Subscription:
                 if not called:
                     called = True
                     self._settling -= 1
-                    if self._policy is not None:
-                        self._policy.settled(time.monotonic() - since)
+                    if self._win.policy is not None:
+                        self._win.policy.settled(time.monotonic() - since)
                     self._wake()
 
         return done
@@ -436,7 +404,7 @@ class Subscription:
         delivery stays counted as held until the ack is committed, and is
         handed back if that fails.  Else at once, on this thread."""
         with self._cond:
-            grouped = self._window > self.concurrency
+            grouped = self._win.grouped
             if grouped:
                 self._settling += 1
         if grouped:
@@ -467,8 +435,8 @@ class Subscription:
         now = time.monotonic()
         with self._cond:
             self._settling -= len(deliveries)
-            if self._policy is not None and returned is not None:
-                self._policy.settled(now - returned, len(deliveries))
+            if self._win.policy is not None and returned is not None:
+                self._win.policy.settled(now - returned, len(deliveries))
             self._wake()
 
     def _wake(self) -> None:
