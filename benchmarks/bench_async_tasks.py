@@ -68,8 +68,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -78,10 +76,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from procs import child_env, machine, run_step, show_failure, stop_worker, write_report
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -407,30 +406,21 @@ def run_one(
     system = name.split("@")[0]
     queue = f"bench-async-{name.replace('@', '-')}-{uuid.uuid4().hex[:8]}"
     out = tmp / f"{queue}.json"
-    roots = [str(alt)] if alt is not None and name.endswith("@alt") else []
-    env = {
-        **os.environ,
-        "BENCH_SYSTEM": system,
-        "BENCH_BROKER": broker,
-        "BENCH_QUEUE": queue,
-        "BENCH_N": str(n),
-        "BENCH_OUT": str(out),
-        "PYTHONPATH": os.pathsep.join(
-            [str(HERE), *roots, str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-        ),
-    }
+    roots = [alt] if alt is not None and name.endswith("@alt") else []
+    env = child_env(
+        HERE,
+        *roots,
+        ROOT,
+        BENCH_SYSTEM=system,
+        BENCH_BROKER=broker,
+        BENCH_QUEUE=queue,
+        BENCH_N=str(n),
+        BENCH_OUT=str(out),
+    )
     log_path = tmp / f"{queue}.log"
     try:
-        r = subprocess.run(
-            [sys.executable, str(HERE / "bench_async_tasks.py"), "--fill", str(n)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            cwd=HERE,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"{system}: filling failed:\n{r.stderr[-3000:]}")
+        cmd = [sys.executable, str(HERE / "bench_async_tasks.py"), "--fill", str(n)]
+        run_step(cmd, env, HERE, 900, f"{system}: filling")
         depth = view.depth(system, queue)
         if depth != n:
             raise RuntimeError(f"{system}: {depth} tasks in the queue after filling, not {n}")
@@ -459,12 +449,7 @@ def run_one(
                 time.sleep(0.01)
             busy1, total1 = _cpu_busy()
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(40)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_worker(proc, 40)
         res = json.loads(out.read_text())
         end = max(res["last"], drained_at)
         left = view.depth(system, queue) if broker == "rabbitmq" else 0
@@ -516,8 +501,7 @@ def table(
     lines = [
         f"# No-op async tasks through one worker process ({n:,} tasks, median of {rounds})",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}, {platform.node()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, {_kew_version()}, {_versions()}. "
+        f"{machine()}, {_kew_version()}, {_versions()}. "
         "tasks/s: N / (first task to the later of the N-th handler's return and the broker "
         "reporting the queue drained: Redis every task acked, RabbitMQ none ready); "
         "ok: after the worker's stop the broker holds nothing for the queue and the handler "
@@ -618,10 +602,8 @@ def main() -> None:
                             )
                         except Exception as e:
                             line.failed.append(str(e))
-                            print(f"  failed: {e}", file=sys.stderr)
                             stem = system.replace("@", "-")
-                            for log in Path(tmp).glob(f"bench-async-{stem}-*.log"):
-                                print(log.read_text()[-3000:], file=sys.stderr)
+                            show_failure(e, Path(tmp).glob(f"bench-async-{stem}-*.log"))
                             continue
                         line.runs.append(run)
                         print(
@@ -635,11 +617,7 @@ def main() -> None:
         for view in views.values():
             view.close()
     text = table(results, brokers, args.n, args.rounds, str(args.alt or ""))
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"async-tasks-{datetime.now(UTC):%Y%m%d-%H%M}.md"
-    path.write_text(text)
-    print(f"written to {path}", file=sys.stderr)
+    write_report(text, args.out, "async-tasks")
 
 
 if __name__ == "__main__":

@@ -27,15 +27,11 @@ declares that system's 1-second task at import.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import platform
-import signal
 import subprocess
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +39,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_tasks import URLS, cleanup  # noqa: E402
+from bench_tasks import URLS, cleanup, dramatiq_broker  # noqa: E402
+from procs import (  # noqa: E402
+    child_env,
+    machine,
+    run_step,
+    show_failure,
+    stop_worker,
+    write_report,
+)
 
 TASKS = int(os.environ.get("MAKESPAN_TASKS", "8"))  # --tasks (children read the env)
 TASK_SECONDS = 1.0
@@ -68,24 +72,14 @@ def work(n: int = 0) -> None:
 
 
 def _build(system: str, broker: str, queue: str) -> dict[str, Any]:
-    url = URLS[broker]
     if system == "kew":
         from kew.task import App
 
-        app = App(url, store="memory://", events_queue=f"{queue}.events", name="makespan")
+        app = App(URLS[broker], store="memory://", events_queue=f"{queue}.events", name="makespan")
         return {"app": app, "task": app.task_queue(queue, int, work)}
     import dramatiq
 
-    b: Any
-    if broker == "redis":
-        from dramatiq.brokers.redis import RedisBroker
-
-        b = RedisBroker(url=url)
-    else:
-        from dramatiq.brokers.rabbitmq import RabbitmqBroker
-
-        b = RabbitmqBroker(url=url, confirm_delivery=True)
-    dramatiq.set_broker(b)
+    b = dramatiq_broker(broker)
     return {"broker": b, "task": dramatiq.actor(work, queue_name=queue, max_retries=0)}
 
 
@@ -126,43 +120,23 @@ def worker_cmd(system: str) -> list[str]:
     return [str(dramatiq), "bench_makespan", "--processes", "1", "--threads", str(CONCURRENCY)]
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def run_one(system: str, broker: str, tmp: Path) -> dict[str, Any]:
     """One run: the makespan (s) and the tasks each worker ran."""
     queue = f"makespan_{system}_{uuid.uuid4().hex[:8]}"
     out = tmp / f"{queue}.txt"
-    env = {
-        **os.environ,
-        "MAKESPAN_SYSTEM": system,
-        "MAKESPAN_BROKER": broker,
-        "MAKESPAN_QUEUE": queue,
-        "MAKESPAN_OUT": str(out),
-        "PYTHONPATH": os.pathsep.join(
-            [str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-        ),
-    }
+    env = child_env(
+        HERE,
+        ROOT,
+        MAKESPAN_SYSTEM=system,
+        MAKESPAN_BROKER=broker,
+        MAKESPAN_QUEUE=queue,
+        MAKESPAN_OUT=str(out),
+    )
     logs = [(tmp / f"{queue}-{w}.log").open("w") for w in ("first", "second")]
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        r = subprocess.run(
-            [sys.executable, str(HERE / "bench_makespan.py"), "--enqueue"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=HERE,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"{system} enqueue failed:\n{r.stderr[-3000:]}")
+        cmd = [sys.executable, str(HERE / "bench_makespan.py"), "--enqueue"]
+        run_step(cmd, env, HERE, 120, f"{system} enqueue")
         for i, (name, log) in enumerate(zip(("first", "second"), logs, strict=True)):
             if i:
                 time.sleep(SECOND_AFTER)
@@ -188,7 +162,7 @@ def run_one(system: str, broker: str, tmp: Path) -> dict[str, Any]:
             lines = out.read_text().splitlines() if out.exists() else []
     finally:
         for p in procs:
-            _stop(p)
+            stop_worker(p)
         for log in logs:
             log.close()
         try:
@@ -231,9 +205,7 @@ def main() -> None:
                     try:
                         res = run_one(system, broker, Path(tmp))
                     except Exception as e:
-                        print(f"  failed: {e}", file=sys.stderr)
-                        for log in Path(tmp).glob(f"makespan_{system}_*.log"):
-                            print(log.read_text()[-3000:], file=sys.stderr)
+                        show_failure(e, Path(tmp).glob(f"makespan_{system}_*.log"))
                         res = {}
                     results.setdefault((broker, system), []).append(res)
     after = os.getloadavg()
@@ -242,8 +214,7 @@ def main() -> None:
         f"# Makespan: {TASKS} tasks of {TASK_SECONDS:g} s on two workers of concurrency "
         f"{CONCURRENCY}, the second started {SECOND_AFTER:g} s after the first",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}, {platform.node()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, load average {load[0]:.1f} (after: "
+        f"{machine()}, load average {load[0]:.1f} (after: "
         f"{after[0]:.1f}); kew worker --concurrency {CONCURRENCY} (default window); "
         f"Dramatiq --processes 1 --threads {CONCURRENCY} (default prefetch "
         f"{2 * CONCURRENCY}). Ideal makespan {ideal:g} s; makespan = first task's start to "
@@ -266,12 +237,7 @@ def main() -> None:
             lines.append(
                 f"| {broker} | {system} | {spans} | {', '.join(ratios) or '-'} | {split} |"
             )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"makespan-{datetime.now(UTC):%Y%m%d-%H%M}.md"
-    path.write_text(text)
-    print(f"written to {path}", file=sys.stderr)
+    write_report("\n".join(lines) + "\n", args.out, "makespan")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ if str(HERE) not in sys.path:  # (imported as bench_scale by a worker: already t
     sys.path.insert(0, str(HERE))
 
 import bench_tasks as bt  # noqa: E402  (the URLs, the apps, the command lines, clean-up)
+from procs import python_path, run_step  # noqa: E402
 
 #: system -> (bench_tasks' system, what it is)
 SYSTEMS = {
@@ -276,23 +277,12 @@ def run_one(system: str, broker: str, processes: int, n: int, tmp: Path) -> Resu
         "SCALE_BROKER": broker,
         "SCALE_QUEUE": queue,
         "SCALE_OUT": str(out),
-        "PYTHONPATH": os.pathsep.join(
-            [str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-        ),
+        "PYTHONPATH": python_path(HERE, ROOT),
     }
     log = (tmp / f"{queue}.log").open("w")
     try:
-        r = subprocess.run(
-            [sys.executable, str(HERE / "bench_scale.py"), "--prefill", str(n)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            cwd=HERE,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"{system} pre-fill failed:\n{r.stderr[-3000:]}")
-        filled = float(r.stdout.strip().splitlines()[-1])
+        cmd = [sys.executable, str(HERE / "bench_scale.py"), "--prefill", str(n)]
+        filled = float(run_step(cmd, env, HERE, 900, f"{system} pre-fill").split()[-1])
         proc = subprocess.Popen(
             worker_cmd(system, processes),
             env=env,

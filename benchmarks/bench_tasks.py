@@ -49,17 +49,16 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from procs import child_env, machine, run_step, show_failure, stop_worker, write_report
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -131,6 +130,25 @@ def noop(n: int = 0) -> None:
         tmp.rename(out)
 
 
+def dramatiq_broker(broker: str) -> Any:
+    """A Dramatiq broker on ``broker``'s URL (publisher confirms on
+    RabbitMQ), set as Dramatiq's."""
+    import dramatiq
+
+    url = URLS[broker]
+    b: Any
+    if broker == "redis":
+        from dramatiq.brokers.redis import RedisBroker
+
+        b = RedisBroker(url=url)
+    else:
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        b = RabbitmqBroker(url=url, confirm_delivery=True)
+    dramatiq.set_broker(b)
+    return b
+
+
 def _build(name: str, broker: str, queue: str) -> dict[str, Any]:
     url = URLS[broker]
     system, _ = parse_system(name)
@@ -154,16 +172,7 @@ def _build(name: str, broker: str, queue: str) -> dict[str, Any]:
     if system == "dramatiq":
         import dramatiq
 
-        b: Any
-        if broker == "redis":
-            from dramatiq.brokers.redis import RedisBroker
-
-            b = RedisBroker(url=url)
-        else:
-            from dramatiq.brokers.rabbitmq import RabbitmqBroker
-
-            b = RabbitmqBroker(url=url, confirm_delivery=True)
-        dramatiq.set_broker(b)
+        b = dramatiq_broker(broker)
         actor = dramatiq.actor(noop, queue_name=queue, max_retries=0)
         return {"broker": b, "task": actor}
     if system == "celery":
@@ -291,31 +300,20 @@ def run_one(system: str, broker: str, n: int, tmp: Path, root: Path = ROOT) -> d
     _, prefetch = parse_system(system)
     queue = f"bench_{system}_{uuid.uuid4().hex[:8]}"
     out = tmp / f"{queue}.json"
-    env = {
-        **os.environ,
-        "BENCH_SYSTEM": system,
-        "BENCH_BROKER": broker,
-        "BENCH_QUEUE": queue,
-        "BENCH_N": str(n),
-        "BENCH_OUT": str(out),
+    env = child_env(
+        here,
+        root,
+        BENCH_SYSTEM=system,
+        BENCH_BROKER=broker,
+        BENCH_QUEUE=queue,
+        BENCH_N=str(n),
+        BENCH_OUT=str(out),
         **({"dramatiq_queue_prefetch": str(prefetch)} if prefetch else {}),
-        "PYTHONPATH": os.pathsep.join(
-            [str(here), str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
-        ),
-    }
+    )
     log = (tmp / f"{queue}.log").open("w")
     try:
-        r = subprocess.run(
-            [sys.executable, str(here / "bench_tasks.py"), "--enqueue", str(n)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=here,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"{system} enqueue failed:\n{r.stderr[-3000:]}")
-        enq = float(r.stdout.strip().splitlines()[-1])
+        cmd = [sys.executable, str(here / "bench_tasks.py"), "--enqueue", str(n)]
+        enq = float(run_step(cmd, env, here, 600, f"{system} enqueue").split()[-1])
         proc = subprocess.Popen(
             worker_cmd(system),
             env=env,
@@ -333,12 +331,7 @@ def run_one(system: str, broker: str, n: int, tmp: Path, root: Path = ROOT) -> d
                     raise RuntimeError(f"{system} worker did not finish {n} tasks in time")
                 time.sleep(0.05)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_worker(proc)
         res = json.loads(out.read_text())
         return {
             "enqueue": enq,
@@ -406,14 +399,11 @@ def main() -> None:
                     root = args.baseline.resolve() if system.endswith("@base") else ROOT
                     results[broker, system] = run_one(system, broker, args.n, Path(tmp), root)
                 except Exception as e:
-                    print(f"  failed: {e}", file=sys.stderr)
-                    for log in Path(tmp).glob(f"bench_{system}_*.log"):
-                        print(log.read_text()[-3000:], file=sys.stderr)
+                    show_failure(e, Path(tmp).glob(f"bench_{system}_*.log"))
     lines = [
         f"# No-op tasks through a worker process ({args.n} tasks, {THREADS} threads each)",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}, {platform.node()}, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"{machine()}; "
         "kew worker --concurrency 8, prefetch 8 (-pN: --prefetch N; "
         "kew-bare: App(events=False))"
         + (f"; @base: the same from kew {base_rev}" if base_rev else "")
@@ -447,12 +437,7 @@ def main() -> None:
                 f"| {broker} | {system} | {n} | {r['tasks']:,.0f} | {ratio} | {same} "
                 f"| {cpu} | {r['enqueue']:,.0f} |"
             )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tasks-{datetime.now(UTC):%Y%m%d-%H%M}.md"
-    path.write_text(text)
-    print(f"written to {path}", file=sys.stderr)
+    write_report("\n".join(lines) + "\n", args.out, "tasks")
 
 
 if __name__ == "__main__":

@@ -28,12 +28,12 @@ from kew.task import (
     NoRetry,
     Permanent,
     SqliteTaskStore,
-    TaskRecord,
     TimeLimitExceeded,
     _async_run,
     current,
 )
-from kew.testing.util import port_open, require, wait_for
+from kew.testing.util import wait_for
+from tests.task_apps import app_fixture, broker_url, final, suffix
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -43,55 +43,14 @@ class Job(msgspec.Struct, frozen=True):
     permanent: bool = False
 
 
-def _suffix() -> str:
-    return os.urandom(4).hex()
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis", "rabbitmq"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
-        return "memory://"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/q.sqlite3?lease=2"
-    if request.param == "rabbitmq":
-        require(port_open("127.0.0.1", 5672), "RabbitMQ is not running on 127.0.0.1:5672")
-        return "amqp://guest:guest@127.0.0.1:5672/"
-    require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
-    return "redis://127.0.0.1:6379/0?lease=2"
-
-
-@pytest.fixture
-def app(url: str, tmp_path: Path) -> Iterator[App]:
-    a = App(
-        url,
-        store=SqliteTaskStore(tmp_path / "tasks.sqlite3"),
-        events_queue=f"test.events-{_suffix()}",
-    )
-    yield a
-    names = a.queue_names()
-    a.close()
-    if url.startswith(("redis", "amqp")):
-        c = kew.connect(url)
-        for name in names:
-            c.delete(name)
-        c.close()
-
-
-def final(app: App, task_id: str, timeout: float = 30) -> TaskRecord:
-    def ended() -> TaskRecord | None:
-        r = app.status(task_id)
-        return r if r is not None and r.final else None
-
-    r = wait_for(ended, timeout, what=f"task {task_id} to end")
-    assert r is not None
-    return r
+app = app_fixture()
 
 
 def test_async_handler_runs_on_the_loop_with_context_retries_and_output(app: App) -> None:
     seen: list[tuple[int, int, str, bool]] = []
     loops: set[int] = set()
 
-    @app.task(f"t.async-{_suffix()}", retry=Intervals([0.2, 0.2]))
+    @app.task(f"t.async-{suffix()}", retry=Intervals([0.2, 0.2]))
     async def work(job: Job) -> None:
         ctx = current()
         loops.add(id(asyncio.get_running_loop()))
@@ -129,7 +88,7 @@ def test_async_handler_runs_on_the_loop_with_context_retries_and_output(app: App
 def test_time_limit_cancels_the_coroutine_and_the_policy_retries(app: App) -> None:
     cancelled: list[int] = []
 
-    @app.task(f"t.limit-{_suffix()}", retry=Intervals([0.1]), time_limit=0.3)
+    @app.task(f"t.limit-{suffix()}", retry=Intervals([0.1]), time_limit=0.3)
     async def slow(job: Job) -> None:
         try:
             await asyncio.sleep(job.sleep if current().attempt == 1 else 0)
@@ -169,7 +128,7 @@ def test_a_handler_that_swallows_the_cancel_is_given_up_on(
                     return
                 continue  # swallows the cancel and goes on
 
-    tq = app.task_queue(f"t.stubborn-{_suffix()}", Job, stubborn, retry=NoRetry(), time_limit=0.2)
+    tq = app.task_queue(f"t.stubborn-{suffix()}", Job, stubborn, retry=NoRetry(), time_limit=0.2)
     w = app.worker(concurrency=1, record=True).start()
     try:
         tid = tq.submit(Job(1))
@@ -187,7 +146,7 @@ def test_cancel_on_request_cancels_a_running_coroutine(app: App) -> None:
     began = threading.Event()
     cancelled = threading.Event()
 
-    @app.task(f"t.cancel-{_suffix()}")
+    @app.task(f"t.cancel-{suffix()}")
     async def long(job: Job) -> None:
         began.set()
         try:
@@ -212,11 +171,11 @@ def test_cancel_on_request_cancels_a_running_coroutine(app: App) -> None:
 def test_sync_and_async_queues_side_by_side_and_async_ones_overlap(app: App) -> None:
     done: list[str] = []
 
-    @app.task(f"t.sync-{_suffix()}")
+    @app.task(f"t.sync-{suffix()}")
     def plain(job: Job) -> None:
         done.append(f"sync {job.n}")
 
-    @app.task(f"t.overlap-{_suffix()}", concurrency=8)
+    @app.task(f"t.overlap-{suffix()}", concurrency=8)
     async def waits(job: Job) -> None:
         await asyncio.sleep(0.5)
         done.append(f"async {job.n}")
@@ -290,14 +249,14 @@ async def slow(name: str) -> None:
 
 @pytest.fixture
 def proc_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
-    suffix = _suffix()
+    url = broker_url("redis", tmp_path, lease=1)
+    tail = suffix()
     (tmp_path / "started").mkdir()
     (tmp_path / "app.py").write_text(APP)
     e = {
-        "T_URL": "redis://127.0.0.1:6379/0?lease=1",
+        "T_URL": url,
         "T_STORE": f"sqlite:///{tmp_path}/tasks.sqlite3",
-        "T_SUFFIX": suffix,
+        "T_SUFFIX": tail,
         "T_GATE": str(tmp_path / "gate"),
         "T_STARTED": str(tmp_path / "started"),
         "T_CANCELLED": str(tmp_path / "cancelled"),
@@ -305,13 +264,13 @@ def proc_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     (tmp_path / "cancelled").mkdir()
     yield e
     c = kew.connect(e["T_URL"])
-    for name in (f"t.aslow-{suffix}", f"t.events-{suffix}"):
+    for name in (f"t.aslow-{tail}", f"t.events-{tail}"):
         c.delete(name)
     c.close()
 
 
 def _worker(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    log = (tmp_path / f"worker-{_suffix()}.log").open("wb")
+    log = (tmp_path / f"worker-{suffix()}.log").open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "kew.cli", "worker", f"{tmp_path / 'app.py'}:app", *args],
         stdout=log,

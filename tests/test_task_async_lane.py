@@ -10,69 +10,17 @@ after the last attempt.  On memory, SQLite, Redis and RabbitMQ."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
+from kew.task import App, SqliteTaskStore
+from kew.testing.util import wait_for
+from tests.task_apps import app_fixture, final, suffix
 
-import kew
-from kew.task import App, SqliteTaskStore, TaskRecord
-from kew.testing.util import port_open, require, wait_for
-
-
-def _suffix() -> str:
-    return os.urandom(4).hex()
-
-
-def _url(name: str, tmp_path: Path) -> str:
-    if name == "memory":
-        return "memory://"
-    if name == "sqlite":
-        return f"sqlite:///{tmp_path}/q.sqlite3?lease=2"
-    if name == "rabbitmq":
-        require(port_open("127.0.0.1", 5672), "RabbitMQ is not running on 127.0.0.1:5672")
-        return "amqp://guest:guest@127.0.0.1:5672/"
-    require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
-    return "redis://127.0.0.1:6379/0?lease=2"
-
-
-def _app(url: str, tmp_path: Path) -> Iterator[App]:
-    a = App(
-        url,
-        store=SqliteTaskStore(tmp_path / "tasks.sqlite3"),
-        events_queue=f"lane.events-{_suffix()}",
-    )
-    yield a
-    names = a.queue_names()
-    a.close()
-    if url.startswith(("redis", "amqp")):
-        c = kew.connect(url)
-        for name in names:
-            c.delete(name)
-        c.close()
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis", "rabbitmq"])
-def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[App]:
-    yield from _app(_url(request.param, tmp_path), tmp_path)
-
-
-@pytest.fixture(params=["memory", "redis", "rabbitmq"])
-def app3(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[App]:
-    yield from _app(_url(request.param, tmp_path), tmp_path)
-
-
-def final(app: App, task_id: str, timeout: float = 30) -> TaskRecord:
-    def ended() -> TaskRecord | None:
-        r = app.status(task_id)
-        return r if r is not None and r.final else None
-
-    r = wait_for(ended, timeout, what=f"task {task_id} to end")
-    assert r is not None
-    return r
+app = app_fixture(events="lane.events")
+app3 = app_fixture(("memory", "redis", "rabbitmq"), events="lane.events")
 
 
 def test_never_more_coroutines_at_once_than_the_concurrency(app: App) -> None:
@@ -94,8 +42,8 @@ def test_never_more_coroutines_at_once_than_the_concurrency(app: App) -> None:
 
         return work
 
-    a = app.task_queue(f"lane.a-{_suffix()}", int, counted("a"), concurrency=8)
-    b = app.task_queue(f"lane.b-{_suffix()}", int, counted("b"), concurrency=2)
+    a = app.task_queue(f"lane.a-{suffix()}", int, counted("a"), concurrency=8)
+    b = app.task_queue(f"lane.b-{suffix()}", int, counted("b"), concurrency=2)
     a.submit_many(range(200))
     b.submit_many(range(30))
     w = app.worker().start()
@@ -135,7 +83,7 @@ def test_a_graceful_stop_hands_back_running_and_waiting_attempts(app3: App, tmp_
             raise
         finished.append((current().worker, n))
 
-    tq = app.task_queue(f"lane.stop-{_suffix()}", int, work)
+    tq = app.task_queue(f"lane.stop-{suffix()}", int, work)
     ids = tq.submit_many(range(6))
     first = app.worker(concurrency=2, prefetch=6).start()
     try:
@@ -169,7 +117,7 @@ def test_an_attempt_cancelled_while_it_waits_its_turn_never_starts(tmp_path: Pat
         while n == 0 and not gate.is_set():
             await asyncio.sleep(0.01)
 
-    tq = app.task_queue(f"lane.wait-{_suffix()}", int, work)
+    tq = app.task_queue(f"lane.wait-{suffix()}", int, work)
     ids = tq.submit_many(range(3))
     w = app.worker(concurrency=1, prefetch=3, record=True).start()
     try:
@@ -206,7 +154,7 @@ def test_an_async_exceeded_handler_runs_after_the_last_attempt(tmp_path: Path) -
         ctx.log(f"exceeded {n}")
         seen.append((n, ctx.id))
 
-    tq = app.task_queue(f"lane.exc-{_suffix()}", int, fail, retry=NoRetry(), on_exceeded=exceeded)
+    tq = app.task_queue(f"lane.exc-{suffix()}", int, fail, retry=NoRetry(), on_exceeded=exceeded)
     w = app.worker(concurrency=2, record=True).start()
     try:
         ids = tq.submit_many([1, 2])

@@ -5,12 +5,10 @@ the machine's Redis (skipped if unreachable, required under CI=true)."""
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -30,10 +28,8 @@ from kew.task import (
     TaskEvent,
     current,
 )
-from kew.testing.util import port_open, require, wait_for
-
-REDIS = "redis://127.0.0.1:6379/0?lease=2"
-RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/"
+from kew.testing.util import wait_for
+from tests.task_apps import app_fixture, final, suffix
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -42,38 +38,7 @@ class Job(msgspec.Struct, frozen=True):
     mode: str = "error"  # error | permanent | retry-after
 
 
-def _suffix() -> str:
-    return os.urandom(4).hex()
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis", "rabbitmq"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
-        return "memory://"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/q.sqlite3?lease=2"
-    if request.param == "rabbitmq":
-        require(port_open("127.0.0.1", 5672), "RabbitMQ is not running on 127.0.0.1:5672")
-        return RABBITMQ
-    require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
-    return REDIS
-
-
-@pytest.fixture
-def app(url: str, tmp_path: Path) -> Iterator[App]:
-    a = App(
-        url,
-        store=SqliteTaskStore(tmp_path / "tasks.sqlite3"),
-        events_queue=f"test.events-{_suffix()}",
-    )
-    yield a
-    names = a.queue_names()
-    a.close()
-    if url.startswith(("redis", "amqp")):
-        c = kew.connect(url)
-        for name in names:
-            c.delete(name)
-        c.close()
+app = app_fixture()
 
 
 class Recorder:
@@ -101,20 +66,10 @@ class Recorder:
             self.exceeded.append(job.n)
 
 
-def final(app: App, task_id: str, timeout: float = 20) -> kew.task.TaskRecord:
-    def ended() -> kew.task.TaskRecord | None:
-        r = app.status(task_id)
-        return r if r is not None and r.final else None
-
-    r = wait_for(ended, timeout, what=f"task {task_id} to end")
-    assert r is not None
-    return r
-
-
 def test_retry_intervals_honoured_then_exceeded_once(app: App) -> None:
     rec = Recorder()
     tq = app.task_queue(
-        f"t.intervals-{_suffix()}",
+        f"t.intervals-{suffix()}",
         Job,
         rec.handler,
         retry=Intervals([0.3, 0.6]),
@@ -165,7 +120,7 @@ def test_concurrent_mixed_outcomes_each_task_runs_once(app: App) -> None:
     once, nothing is redelivered.  (RabbitMQ once dropped its channel here:
     a dead letter's frames written during another settle's tx.commit.)"""
     rec = Recorder()
-    tq = app.task_queue(f"t.mixed-{_suffix()}", Job, rec.handler, retry=Intervals([30]))
+    tq = app.task_queue(f"t.mixed-{suffix()}", Job, rec.handler, retry=Intervals([30]))
     n = 240
     ids = [tq.submit(Job(i, fail=1 if i % 4 == 0 else 0, mode="permanent")) for i in range(n)]
     w = app.worker(concurrency=8, record=True).start()
@@ -185,7 +140,7 @@ def test_concurrent_mixed_outcomes_each_task_runs_once(app: App) -> None:
 def test_exponential_backoff_honoured(app: App) -> None:
     rec = Recorder()
     tq = app.task_queue(
-        f"t.exp-{_suffix()}",
+        f"t.exp-{suffix()}",
         Job,
         rec.handler,
         retry=Exponential(base=0.2, cap=0.3, max_attempts=4, jitter="none"),
@@ -208,7 +163,7 @@ def test_exponential_backoff_honoured(app: App) -> None:
 def test_permanent_skips_retries_and_retry_after_overrides(app: App) -> None:
     rec = Recorder()
     tq = app.task_queue(
-        f"t.perm-{_suffix()}",
+        f"t.perm-{suffix()}",
         Job,
         rec.handler,
         retry=Intervals([30, 30]),  # a retry would not come within the test
@@ -236,7 +191,7 @@ def test_decorator_status_output_and_events(app: App) -> None:
     started = threading.Event()
     go_on = threading.Event()
 
-    @app.task(f"t.deco-{_suffix()}", retry=NoRetry())
+    @app.task(f"t.deco-{suffix()}", retry=NoRetry())
     def slow(job: Job) -> str:
         ctx = current()
         ctx.log(f"first line of {ctx.id}")
@@ -276,12 +231,12 @@ def test_decorator_status_output_and_events(app: App) -> None:
 
 def test_poison_body_dead_lettered_and_recorded_failed(app: App) -> None:
     rec = Recorder()
-    tq = app.task_queue(f"t.poison-{_suffix()}", Job, rec.handler)
+    tq = app.task_queue(f"t.poison-{suffix()}", Job, rec.handler)
     # someone sends a body that is not a Job, with their own id
     from kew.qchan.spi import Message
 
     tq.queue.declare()  # a queue is declared on first use, not when it is made
-    app.connector.producer(tq.name).send(Message("bad-" + _suffix(), b'{"n": "x"}', {}))
+    app.connector.producer(tq.name).send(Message("bad-" + suffix(), b'{"n": "x"}', {}))
     good = tq.submit(Job(6))
     w = app.worker(concurrency=1, record=True).start()
     try:
@@ -295,7 +250,7 @@ def test_poison_body_dead_lettered_and_recorded_failed(app: App) -> None:
 
 
 def test_submit_json_validates_and_names_the_problem(app: App) -> None:
-    tq = app.task_queue(f"t.json-{_suffix()}", Job, Recorder().handler)
+    tq = app.task_queue(f"t.json-{suffix()}", Job, Recorder().handler)
     with pytest.raises(
         kew.DecodeError, match=r"not a valid Job: Expected `int`, got `str` - at `\$.n`"
     ):
@@ -317,7 +272,7 @@ def test_submit_json_validates_and_names_the_problem(app: App) -> None:
 
 def test_delayed_submit_is_not_run_early(app: App) -> None:
     rec = Recorder()
-    tq = app.task_queue(f"t.delay-{_suffix()}", Job, rec.handler)
+    tq = app.task_queue(f"t.delay-{suffix()}", Job, rec.handler)
     w = app.worker(concurrency=1, record=True).start()
     try:
         t0 = time.monotonic()

@@ -5,12 +5,11 @@ with the ack): on SQLite, Redis and RabbitMQ."""
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,33 +18,10 @@ import kew
 from kew.qchan.runtime import Subscription
 from kew.qchan.spi import Consumer, Delivery, Message
 from kew.task import App, Retry, TaskRecord
-from kew.testing.util import port_open, require, wait_for
+from kew.testing.util import wait_for
+from tests.task_apps import app_fixture, suffix
 
-
-@pytest.fixture(params=["sqlite", "redis", "rabbitmq"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/q.sqlite3?lease=2"
-    if request.param == "redis":
-        require(port_open("127.0.0.1", 6379), "Redis is not running on 127.0.0.1:6379")
-        return "redis://127.0.0.1:6379/0?lease=2"
-    require(port_open("127.0.0.1", 5672), "RabbitMQ is not running on 127.0.0.1:5672")
-    return "amqp://guest:guest@127.0.0.1:5672/"
-
-
-@pytest.fixture
-def app(url: str, tmp_path: Path) -> Iterator[App]:
-    suffix = os.urandom(4).hex()
-    a = App(url, store=f"sqlite:///{tmp_path}/tasks.sqlite3", events_queue=f"p.events-{suffix}")
-    yield a
-    names = a.queue_names()
-    a.close()
-    c = kew.connect(url)
-    try:
-        for name in names:
-            c.delete(name)
-    finally:
-        c.close()
+app = app_fixture(("sqlite", "redis", "rabbitmq"), events="p.events")
 
 
 def _status(app: App, tid: str, want: str) -> TaskRecord:
@@ -72,7 +48,7 @@ def test_prefetch_above_concurrency_holds_no_more(app: App) -> None:
             failed_once.add(n)
             raise Retry("first attempt of 0 fails", after=0.1)
 
-    tq = app.task_queue(f"p.tasks-{os.urandom(4).hex()}", int, handle)
+    tq = app.task_queue(f"p.tasks-{suffix()}", int, handle)
     ids = [tq.submit(n) for n in range(8)]
     w = app.worker(concurrency=2, prefetch=5, record=True).start()
     try:
@@ -115,7 +91,7 @@ def test_held_deliveries_count_against_prefetch_until_settled() -> None:
     settled keeps it counted; no more than prefetch are fetched meanwhile,
     and stop() waits for the settle."""
     conn = kew.connect("memory://")
-    name = f"p.hold-{os.urandom(4).hex()}"
+    name = f"p.hold-{suffix()}"
     conn.declare(name)
     consumer = conn.consumer(name, 3)
     later: list[tuple[Delivery, Callable[[], None]]] = []
@@ -185,7 +161,7 @@ def test_busy_handlers_fetch_once_a_quarter_of_prefetch_is_free() -> None:
     8) is free, then takes both at once.  (Before, one fetch per freed slot
     cost a Redis round trip per task.)"""
     conn = kew.connect("memory://")
-    name = f"p.refill-{os.urandom(4).hex()}"
+    name = f"p.refill-{suffix()}"
     conn.declare(name)
     consumer = _CountingConsumer(conn.consumer(name, 8))
     gate = threading.Event()
