@@ -24,7 +24,8 @@ by one route is consumed by the other.
 * **Consumers**: :mod:`kew_artemis._aio_consumer` (the sync consumer's
   connection thread, deliveries handed to the loop, ACKs receipted).
 * **Declares, deletes and browsing** are the sync connector's and
-  browser's, run one at a time on a thread of the connector's own: STOMP
+  browser's, run one at a time on a thread of the connector's own
+  (:mod:`kew.qchan.spi._aio_connector`, as RabbitMQ's): STOMP
   has no browse, and ActiveMQ's browsing subscription (or the take and
   hand back elsewhere) is a conversation of many frames with idle
   timeouts; rare calls whose waits never hold up a send or a fetch.
@@ -32,19 +33,11 @@ by one route is consumed by the other.
 
 from __future__ import annotations
 
-import asyncio
-import functools
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from kew.qchan.spi import (
-    Capability,
-    Message,
-    MessageTooLarge,
-    now_ms,
-)
-from kew.qchan.spi.aio import ThreadBrowser
+from kew.qchan.spi import Message, MessageTooLarge, now_ms
+from kew.qchan.spi._aio_connector import OverSyncConnector
 from kew_artemis._aio_consumer import StompAsyncConsumer
 from kew_artemis._aio_link import AioLink, Op, Pipe
 from kew_artemis._frames import send_frame
@@ -52,12 +45,10 @@ from kew_artemis._frames import send_frame
 if TYPE_CHECKING:
     from kew_artemis.provider import StompConnector
 
-__all__ = ["StompAsyncConnector", "StompAsyncProducer"]
-
-R = TypeVar("R")
+__all__ = ["StompAsyncConnector"]
 
 
-class StompAsyncConnector:
+class StompAsyncConnector(OverSyncConnector["StompConnector"]):
     """``StompConnector.aio()``: the same broker, awaited; takes the sync
     connector over (``close()`` closes it)."""
 
@@ -65,23 +56,13 @@ class StompAsyncConnector:
     CLOSE_WAIT = 10.0
 
     def __init__(self, sync: StompConnector) -> None:
-        self.sync = sync
-        self.url = sync.url
-        self.max_message_size = sync.max_message_size
-        self.lacks: Mapping[Capability, str] = sync.lacks
+        super().__init__(sync, "kew-stomp-aio-admin")
         o = sync.options
         #: Every send of this connector: one connection, receipts in flight.
         self.pipe = Pipe(o, sync.url, "kew-stomp-aio-send", lambda: AioLink(o, sync.url))
-        self._admin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kew-stomp-aio-admin")
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"StompAsyncConnector({self.url!r})"
-
-    async def call(self, fn: Callable[..., R], *args: object) -> R:
-        """``fn(*args)`` on the connector's admin thread, awaited."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._admin, functools.partial(fn, *args))
 
     def ops(self, sends: Sequence[tuple[str, Message]]) -> list[Op]:
         """The SEND frames of ``sends`` (MessageTooLarge before any is sent)."""
@@ -103,52 +84,8 @@ class StompAsyncConnector:
             tx = self.sync.options.batch == "tx"
             await self.pipe.submit(ops, label=label, tx=tx)
 
-    async def declare(self, queue: str) -> None:
-        await self.call(self.sync.declare, queue)
-
-    async def producer(self, queue: str) -> StompAsyncProducer:
-        return StompAsyncProducer(self, queue)
+    async def _close_sends(self) -> None:
+        await self.pipe.close(self.CLOSE_WAIT)
 
     async def consumer(self, queue: str, prefetch: int) -> StompAsyncConsumer:
         return await StompAsyncConsumer.start(self.sync, queue, prefetch)
-
-    async def browser(self, queue: str) -> ThreadBrowser:
-        return ThreadBrowser(self.call, self.sync.browser(queue))
-
-    async def delete(self, queue: str) -> None:
-        await self.call(self.sync.delete, queue)
-
-    async def send_to(self, sends: Sequence[tuple[str, Message]]) -> None:
-        """``AsyncMultiSender``: every message checked first (size), then
-        written with whatever other sends are on their way; returns once
-        all are receipted (on error any of them may or may not be stored)."""
-        label = ", ".join(repr(q) for q in dict.fromkeys(q for q, _ in sends))
-        await self.send(sends, label)
-
-    async def close(self) -> None:
-        """After the sends already asked for are receipted: the sending
-        connection and the sync connector are closed."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self.pipe.close(self.CLOSE_WAIT)
-            await self.call(self.sync.close)
-        finally:
-            self._admin.shutdown(wait=False)
-
-
-class StompAsyncProducer:
-    def __init__(self, connector: StompAsyncConnector, queue: str) -> None:
-        self._c = connector
-        self._queue = queue
-        self._label = repr(queue)
-
-    async def send(self, message: Message) -> None:
-        await self._c.send(((self._queue, message),), self._label)
-
-    async def send_many(self, messages: Sequence[Message]) -> None:
-        await self._c.send([(self._queue, m) for m in messages], self._label)
-
-    async def close(self) -> None:
-        pass  # the connector's sending connection is shared

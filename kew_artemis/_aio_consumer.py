@@ -9,13 +9,9 @@ back-off, as in the sync route; stomp.py's receiver thread reads every
 MESSAGE frame into its buffer (one kew cannot read is dead-lettered at
 once by ``fetch``).  What is this module's:
 
-* **The loop is woken, not polled.**  A fetch finding the buffer empty arms
-  a flag and awaits an ``asyncio.Event``; the receiver thread, putting a
-  delivery in the buffer (or the consumer failing for good), sets it
-  through ``loop.call_soon_threadsafe``, once per armed wait, not per
-  delivery.  Taking from the buffer never blocks.
-* **A cancelled fetch keeps nothing**: it takes from the buffer only after
-  its last await and returns what it took in the same step.
+* **The loop is woken, not polled**, and **a cancelled fetch keeps
+  nothing**: the push consumers' fetch of :mod:`kew.qchan.spi._aio_push`,
+  the receiver thread waking it.  Taking from the buffer never blocks.
 * **Settling writes, never waits on a thread**: ACK frames, and the
   receipted copies of dead letters and releases, are queued for a writer
   thread of the consumer's (:class:`~kew_artemis._aio_link.Pipe`), which
@@ -29,22 +25,19 @@ once by ``fetch``).  What is this module's:
   (with ``batch=tx``, ActiveMQ's default, in the writer's next
   transaction: one journal sync for what was queued meanwhile), then its
   ACK's writing.
-* **Start and close are awaited**: the subscription (or why it could not)
-  and the connection thread's end come to the loop as futures.
+* **Start and close are awaited** (:mod:`kew.qchan.spi._aio_push`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from kew.qchan.spi import Delivery, Message, now_ms
+from kew.qchan.spi._aio_push import LoopWaker, PushConsumer, set_done, subscribed
 from kew.qchan.spi.wire import H_DEAD_AT, H_DEAD_COUNT, H_DEAD_REASON
-from kew_artemis._aio_link import AioLink, Pipe, Wakes
+from kew_artemis._aio_link import AioLink, Pipe
 from kew_artemis._frames import H_REDELIVERIES, delivery_count, send_headers
 from kew_artemis._link import _Link, _Lost
 from kew_artemis.provider import StompConsumer, _Tag
@@ -57,12 +50,7 @@ __all__ = ["StompAsyncConsumer"]
 log = logging.getLogger("kew.stomp")
 
 
-def _set(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _Core(StompConsumer):
+class _Core(LoopWaker, StompConsumer):
     """The sync consumer, telling ``loop`` when it subscribed (or failed),
     when a delivery arrives for a waiting fetch, and when its connection
     thread ends.  Its constructor does not wait for the subscription."""
@@ -71,11 +59,7 @@ class _Core(StompConsumer):
         self, connector: StompConnector, queue: str, prefetch: int, loop: asyncio.AbstractEventLoop
     ) -> None:
         # (set before the connection thread starts, in the base constructor)
-        self._wakes = Wakes.of(loop)
-        self._up: asyncio.Future[None] = loop.create_future()
-        self._down: asyncio.Future[None] = loop.create_future()
-        self._arrived = asyncio.Event()
-        self._armed = False
+        self._wake_to(loop)
         o = connector.options
         self.pipe = Pipe(o, connector.url, f"kew-stomp-aio-{queue}", current=self._live)
         super().__init__(connector, queue, prefetch)
@@ -84,14 +68,6 @@ class _Core(StompConsumer):
         link = self._link
         return link if isinstance(link, AioLink) else None
 
-    def _wait_started(self) -> None:
-        """Not here: :meth:`StompAsyncConsumer.start` awaits ``_up``."""
-
-    def _wake(self) -> None:
-        if self._armed:
-            self._armed = False
-            self._wakes.call(self._arrived.set)
-
     # -- on the consumer's threads ---------------------------------------------
 
     def _new_link(self) -> _Link:
@@ -99,38 +75,23 @@ class _Core(StompConsumer):
 
     def _set_ready(self) -> None:
         super()._set_ready()
-        self._wakes.call(_set, self._up)
+        self._to_loop(set_done, self._up)
 
     def _run(self) -> None:
         try:
             super()._run()
         finally:
-            self._wakes.call(_set, self._down)
+            self._to_loop(set_done, self._down)
 
     def _fail(self, why: str, cause: BaseException | None = None) -> None:
         super()._fail(why, cause)
-        self._armed = True  # a fetch waiting now raises ConsumerFailed
-        self._wake()
+        self._wake_failed()
 
     def _on_message(self, link: _Link, headers: dict[str, str], body: bytes) -> None:
         super()._on_message(link, headers, body)
         self._wake()
 
     # -- on the loop --------------------------------------------------------------
-
-    def take_now(self, most: int) -> tuple[list[Delivery], list[Delivery]]:
-        """What the buffer holds of the live connection, up to ``most``,
-        without waiting: kew's deliveries, and the malformed ones."""
-        good: list[Delivery] = []
-        bad: list[Delivery] = []
-        for _ in range(3):  # a wake-up (None) in the buffer ends a take early
-            for d in self._buffer.take(most, 0, lambda: self._generation):
-                if self._current(d) is None:
-                    continue  # that connection is gone; the broker redelivers it
-                (bad if cast(_Tag, d.tag).malformed else good).append(d)
-            if good or bad:
-                break
-        return good, bad
 
     def stop(self) -> None:
         """What the sync ``close`` does before it waits for the thread."""
@@ -142,16 +103,12 @@ class _Core(StompConsumer):
                 link._cond.notify_all()
 
 
-class StompAsyncConsumer:
+class StompAsyncConsumer(PushConsumer[_Core]):
     """An :class:`~kew.qchan.spi.aio.AsyncConsumer` on the sync consumer's
     threads (the module's docstring)."""
 
-    #: Longest ``close`` waits for the connection thread (as the sync close).
-    CLOSE_WAIT = 10.0
-
     def __init__(self, core: _Core) -> None:
-        self._core = core
-        self._closed = False
+        super().__init__(core)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -161,50 +118,32 @@ class StompAsyncConsumer:
         """A consumer subscribed to ``queue``; raises as the sync constructor
         does (``AccessRefused``, ``ConfigError``, ``BrokerUnavailable``)."""
         core = _Core(connector, queue, prefetch, asyncio.get_running_loop())
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(120):
-                    await asyncio.shield(core._up)
-            core._raise_start_error()
-        except BaseException:  # cancelled too: the thread stops by itself
-            core.stop()
-            raise
+        await subscribed(core, 120)  # (as the sync constructor waits)
         return cls(core)
-
-    @property
-    def reconnects(self) -> int:
-        """Connections lost and made again (the sync consumer's count)."""
-        return self._core.reconnects
 
     @property
     def malformed(self) -> int:
         """Frames dead-lettered at once: their envelope is not kew's."""
         return self._core.malformed
 
-    async def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+    def _take(self, most: int) -> list[Delivery]:
+        """kew's deliveries the buffer holds of the live connection, up to
+        ``most``; the malformed ones taken with them are dead-lettered."""
         core = self._core
-        core._check()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            core._arrived.clear()
-            core._armed = True  # from here on, a delivery (or a failure) sets _arrived
-            good, bad = core.take_now(max_count)
-            for d in bad:  # dead-lettered by a task of their own: nothing awaited here
-                task = asyncio.create_task(self._dead_letter_malformed(d))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            if good:
-                core._armed = False
-                return good  # no await after the take: a cancel cannot strand these
-            core._check()
-            left = deadline - loop.time()
-            if left <= 0 or self._closed:
-                core._armed = False
-                return []
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await core._arrived.wait()
+        good: list[Delivery] = []
+        bad: list[Delivery] = []
+        for _ in range(3):  # a wake-up (None) in the buffer ends a take early
+            for d in core._buffer.take(most, 0, lambda: core._generation):
+                if core._current(d) is None:
+                    continue  # that connection is gone; the broker redelivers it
+                (bad if cast(_Tag, d.tag).malformed else good).append(d)
+            if good or bad:
+                break
+        for d in bad:  # dead-lettered by a task of their own: nothing awaited here
+            task = asyncio.create_task(self._dead_letter_malformed(d))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return good
 
     async def _dead_letter_malformed(self, delivery: Delivery) -> None:
         core = self._core
@@ -296,11 +235,7 @@ class StompAsyncConsumer:
         for task in list(self._tasks):
             task.cancel()
         await core.pipe.close(self.CLOSE_WAIT)
-        core.stop()
-        if core._pid == os.getpid() and core._thread.is_alive():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.CLOSE_WAIT):
-                    await asyncio.shield(core._down)
+        await self._stop_core()
         link = core._link
         if link is not None:
             link.close()

@@ -12,23 +12,16 @@ confirm channel and acks them on their confirms, keeps heartbeats going,
 and reconnects with back-off (what a lost connection held is requeued by
 the broker).  What is this module's:
 
-* **The loop is woken, not polled.**  A fetch finding the buffer empty arms
-  a flag and awaits an ``asyncio.Event``; the I/O thread, putting a delivery
-  in the buffer (or failing for good), sets it through
-  ``loop.call_soon_threadsafe``, once per armed wait, not per delivery.
-  Taking from the buffer never blocks (a lock held for microseconds).
-* **A cancelled fetch keeps nothing**: it takes from the buffer only after
-  its last await, and returns what it took in the same step; cancelled
-  while it waits, it has taken nothing, and what arrives stays buffered
-  for the next fetch (or is requeued by the broker when the consumer
-  closes).
+* **The loop is woken, not polled**, and **a cancelled fetch keeps
+  nothing** (what arrives stays buffered for the next fetch, or is requeued
+  by the broker when the consumer closes): the push consumers' fetch of
+  :mod:`kew.qchan.spi._aio_push`, the I/O thread waking it.  Taking from
+  the buffer never blocks (a lock held for microseconds).
 * **Acks and requeues** are queued for the I/O thread and not waited for,
   as in the sync consumer (the broker requeues what a lost connection
   held); a **dead letter** is awaited until its confirm (then the ack is
   written), as the sync one waits.
-* **Start and close are awaited**: the consumer's subscription (or why it
-  could not) and its I/O thread's end come to the loop as futures; the
-  loop never waits on a thread.
+* **Start and close are awaited** (:mod:`kew.qchan.spi._aio_push`).
 """
 
 from __future__ import annotations
@@ -36,10 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kew.qchan.spi import BrokerUnavailable, Delivery
+from kew.qchan.spi._aio_push import LoopWaker, PushConsumer, set_done, subscribed
 from kew_rabbitmq._connection import nothing
 from kew_rabbitmq._consumer import RabbitConsumer
 
@@ -47,11 +40,6 @@ if TYPE_CHECKING:
     from kew_rabbitmq.provider import RabbitConnector
 
 __all__ = ["RabbitAsyncConsumer"]
-
-
-def _set(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _settled(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -63,7 +51,7 @@ def _settled(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
-class _Core(RabbitConsumer):
+class _Core(LoopWaker, RabbitConsumer):
     """The sync consumer whose I/O thread tells ``loop`` when it subscribed
     (or failed), when a delivery arrives for a waiting fetch, and when it
     ends.  Its constructor does not wait for the subscription."""
@@ -76,25 +64,9 @@ class _Core(RabbitConsumer):
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         # (set before the I/O thread starts, in the base constructor)
-        self._loop = loop
-        self._up: asyncio.Future[None] = loop.create_future()  # subscribed, or failed
-        self._down: asyncio.Future[None] = loop.create_future()  # the I/O thread ended
-        self._arrived = asyncio.Event()
-        self._armed = False  # a fetch waits on _arrived
+        self._wake_to(loop)
         self._window_moved = asyncio.Event()  # a window applied, or given up on
         super().__init__(connector, queue, prefetch)
-
-    def _wait_started(self) -> None:
-        """Not here: :meth:`RabbitAsyncConsumer.start` awaits ``_up``."""
-
-    def _to_loop(self, fn: Any, *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-            self._loop.call_soon_threadsafe(fn, *args)
-
-    def _wake(self) -> None:
-        if self._armed:
-            self._armed = False
-            self._to_loop(self._arrived.set)
 
     # -- on the I/O thread (the base class's, with a word to the loop) --------
 
@@ -102,18 +74,17 @@ class _Core(RabbitConsumer):
         try:
             super()._run_io()
         finally:
-            self._to_loop(_set, self._down)
+            self._to_loop(set_done, self._down)
 
     def _subscribe(self) -> Any:
         conn = super()._subscribe()
-        self._to_loop(_set, self._up)
+        self._to_loop(set_done, self._up)
         return conn
 
     def _fail(self, why: str, cause: BaseException | None, log_it: bool = True) -> None:
         super()._fail(why, cause, log_it)
-        self._to_loop(_set, self._up)
-        self._armed = True  # a fetch waiting now raises ConsumerFailed
-        self._wake()
+        self._to_loop(set_done, self._up)
+        self._wake_failed()
         self._to_loop(self._window_moved.set)  # a set_prefetch waiting returns
 
     def _on_message(self, ch: Any, method: Any, props: Any, body: bytes) -> None:
@@ -130,15 +101,6 @@ class _Core(RabbitConsumer):
 
     # -- on the loop ------------------------------------------------------------
 
-    def take_now(self, most: int) -> list[Delivery]:
-        """What the buffer holds of the current connection, up to ``most``,
-        without waiting."""
-        for _ in range(3):  # a wake-up meant for a sync fetch ends a take early
-            got = self._buffer.take(most, 0, lambda: self._generation)
-            if got:
-                return got
-        return []
-
     def stop(self) -> None:
         """What the sync ``close`` does before it waits for the I/O thread:
         the thread closes the connection (the broker requeues what it held)."""
@@ -154,16 +116,9 @@ class _Core(RabbitConsumer):
                     conn.add_callback_threadsafe(nothing)  # the I/O loop sees _closed now
 
 
-class RabbitAsyncConsumer:
+class RabbitAsyncConsumer(PushConsumer[_Core]):
     """An :class:`~kew.qchan.spi.aio.AsyncConsumer` on the sync consumer's
     I/O thread (the module's docstring)."""
-
-    #: Longest ``close`` waits for the I/O thread (as the sync ``close``).
-    CLOSE_WAIT = 10.0
-
-    def __init__(self, core: _Core) -> None:
-        self._core = core
-        self._closed = False
 
     @classmethod
     async def start(
@@ -172,18 +127,8 @@ class RabbitAsyncConsumer:
         """A consumer subscribed to ``queue``; raises as the sync constructor
         does (``AccessRefused``, ``BrokerUnavailable``, ``ConsumerFailed``)."""
         core = _Core(connector, queue, prefetch, asyncio.get_running_loop())
-        try:
-            await asyncio.shield(core._up)
-            core._raise_start_error()
-        except BaseException:  # cancelled too: the I/O thread stops by itself
-            core.stop()
-            raise
+        await subscribed(core)
         return cls(core)
-
-    @property
-    def reconnects(self) -> int:
-        """Connections lost and made again (the sync consumer's count)."""
-        return self._core.reconnects
 
     async def set_prefetch(self, count: int) -> None:
         """The sync ``set_prefetch`` (the I/O thread consumes again with
@@ -220,26 +165,14 @@ class RabbitAsyncConsumer:
                         return
                     await core._window_moved.wait()
 
-    async def fetch(self, max_count: int, timeout: float) -> Sequence[Delivery]:
+    def _take(self, most: int) -> list[Delivery]:
+        """What the buffer holds of the current connection, up to ``most``."""
         core = self._core
-        core._check()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            core._arrived.clear()
-            core._armed = True  # from here on, a delivery (or a failure) sets _arrived
-            got = core.take_now(max_count)
+        for _ in range(3):  # a wake-up meant for a sync fetch ends a take early
+            got = core._buffer.take(most, 0, lambda: core._generation)
             if got:
-                core._armed = False
-                return got  # no await after the take: a cancel cannot strand these
-            core._check()
-            left = deadline - loop.time()
-            if left <= 0 or self._closed:
-                core._armed = False
-                return []
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await core._arrived.wait()
+                return got
+        return []
 
     async def ack(self, delivery: Delivery) -> None:
         self._core.ack(delivery)  # queued for the I/O thread, not waited for
@@ -270,10 +203,5 @@ class RabbitAsyncConsumer:
         if self._closed:
             return
         self._closed = True
-        core = self._core
-        core.stop()
-        if core._pid == os.getpid() and core._thread.is_alive():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.CLOSE_WAIT):
-                    await asyncio.shield(core._down)
-        core._buffer.drop()
+        await self._stop_core()
+        self._core._buffer.drop()
