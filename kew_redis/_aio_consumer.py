@@ -239,22 +239,15 @@ class RedisAsyncConsumer:
         tags = [tag for d in deliveries if (tag := self._take(d)) is not None]
         if not tags:
             return
-
-        async def run(r: Any) -> None:
-            pipe = r.pipeline(transaction=False)
-            pipe.xack(self._keys.stream, GROUP, *tags)
-            pipe.xdel(self._keys.stream, *tags)
-            await pipe.execute()
-
         try:
-            await self._client.call(run)
+            await self._ack_tags(tags)
         finally:
             self._settling.difference_update(tags)
 
-    async def _flush_acks(self, items: list[Item[str]]) -> list[Item[str]]:
-        # No MULTI: XACK settles; the XDEL that follows on the same connection
-        # only keeps the stream short (an acked entry is never delivered again).
-        tags = [i.value for i in items]
+    async def _ack_tags(self, tags: list[str]) -> None:
+        """One XACK and one XDEL for ``tags``, pipelined (no MULTI: the XACK
+        settles; the XDEL after it on the same connection only keeps the
+        stream short, an acked entry is never delivered again)."""
 
         async def run(r: Any) -> None:
             pipe = r.pipeline(transaction=False)
@@ -262,8 +255,11 @@ class RedisAsyncConsumer:
             pipe.xdel(self._keys.stream, *tags)
             await pipe.execute()
 
+        await self._client.call(run)
+
+    async def _flush_acks(self, items: list[Item[str]]) -> list[Item[str]]:
         try:
-            await self._client.call(run)
+            await self._ack_tags([i.value for i in items])
         except KewError as e:
             for i in items:
                 i.error = e
