@@ -92,15 +92,27 @@ def test_concurrent_sends_are_receipts_in_flight_on_one_connection(stomp_url: st
         link = conn.pipe._link
         assert link is not None
         most = 0
+        sending = True
 
-        async def one(i: int) -> None:
+        def sample() -> None:
             nonlocal most
-            await p.send(Message(f"m{i}", b"x" * 64, {}))
             waiting = {id(e): e for e in list(link.pending.values())}.values()
             held = len(conn.pipe._held)  # ActiveMQ: for the next transaction
             most = max(most, held + sum(len(e.members) or 1 for e in waiting))
 
+        async def ticker() -> None:  # samples between the loop's other steps
+            while sending:
+                sample()
+                await asyncio.sleep(0)
+
+        async def one(i: int) -> None:
+            await p.send(Message(f"m{i}", b"x" * 64, {}))
+            sample()
+
+        tick = asyncio.create_task(ticker())
         await asyncio.gather(*(one(i) for i in range(1000)))
+        sending = False
+        await tick
         same = conn.pipe._link is link
         await conn.close()
         return most, int(same)
