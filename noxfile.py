@@ -29,7 +29,7 @@ def tests(session: nox.Session) -> None:
     if setup.exists():
         session.run("bash", str(setup), external=True)
     # The longest chaos and soak runs (marked slow) run on demand: nox -s slow.
-    args = session.posargs or ["-q", "-rs", "--durations=15", "-m", "not slow"]
+    args = session.posargs or ["-q", "-rs", "--durations=30", "-m", "not slow"]
     # pytest exits 5 when it collected no test: that is a failure here.
     session.run("pytest", *args, success_codes=[0])
 

@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.timeout(300)
-EXAMPLES = int(os.environ.get("KEW_WEB_FUZZ_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("KEW_WEB_FUZZ_EXAMPLES", "50"))
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
