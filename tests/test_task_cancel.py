@@ -52,6 +52,7 @@ from kew.task.model import EventKind
 from kew.testing.util import port_open, require, wait_for
 from tests.apps.cancel_server import CancelServer, login
 from tests.brokers.stomp_server import require_rabbitmq_stomp
+from tests.task_apps import final
 from tests.task_store_kit import Schemas, suffix
 
 pytestmark = pytest.mark.timeout(300)
@@ -133,16 +134,6 @@ class Seen:
 def status(app: App, tid: str) -> str:
     r = app.status(tid)
     return r.status if r is not None else ""
-
-
-def final(app: App, tid: str, timeout: float = 30) -> TaskRecord:
-    def ended() -> TaskRecord | None:
-        r = app.status(tid)
-        return r if r is not None and r.final else None
-
-    r = wait_for(ended, timeout, what=f"task {tid} to end")
-    assert r is not None
-    return r
 
 
 def live(app: App, worker_id: str) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from kew.task import App, CommandSpec, Intervals, MemoryTaskStore, NoRetry, TaskRecord
+from kew.task import App, CommandSpec, Intervals, MemoryTaskStore, NoRetry
 from kew.testing.util import wait_for
+from tests.task_apps import final
 
 
 class Cmd(msgspec.Struct, frozen=True):
@@ -31,16 +32,6 @@ def app() -> Iterator[App]:
 
 def py(c: Cmd) -> list[str]:
     return [sys.executable, "-c", c.script, *c.args]
-
-
-def ended(app: App, tid: str, timeout: float = 30) -> TaskRecord:
-    def check() -> TaskRecord | None:
-        r = app.status(tid)
-        return r if r is not None and r.final else None
-
-    r = wait_for(check, timeout, what=f"task {tid} to end")
-    assert r is not None
-    return r
 
 
 def gone(pid: int) -> bool:
@@ -74,7 +65,7 @@ print("after the gate", flush=True)
     w = app.worker(concurrency=2, record=True).start()
     try:
         tid = tq.submit(Cmd(ORDERED))
-        assert ended(app, tid).status == "succeeded"
+        assert final(app, tid).status == "succeeded"
         want = "".join(f"out {i}\nerr {i}\n" for i in range(30)) + "no newline at the end\n"
         assert app.output(tid)[0] == want
         # streamed: the first line is in the store while the command still runs
@@ -82,7 +73,7 @@ print("after the gate", flush=True)
         wait_for(lambda: app.output(tid2)[0] == "before the gate\n", 10, what="streamed output")
         assert app.status(tid2).status == "running"  # type: ignore[union-attr]
         gate.touch()
-        assert ended(app, tid2).status == "succeeded"
+        assert final(app, tid2).status == "succeeded"
         assert app.output(tid2)[0] == "before the gate\nafter the gate\n"
     finally:
         w.stop(5)
@@ -107,7 +98,7 @@ def test_time_limit_kills_a_group_that_ignores_sigterm(app: App, tmp_path: Path)
     w = app.worker(concurrency=1, record=True).start()
     try:
         tid = tq.submit(Cmd(STUBBORN, [str(pids)]))
-        r = ended(app, tid)
+        r = final(app, tid)
         assert (r.status, r.attempt) == ("failed", 2)  # a time limit retries; then no more
         assert "timed out after 1.0 s" in r.last_error
         text = app.output(tid)[0]
@@ -137,7 +128,7 @@ def test_exit_code_mapping(app: App) -> None:
     w = app.worker(concurrency=4, record=True).start()
     try:
         ids = {code: tq.submit(Cmd(EXITS, [str(code)])) for code in (0, 1, 3, 4)}
-        got = {code: ended(app, tid) for code, tid in ids.items()}
+        got = {code: final(app, tid) for code, tid in ids.items()}
         assert (got[4].status, got[4].attempt) == ("succeeded", 1)
         assert (got[3].status, got[3].attempt) == ("failed", 1)  # permanent: no retry
         name = os.path.basename(sys.executable)
@@ -164,10 +155,10 @@ def test_default_mapping_nice_env_and_missing_program(app: App, tmp_path: Path) 
     try:
         script = "import os; print(os.nice(0), os.environ['KEW_T'], os.getcwd())"
         tid = tq.submit(Cmd(script))
-        assert ended(app, tid).status == "succeeded"
+        assert final(app, tid).status == "succeeded"
         assert app.output(tid)[0] == f"{os.nice(0) + 5} here {tmp_path}\n"
         tid = missing.submit(Cmd(""))
-        r = ended(app, tid)  # a program that does not exist will not appear on retry
+        r = final(app, tid)  # a program that does not exist will not appear on retry
         assert (r.status, r.attempt) == ("failed", 1)
         assert "cannot run" in r.last_error and "no-such-program" in r.last_error
     finally:
