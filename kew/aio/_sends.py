@@ -26,6 +26,7 @@ after may still be sent (as a cancelled ``send``).
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -52,8 +53,12 @@ class ChunkedSends:
         self._build = build
         self._send_many = send_many
         #: Per event loop (a queue may serve more than one): what waits for
-        #: its next turn; a loop is here while a turn is scheduled on it.
-        self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        #: its next turn; a loop is here while a turn is scheduled on it
+        #: (weakly, as in LoopGroupCommit: a loop closed before that turn ran
+        #: is not kept alive by it).
+        self._pending: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Pending]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def send(self, value: Any, id: str | None = None) -> str:
